@@ -1,0 +1,1 @@
+"""Training job: composes `model` and `data_pipeline` into the `mtp` command."""
