@@ -1,0 +1,44 @@
+"""The one place where CPU and GPU differ: device, compute dtype and memory statistics.
+
+Everything goes through DeepSpeed's accelerator abstraction (never `torch.cuda` directly), so the
+same code runs on CPU (DS_ACCELERATOR=cpu, fp32) and on GPUs (bf16).
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.accelerator import get_accelerator
+
+
+def is_cpu() -> bool:
+    return get_accelerator().device_name() == "cpu"
+
+
+def current_device() -> torch.device:
+    """The device of this process (its local GPU, or the CPU)."""
+    return torch.device(get_accelerator().current_device_name())
+
+
+def default_dtype() -> torch.dtype:
+    """Compute dtype: bf16 on accelerators that support it, fp32 on CPU."""
+    if is_cpu():
+        return torch.float32
+    return torch.bfloat16 if get_accelerator().is_bf16_supported() else torch.float16
+
+
+def reset_peak_memory() -> None:
+    if not is_cpu():
+        get_accelerator().reset_peak_memory_stats()
+
+
+def peak_memory_bytes() -> int | None:
+    """Peak device memory allocated by torch since the last reset; None on CPU (no allocator
+    statistics there: measure process RSS instead)."""
+    if is_cpu():
+        return None
+    return int(get_accelerator().max_memory_allocated())
+
+
+def synchronize() -> None:
+    if not is_cpu():
+        get_accelerator().synchronize()

@@ -1,0 +1,52 @@
+"""Causal grouped-query self-attention, tensor-parallel over heads.
+
+The fused QKV projection is a megatron-core ColumnParallelLinear whose output rows are laid out per
+key/value group, `[group0: q.. q, k, v | group1: ...]` (megatron's own layout), so a contiguous
+split over TP ranks hands each rank whole groups. The output projection is a RowParallelLinear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from model.config import ModelConfig
+from model.init import normal_init, scaled_output_init
+from model.parallel import ParallelContext
+from model.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, num_layers_for_init: int):
+        super().__init__()
+        tp = ctx.tp_size
+        self.head_dim = cfg.head_dim
+        self.groups = cfg.kv_heads // tp  # kv heads on this rank
+        self.q_per_group = cfg.num_heads // cfg.kv_heads
+        mp = ctx.megatron_config()
+        qkv_out = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, qkv_out, config=mp, init_method=normal_init(cfg.init_std),
+            bias=False, gather_output=False, tp_group=ctx.tp_group)
+        self.proj = RowParallelLinear(
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, config=mp,
+            init_method=scaled_output_init(cfg.init_std, num_layers_for_init), bias=False,
+            input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv, _ = self.qkv(x)  # [B, T, groups·(q_per_group+2)·hd]
+        qkv = qkv.view(b, t, self.groups, self.q_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_group].reshape(b, t, -1, self.head_dim)  # [B, T, Hq, hd]
+        k = qkv[:, :, :, self.q_per_group]  # [B, T, Hkv, hd]
+        v = qkv[:, :, :, self.q_per_group + 1]
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
+        q, k = self.rotary(q, k)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)  # [B, Hq, T, hd]
+        out = out.transpose(1, 2).reshape(b, t, -1)  # [B, T, Hq·hd]
+        y, _ = self.proj(out)
+        return y

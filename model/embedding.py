@@ -1,0 +1,71 @@
+"""The one shared token embedding and output head.
+
+Both the main model and every MTP depth use this module: its input embedding feeds the trunk (and
+the DeepSeek modules' future-token embeddings), its head scores every depth. Under pipeline
+parallelism it is the tied layer of the first and the last stage.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import (
+    VocabParallelEmbedding,
+    gather_from_tensor_model_parallel_region,
+)
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from torch import nn
+
+from model.config import ModelConfig
+from model.init import normal_init
+from model.loss import HeadLoss, fused_head_cross_entropy, unfused_head_cross_entropy
+from model.parallel import ParallelContext
+
+
+class SharedEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+        super().__init__()
+        self.tp_group = ctx.tp_group
+        self.loss_impl = cfg.loss_impl
+        self.chunk_rows = cfg.loss_chunk_tokens
+        v_local = cfg.vocab_size // ctx.tp_size
+        self.vocab_start = ctx.tp_rank * v_local
+        self.word_embeddings = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
+            config=ctx.megatron_config(), tp_group=ctx.tp_group)
+        if cfg.tie_embeddings:
+            self.head_weight = None
+        else:
+            # Initialised like megatron's layers: the full matrix from the global RNG, then this
+            # rank's vocab rows, so every TP size holds slices of the same model.
+            full = torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=torch.float32)
+            normal_init(cfg.init_std)(full)
+            rows = full[self.vocab_start : self.vocab_start + v_local]
+            self.head_weight = nn.Parameter(rows.to(ctx.params_dtype).clone())
+            set_tensor_model_parallel_attributes(self.head_weight, True, 0, 1)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """[V/TP, d]: this rank's rows of the output head."""
+        return self.word_embeddings.weight if self.head_weight is None else self.head_weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] → [B, T, d]."""
+        return self.word_embeddings(input_ids)
+
+    def head_loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor
+    ) -> HeadLoss:
+        """Cross-entropy of the head over rows: hidden [N, d], targets [N], row_weights [N]."""
+        if self.loss_impl == "fused":
+            return fused_head_cross_entropy(
+                hidden, self.output_weight, targets, row_weights, self.tp_group,
+                self.vocab_start, self.chunk_rows)
+        return unfused_head_cross_entropy(
+            hidden, self.output_weight, targets, row_weights, self.tp_group, self.vocab_start)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [..., V] (gathered over TP) for inference and export checks."""
+        local = hidden @ self.output_weight.t()  # [..., V/TP]
+        if self.tp_group.size() == 1:
+            return local
+        return gather_from_tensor_model_parallel_region(local, group=self.tp_group)

@@ -1,0 +1,152 @@
+"""Output head + cross-entropy over a vocabulary split across tensor-parallel ranks.
+
+`fused_head_cross_entropy` never materialises the logits of all rows: it walks the rows in chunks,
+computes each chunk's logits [chunk, V/TP] in fp32, reduces them to losses across TP ranks and, in
+the same pass, the gradients w.r.t. the hidden states and the head weight (the softmax minus the
+one-hot, times the row weight). Peak logits memory is one chunk, however many MTP depths are
+stacked into the rows; compute equals an ordinary head forward + backward (three matmuls). The
+gradients are kept for `backward`, which only scales them by the incoming gradient.
+
+`unfused_head_cross_entropy` is the textbook path (full logits + megatron-core's
+`vocab_parallel_cross_entropy`), kept as a reference and a memory baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    vocab_parallel_cross_entropy,
+)
+
+
+@dataclass
+class HeadLoss:
+    """Result for N rows of hidden states."""
+
+    total: torch.Tensor
+    """Scalar, differentiable: Σ_rows row_weight · CE(row)."""
+    row_loss: torch.Tensor
+    """[N] fp32 per-row cross-entropy, detached (for per-depth logging)."""
+    row_correct: torch.Tensor
+    """[N] bool: the target has the highest logit (teacher-forced top-1), detached."""
+
+
+class _FusedHeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, row_weights, tp_group, vocab_start, chunk_rows):
+        # hidden [N, d] (replicated over TP), weight [V/TP, d] (this rank's vocab rows),
+        # targets [N] global token ids, row_weights [N] fp32.
+        n_rows = hidden.shape[0]
+        v_local = weight.shape[0]
+        tp_size = tp_group.size()
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        row_loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        row_correct = torch.empty(n_rows, dtype=torch.bool, device=hidden.device)
+
+        for s in range(0, n_rows, chunk_rows):
+            e = min(s + chunk_rows, n_rows)
+            h = hidden[s:e]
+            logits = (h @ weight.t()).float()  # [n, V/TP]
+            row_max = logits.max(dim=-1).values
+            if tp_size > 1:
+                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+            logits -= row_max.unsqueeze(1)
+            local_t = targets[s:e] - vocab_start
+            on_rank = (local_t >= 0) & (local_t < v_local)
+            local_t = local_t.clamp(0, v_local - 1)
+            target_logit = logits.gather(1, local_t.unsqueeze(1)).squeeze(1) * on_rank
+            probs = logits.exp_()  # in place: logits are not needed any more
+            sums = torch.stack((target_logit, probs.sum(dim=-1)))  # [2, n]
+            if tp_size > 1:
+                dist.all_reduce(sums, group=tp_group)
+            target_logit, sum_exp = sums[0], sums[1]
+            row_loss[s:e] = sum_exp.log() - target_logit
+            # After subtracting the global max the winning logit is exactly 0.
+            row_correct[s:e] = target_logit == 0
+            if need_h or need_w:
+                # d(Σ w·CE)/dlogits = w · (softmax − onehot)
+                probs /= sum_exp.unsqueeze(1)
+                rows = torch.arange(e - s, device=probs.device)
+                probs[rows, local_t] -= on_rank.to(probs.dtype)
+                probs *= row_weights[s:e].unsqueeze(1)
+                g = probs.to(weight.dtype)  # [n, V/TP]
+                if need_h:
+                    # Partial over this rank's vocab rows; the TP all-reduce is done by the
+                    # copy-to-TP-region that feeds `hidden` (its backward).
+                    grad_h[s:e] = g @ weight
+                if need_w:
+                    grad_w += (g.t() @ h).float()
+
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        total = (row_loss * row_weights).sum()
+        ctx.mark_non_differentiable(row_loss, row_correct)
+        return total, row_loss, row_correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_row_loss, _grad_row_correct):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None
+
+
+def fused_head_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_weights: torch.Tensor,
+    tp_group: dist.ProcessGroup,
+    vocab_start: int,
+    chunk_rows: int,
+) -> HeadLoss:
+    """hidden [N, d], weight [V/TP, d], targets [N] (global ids), row_weights [N]."""
+    hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    total, row_loss, row_correct = _FusedHeadCrossEntropy.apply(
+        hidden, weight, targets, row_weights.float(), tp_group, vocab_start, chunk_rows)
+    return HeadLoss(total, row_loss, row_correct)
+
+
+def unfused_head_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    row_weights: torch.Tensor,
+    tp_group: dist.ProcessGroup,
+    vocab_start: int,
+) -> HeadLoss:
+    """Reference path: full logits for all N rows, megatron-core's vocab-parallel CE.
+
+    megatron's CE reads the TP group from `megatron.core.parallel_state`, which must therefore be
+    initialised with the same TP size as `tp_group`.
+    """
+    if not parallel_state.is_initialized():
+        raise RuntimeError(
+            "model.loss_impl = 'unfused' uses megatron-core's vocab_parallel_cross_entropy, which "
+            "needs megatron.core.parallel_state.initialize_model_parallel(...) first; use "
+            "loss_impl 'fused' or initialise parallel_state")
+    assert parallel_state.get_tensor_model_parallel_world_size() == tp_group.size()
+    hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    logits = hidden @ weight.t()  # [N, V/TP]
+    row_loss = vocab_parallel_cross_entropy(logits.float(), targets)
+    with torch.no_grad():
+        lf = logits.float()
+        row_max = lf.max(dim=-1).values
+        if tp_group.size() > 1:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+        local_t = targets - vocab_start
+        on_rank = (local_t >= 0) & (local_t < weight.shape[0])
+        tl = lf.gather(1, local_t.clamp(0, weight.shape[0] - 1).unsqueeze(1)).squeeze(1)
+        is_max = ((tl >= row_max) & on_rank).float()
+        if tp_group.size() > 1:
+            dist.all_reduce(is_max, group=tp_group)
+    total = (row_loss * row_weights.float()).sum()
+    return HeadLoss(total, row_loss.detach(), is_max > 0)

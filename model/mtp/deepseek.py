@@ -1,0 +1,60 @@
+"""DeepSeek-V3 MTP: D sequential modules that keep the causal chain from depth to depth.
+
+For k = 1..D:  h'ᵏ = Mₖ [RMSNorm(hᵏ⁻¹) ; RMSNorm(Emb(t_{i+k}))],  hᵏ = TRMₖ(h'ᵏ),
+logitsᵏ = Head(RMSNormₖ(hᵏ)) predicts t_{i+k+1}. h⁰ is the main model's final-norm output and
+t_{i+k} = labels[k-1][i], so the last pipeline stage needs nothing but the labels.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from torch import nn
+
+from model.block import TransformerBlock
+from model.config import DecoderConfig
+from model.embedding import SharedEmbedding
+from model.init import normal_init
+from model.norm import RMSNorm
+from model.parallel import ParallelContext
+
+
+class DeepSeekModule(nn.Module):
+    """One depth: two input norms, the 2d→d projection, a transformer block, an output norm."""
+
+    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext):
+        super().__init__()
+        cfg = dcfg.model
+        d = cfg.hidden_size
+        self.hidden_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
+        self.embed_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
+        # Input rows are [RMSNorm(h); RMSNorm(e)] (replicated); output gathered back to full d.
+        self.proj = ColumnParallelLinear(
+            2 * d, d, config=ctx.megatron_config(), init_method=normal_init(cfg.init_std),
+            bias=False, gather_output=True, tp_group=ctx.tp_group)
+        self.block = TransformerBlock(cfg, ctx)
+        self.out_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
+
+    def forward(self, h_prev: torch.Tensor, next_embed: torch.Tensor) -> torch.Tensor:
+        """h_prev, next_embed [B, T, d] → hᵏ [B, T, d] (before the output norm)."""
+        x = torch.cat((self.hidden_norm(h_prev), self.embed_norm(next_embed)), dim=-1)  # [B,T,2d]
+        x, _ = self.proj(x)
+        return self.block(x)
+
+
+class DeepSeekMTP(nn.Module):
+    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext):
+        super().__init__()
+        self.detach_trunk = dcfg.mtp.detach_trunk
+        self.layers = nn.ModuleList(DeepSeekModule(dcfg, ctx) for _ in range(dcfg.mtp.depth))
+
+    def depth_hiddens(
+        self, trunk: torch.Tensor, main: torch.Tensor, labels: torch.Tensor,
+        shared: SharedEmbedding, final_norm: nn.Module, step: int,
+    ) -> list[tuple[int, torch.Tensor]]:
+        h = main.detach() if self.detach_trunk else main
+        out = []
+        for k, layer in enumerate(self.layers, start=1):
+            h = layer(h, shared(labels[:, k - 1]))  # Emb(t_{i+k}): labels[k-1] [B, T]
+            out.append((k, layer.out_norm(h)))
+        return out

@@ -1,0 +1,109 @@
+"""The output tail: final norm, shared head and the MTP objective — the last pipeline layer.
+
+All depths' hidden states are stacked into one set of rows and scored by a single fused head +
+cross-entropy call, so logits memory stays one chunk whatever D is, and the head weight gradient
+is accumulated once.
+
+Total loss:  L = L_main + λ · mean_k L_k  (k over the depths trained this step), where each L_k is
+the mean cross-entropy over the target tokens that `loss_mask` keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.config import DecoderConfig
+from model.embedding import SharedEmbedding
+from model.mtp.blockwise import BlockwiseMTP
+from model.mtp.deepseek import DeepSeekMTP
+from model.mtp.parallel_heads import ParallelHeadsMTP
+from model.norm import RMSNorm
+from model.parallel import ParallelContext
+
+OBJECTIVES = {"deepseek": DeepSeekMTP, "parallel": ParallelHeadsMTP, "blockwise": BlockwiseMTP}
+
+
+@dataclass
+class MTPOutput:
+    loss: torch.Tensor
+    """Scalar to backpropagate: L_main + λ · mean_k L_k."""
+    depth_loss: torch.Tensor
+    """[D+1] detached mean cross-entropy per depth (0 = next token); NaN where a depth was not
+    trained this step (blockwise sample_one_loss)."""
+    depth_accuracy: torch.Tensor
+    """[D+1] teacher-forced top-1 accuracy per depth (NaN where not trained)."""
+    depth_tokens: torch.Tensor
+    """[D+1] number of target tokens counted per depth (0 where not trained)."""
+
+
+class OutputTail(nn.Module):
+    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext):
+        super().__init__()
+        cfg = dcfg.model
+        self.depth = dcfg.mtp.depth
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.params_dtype)
+        kind = dcfg.mtp.kind
+        self.objective = OBJECTIVES[kind](dcfg, ctx) if kind != "none" else None
+
+    def forward(
+        self,
+        trunk: torch.Tensor,
+        labels: torch.Tensor,
+        loss_mask: torch.Tensor | None,
+        shared: SharedEmbedding,
+        mtp_weight: float,
+        step: int = 0,
+    ) -> MTPOutput:
+        """trunk [B, T, d]: the last block's output (before the final norm);
+        labels [B, D+1, T] token ids (row j is the target j+1 tokens ahead);
+        loss_mask [B, D+1, T] (1 keeps a target) or None for all targets."""
+        b, t, _ = trunk.shape
+        if labels.dim() != 3 or labels.shape[0] != b or labels.shape[2] != t:
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)}; expected [B={b}, D+1={self.depth + 1}, "
+                f"T={t}]")
+        if labels.shape[1] != self.depth + 1:
+            raise ValueError(
+                f"labels carry {labels.shape[1] - 1} extra depths but the model's mtp.depth is "
+                f"{self.depth}; build the batches with depth {self.depth}")
+        if loss_mask is None:
+            loss_mask = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+        elif loss_mask.shape != labels.shape:
+            raise ValueError(
+                f"loss_mask shape {tuple(loss_mask.shape)} differs from labels shape "
+                f"{tuple(labels.shape)}")
+        mask = loss_mask.float()
+
+        main = self.final_norm(trunk)
+        depth_states = [(0, main)]
+        if self.objective is not None:
+            depth_states += self.objective.depth_hiddens(
+                trunk, main, labels, shared, self.final_norm, step)
+        depths = [j for j, _ in depth_states]
+        n_extra = len(depths) - 1
+
+        hidden = torch.stack([h for _, h in depth_states])  # [n, B, T, d]
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # [n·B·T, d]
+        targets = labels[:, depths].transpose(0, 1).reshape(-1)  # [n·B·T]
+        row_mask = mask[:, depths].transpose(0, 1)  # [n, B, T]
+        counts = row_mask.sum(dim=(1, 2))  # [n]
+        # Each depth's loss is a mean over its own kept targets; extra depths share weight λ.
+        scale = torch.full((len(depths),), mtp_weight / max(n_extra, 1), device=mask.device)
+        scale[0] = 1.0
+        row_weights = (row_mask * (scale / counts.clamp(min=1)).view(-1, 1, 1)).reshape(-1)
+
+        head = shared.head_loss(hidden, targets, row_weights)
+
+        with torch.no_grad():
+            per_depth_loss = (head.row_loss.view_as(row_mask) * row_mask).sum(dim=(1, 2))
+            per_depth_correct = (head.row_correct.view_as(row_mask) * row_mask).sum(dim=(1, 2))
+            denom = counts.clamp(min=1)
+            nan = torch.full((self.depth + 1,), float("nan"), device=mask.device)
+            idx = torch.tensor(depths, device=mask.device)
+            depth_loss = nan.clone().index_copy_(0, idx, per_depth_loss / denom)
+            depth_acc = nan.clone().index_copy_(0, idx, per_depth_correct / denom)
+            depth_tokens = torch.zeros(self.depth + 1, device=mask.device).index_copy_(0, idx, counts)
+        return MTPOutput(head.total, depth_loss, depth_acc, depth_tokens)

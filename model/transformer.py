@@ -1,0 +1,80 @@
+"""The decoder as an ordered list of layers: shared embedding, blocks, output tail.
+
+`MTPLanguageModel` runs the list whole (single process, TP, or DeepSpeed's ordinary engine); the
+training job cuts the same layers into pipeline stages, with the shared embedding tied between the
+first stage (input) and the last (MTP embeddings and head). Each layer's factory lives here so both
+paths build identical modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.block import TransformerBlock
+from model.config import DecoderConfig
+from model.embedding import SharedEmbedding
+from model.parallel import ParallelContext
+from model.tail import MTPOutput, OutputTail
+
+
+def _frozen(module: nn.Module, frozen: bool) -> nn.Module:
+    if frozen:
+        module.requires_grad_(False)
+    return module
+
+
+def build_embedding(dcfg: DecoderConfig, ctx: ParallelContext) -> SharedEmbedding:
+    return _frozen(SharedEmbedding(dcfg.model, ctx), dcfg.mtp.freeze_trunk)
+
+
+def build_block(dcfg: DecoderConfig, ctx: ParallelContext) -> TransformerBlock:
+    return _frozen(TransformerBlock(dcfg.model, ctx), dcfg.mtp.freeze_trunk)
+
+
+def build_tail(dcfg: DecoderConfig, ctx: ParallelContext) -> OutputTail:
+    tail = OutputTail(dcfg, ctx)
+    _frozen(tail.final_norm, dcfg.mtp.freeze_trunk)
+    return tail
+
+
+class MTPLanguageModel(nn.Module):
+    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext):
+        super().__init__()
+        dcfg.validate(ctx.tp_size)
+        self.config = dcfg
+        self.embedding = build_embedding(dcfg, ctx)
+        self.blocks = nn.ModuleList(build_block(dcfg, ctx) for _ in range(dcfg.model.num_layers))
+        self.tail = build_tail(dcfg, ctx)
+
+    def layers(self) -> list[nn.Module]:
+        """The ordered layers: [embedding, block_0 … block_{L-1}, tail]."""
+        return [self.embedding, *self.blocks, self.tail]
+
+    def trunk(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] → last block's output [B, T, d] (before the final norm)."""
+        h = self.embedding(input_ids)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
+        mtp_weight: float = 0.0,
+        step: int = 0,
+    ) -> MTPOutput:
+        """input_ids [B, T], labels [B, D+1, T], loss_mask [B, D+1, T]; `mtp_weight` is λ for this
+        step; `step` seeds the per-step choices of the objective (blockwise sampling)."""
+        return self.tail(self.trunk(input_ids), labels, loss_mask, self.embedding, mtp_weight, step)
+
+    @torch.no_grad()
+    def main_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of the main model alone, [B, T, V] gathered over TP."""
+        return self.embedding.logits(self.tail.final_norm(self.trunk(input_ids)))
+
+    def main_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters of the main model only (the MTP objective dropped)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("tail.objective.")}

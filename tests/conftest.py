@@ -1,0 +1,10 @@
+"""Test-wide environment: CPU accelerator, no JIT builds, quiet third-party warnings."""
+
+import os
+import tempfile
+
+# Before any DeepSpeed import: run on CPU, and keep JIT extension builds (if anything triggers one)
+# out of the home directory so a test never silently spends 90 s building.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(tempfile.gettempdir(), "mtp-torch-ext"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
