@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel import (
     VocabParallelEmbedding,
-    gather_from_tensor_model_parallel_region,
 )
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
@@ -19,6 +18,7 @@ from model.config import ModelConfig
 from model.init import normal_init
 from model.loss import HeadLoss, fused_head_cross_entropy, unfused_head_cross_entropy
 from model.parallel import ParallelContext
+from model.sharding import gather_tensor
 
 
 class SharedEmbedding(nn.Module):
@@ -64,8 +64,7 @@ class SharedEmbedding(nn.Module):
             hidden, self.output_weight, targets, row_weights, self.tp_group, self.vocab_start)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits [..., V] (gathered over TP) for inference and export checks."""
+        """Full-vocabulary logits [..., V] (gathered over TP; no autograd) for inference."""
         local = hidden @ self.output_weight.t()  # [..., V/TP]
-        if self.tp_group.size() == 1:
-            return local
-        return gather_from_tensor_model_parallel_region(local, group=self.tp_group)
+        # An explicit all_gather: megatron's gather uses all_gather_into_tensor, which gloo lacks.
+        return gather_tensor(local, dim=local.dim() - 1, stride=1, group=self.tp_group)

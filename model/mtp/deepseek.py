@@ -8,7 +8,7 @@ t_{i+k} = labels[k-1][i], so the last pipeline stage needs nothing but the label
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel import RowParallelLinear
 from torch import nn
 
 from model.block import TransformerBlock
@@ -17,6 +17,7 @@ from model.embedding import SharedEmbedding
 from model.init import normal_init
 from model.norm import RMSNorm
 from model.parallel import ParallelContext
+from model.tp_regions import scatter_to_tp_last_dim
 
 
 class DeepSeekModule(nn.Module):
@@ -28,17 +29,19 @@ class DeepSeekModule(nn.Module):
         d = cfg.hidden_size
         self.hidden_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
         self.embed_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
-        # Input rows are [RMSNorm(h); RMSNorm(e)] (replicated); output gathered back to full d.
-        self.proj = ColumnParallelLinear(
+        # Row-parallel over the 2d input features [RMSNorm(h); RMSNorm(e)]: each rank multiplies
+        # its slice of the (replicated) input and the partial outputs are all-reduced.
+        self.tp_group = ctx.tp_group
+        self.proj = RowParallelLinear(
             2 * d, d, config=ctx.megatron_config(), init_method=normal_init(cfg.init_std),
-            bias=False, gather_output=True, tp_group=ctx.tp_group)
+            bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
         self.block = TransformerBlock(cfg, ctx)
         self.out_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
 
     def forward(self, h_prev: torch.Tensor, next_embed: torch.Tensor) -> torch.Tensor:
         """h_prev, next_embed [B, T, d] → hᵏ [B, T, d] (before the output norm)."""
         x = torch.cat((self.hidden_norm(h_prev), self.embed_norm(next_embed)), dim=-1)  # [B,T,2d]
-        x, _ = self.proj(x)
+        x, _ = self.proj(scatter_to_tp_last_dim(x, self.tp_group))  # [B,T,2d/TP] → [B,T,d]
         return self.block(x)
 
 

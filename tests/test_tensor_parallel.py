@@ -1,0 +1,41 @@
+"""TP=2 and TP=4 (real gloo worlds) equal TP=1 with the same weights: losses, per-depth metrics,
+main logits and every gradient, per objective; also the weights' initialisation itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import dist_model_cases as cases
+from tests.distributed import run_world
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+ALL_OBJECTIVES = [
+    ("none", 0, {}, {}),
+    ("deepseek", 1, {}, {}),
+    ("deepseek", 3, {"tie_embeddings": True}, {}),
+    ("deepseek", 2, {}, {"detach_trunk": True}),
+    ("parallel", 2, {}, {}),
+    ("parallel", 3, {"tie_embeddings": True}, {}),
+    ("blockwise", 2, {}, {}),
+    ("blockwise", 3, {}, {"freeze_trunk": True}),
+    ("blockwise", 3, {}, {"sample_one_loss": True}),
+    # megatron-core's vocab_parallel_cross_entropy path against our fused loss
+    ("deepseek", 2, {"loss_impl": "unfused"}, {}),
+]
+
+
+def test_tp2_world2_equals_single_process():
+    (worst, _) = run_world(cases.tensor_parallel_equals_single, 2, 2, ALL_OBJECTIVES)
+    assert len(worst) == len(ALL_OBJECTIVES)
+    assert max(worst.values()) < 1e-5
+
+
+def test_tp4_and_two_tp2_groups_world4_equal_single_process():
+    tp4 = [("deepseek", 2, {"num_kv_heads": 4}, {}), ("parallel", 2, {"num_kv_heads": 4}, {}),
+           ("blockwise", 2, {"num_kv_heads": 4}, {})]
+    results = run_world(cases.tensor_parallel_equals_single, 4, 4, tp4)
+    assert all(len(r) == len(tp4) for r in results)
+    results = run_world(cases.tensor_parallel_equals_single, 4, 2,
+                        [("deepseek", 1, {}, {}), ("parallel", 1, {}, {}), ("blockwise", 1, {}, {})])
+    assert all(max(r.values()) < 1e-5 for r in results)
