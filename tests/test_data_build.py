@@ -158,6 +158,8 @@ def test_bad_inputs_get_clear_errors(tmp_path):
         tiny_config(corpus, tmp_path / "o7", val_fraction=1.5)
     with pytest.raises(ValueError, match="BuildConfig.vocab_size=10 is invalid"):
         tiny_config(corpus, tmp_path / "o7", vocab_size=10)
+    with pytest.raises(ValueError, match=r"vocab_size=301 is too small: the corpus needs \d+ base"):
+        build_dataset(tiny_config(corpus, tmp_path / "o8", vocab_size=301))
     with pytest.raises(ValueError, match="vocab_size=5000 is too large for this corpus"):
         build_dataset(tiny_config(corpus, tmp_path / "o8", vocab_size=5000))
 

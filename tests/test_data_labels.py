@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from data_pipeline import EOS_ID, make_mtp_labels
+from data_pipeline.labels import _labels_torch
 
 
 def naive_labels(window: list[int], t: int, depth: int, eos: int, mask_cross: bool):
@@ -19,16 +20,20 @@ def naive_labels(window: list[int], t: int, depth: int, eos: int, mask_cross: bo
     return inputs, labels, mask
 
 
+@pytest.mark.parametrize("torch_path", [False, True])  # numpy (CPU) and torch (accelerator) code
 @pytest.mark.parametrize("depth", [0, 1, 3])
 @pytest.mark.parametrize("mask_cross", [False, True])
 @pytest.mark.parametrize("extra", [0, 2])  # stored windows longer than T + D + 1
-def test_labels_equal_naive_reference(depth, mask_cross, extra):
+def test_labels_equal_naive_reference(depth, mask_cross, extra, torch_path):
     g = torch.Generator().manual_seed(depth * 10 + extra)
     t, b = 12, 5
     windows = torch.randint(3, 9, (b, t + depth + 1 + extra), generator=g)
     windows[torch.rand(windows.shape, generator=g) < 0.2] = EOS_ID  # many boundaries
     windows[0, 3] = windows[0, 4] = EOS_ID  # back-to-back EOS (an empty document)
-    inp, lab, mask = make_mtp_labels(windows, depth, EOS_ID, mask_cross, seq_len=t)
+    if torch_path:
+        inp, lab, mask = _labels_torch(windows, t, depth, EOS_ID, mask_cross)
+    else:
+        inp, lab, mask = make_mtp_labels(windows, depth, EOS_ID, mask_cross, seq_len=t)
     assert inp.shape == (b, t) and lab.shape == (b, depth + 1, t) and mask.shape == lab.shape
     assert inp.dtype == torch.int64 and lab.dtype == torch.int64 and mask.dtype == torch.float32
     for r in range(b):

@@ -1,0 +1,71 @@
+"""Read + decode + tokenize documents in a process pool, results in listing order.
+
+`Pool.imap` returns chunks in submission order, so the token stream (and every shard built from
+it) is identical for any number of processes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .sources import DocRef, read_document
+from .tokenizer import load_processor
+
+# Documents per task: large enough to amortise pickling, small enough to balance the pool.
+_DOCS_PER_TASK = 16
+
+
+@dataclass
+class EncodedDoc:
+    ref: DocRef
+    tokens: np.ndarray | None  # without the EOS separator; None if skipped
+    skip_reason: str | None
+    n_bytes: int
+
+
+# Per-process state of pool workers (set by the initializer; a pool process serves one build).
+_worker_state: dict = {}
+
+
+def _init_worker(model_bytes: bytes, jsonl_field: str, dtype: str) -> None:
+    _worker_state["sp"] = load_processor(model_bytes)
+    _worker_state["field"] = jsonl_field
+    _worker_state["dtype"] = np.dtype(dtype)
+
+
+def _encode_chunk(refs: list[DocRef]) -> list[tuple[np.ndarray | None, str | None, int]]:
+    sp, field, dtype = _worker_state["sp"], _worker_state["field"], _worker_state["dtype"]
+    out = []
+    for ref in refs:
+        text, reason = read_document(ref, field)
+        if text is None:
+            out.append((None, reason, 0))
+            continue
+        out.append((np.asarray(sp.encode(text), dtype=dtype), None, len(text.encode("utf-8"))))
+    return out
+
+
+def encode_documents(refs: list[DocRef], model_bytes: bytes, jsonl_field: str, dtype: str,
+                     num_workers: int) -> Iterator[EncodedDoc]:
+    """Yield one `EncodedDoc` per ref, in the order of `refs`."""
+    chunks = [refs[i:i + _DOCS_PER_TASK] for i in range(0, len(refs), _DOCS_PER_TASK)]
+    init = (model_bytes, jsonl_field, dtype)
+    if num_workers <= 1:
+        _init_worker(*init)
+        results = map(_encode_chunk, chunks)
+        yield from _flatten(chunks, results)
+        return
+    # fork: workers inherit nothing large (refs travel per task), and start in milliseconds.
+    ctx = mp.get_context("fork")
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=init) as pool:
+        yield from _flatten(chunks, pool.imap(_encode_chunk, chunks))
+
+
+def _flatten(chunks, results) -> Iterator[EncodedDoc]:
+    for chunk, res in zip(chunks, results, strict=True):
+        for ref, (tokens, reason, n_bytes) in zip(chunk, res, strict=True):
+            yield EncodedDoc(ref, tokens, reason, n_bytes)
