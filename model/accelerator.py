@@ -42,3 +42,28 @@ def peak_memory_bytes() -> int | None:
 def synchronize() -> None:
     if not is_cpu():
         get_accelerator().synchronize()
+
+
+def set_device(local_rank: int) -> None:
+    get_accelerator().set_device(local_rank)
+
+
+def communication_backend() -> str:
+    return get_accelerator().communication_backend_name()
+
+
+def device_name() -> str:
+    """Human-readable name of the current device (GPU model, or 'cpu')."""
+    if is_cpu():
+        return "cpu"
+    dev = current_device()
+    return str(torch.get_device_module(dev.type).get_device_name(dev))  # 'NVIDIA H100 80GB HBM3'
+
+
+def rng_state() -> dict:
+    return {} if is_cpu() else {"accelerator": get_accelerator().get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    if "accelerator" in state and not is_cpu():
+        get_accelerator().set_rng_state(state["accelerator"])

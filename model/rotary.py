@@ -7,18 +7,28 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds cos/sin tables for positions [0, max_seq_len); `forward` rotates q and k."""
+    """Rotates q and k by position; cos/sin tables up to max_seq_len, built once per device.
+
+    The tables are plain attributes, not buffers: casting the model to bf16 (as DeepSpeed does)
+    must not round them, and they are derived data that checkpoints need not carry.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
         super().__init__()
         assert head_dim % 2 == 0
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        pos = torch.arange(max_seq_len, dtype=torch.float64)
-        freqs = torch.outer(pos, inv_freq)  # [S, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [S, hd]
-        # Buffers (not persistent): they follow .to(device) but are not checkpointed.
-        self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos, sin [max_seq_len, head_dim] on `device`."""
+        if device not in self._tables:
+            hd = self.head_dim
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+            pos = torch.arange(self.max_seq_len, dtype=torch.float64)
+            freqs = torch.outer(pos, inv_freq)  # [S, hd/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [S, hd]
+            self._tables[device] = (emb.cos().float().to(device), emb.sin().float().to(device))
+        return self._tables[device]
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -34,17 +44,18 @@ class RotaryEmbedding(nn.Module):
         Positions are start..start+T-1 (a slice of the tables: no host sync), or the explicit
         `positions` [B, T] (batched generation with per-sequence offsets; the caller bounds them).
         """
+        cos_t, sin_t = self.tables(q.device)
         if positions is None:
             end = start + q.shape[-2]
-            if end > self.cos.shape[0]:
+            if end > self.max_seq_len:
                 raise ValueError(
                     f"sequence reaches position {end - 1} but model.max_seq_len = "
-                    f"{self.cos.shape[0]}; raise model.max_seq_len or shorten the input")
-            cos = self.cos[start:end].to(q.dtype)  # [T, hd]
-            sin = self.sin[start:end].to(q.dtype)
+                    f"{self.max_seq_len}; raise model.max_seq_len or shorten the input")
+            cos = cos_t[start:end].to(q.dtype)  # [T, hd]
+            sin = sin_t[start:end].to(q.dtype)
         else:
-            cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [B, 1, T, hd]
-            sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+            cos = cos_t[positions].to(q.dtype).unsqueeze(1)  # [B, 1, T, hd]
+            sin = sin_t[positions].to(q.dtype).unsqueeze(1)
         q = q * cos + self._rotate_half(q) * sin
         k = k * cos + self._rotate_half(k) * sin
         return q, k

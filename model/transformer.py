@@ -8,6 +8,8 @@ paths build identical modules.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -24,28 +26,41 @@ def _frozen(module: nn.Module, frozen: bool) -> nn.Module:
     return module
 
 
-def build_embedding(dcfg: DecoderConfig, ctx: ParallelContext) -> SharedEmbedding:
-    return _frozen(SharedEmbedding(dcfg.model, ctx), dcfg.mtp.freeze_trunk)
+@contextlib.contextmanager
+def _layer_rng(seed: int, layer_index: int):
+    """Each layer initialises from its own seed, so a layer's weights do not depend on which
+    other layers this process builds: pipeline stages, TP ranks and the whole model agree."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + layer_index)
+        yield
 
 
-def build_block(dcfg: DecoderConfig, ctx: ParallelContext) -> TransformerBlock:
-    return _frozen(TransformerBlock(dcfg.model, ctx), dcfg.mtp.freeze_trunk)
+def build_embedding(dcfg: DecoderConfig, ctx: ParallelContext, seed: int = 0) -> SharedEmbedding:
+    with _layer_rng(seed, 0):
+        return _frozen(SharedEmbedding(dcfg.model, ctx), dcfg.mtp.freeze_trunk)
 
 
-def build_tail(dcfg: DecoderConfig, ctx: ParallelContext) -> OutputTail:
-    tail = OutputTail(dcfg, ctx)
+def build_block(dcfg: DecoderConfig, ctx: ParallelContext, index: int, seed: int = 0) -> TransformerBlock:
+    with _layer_rng(seed, 1 + index):
+        return _frozen(TransformerBlock(dcfg.model, ctx), dcfg.mtp.freeze_trunk)
+
+
+def build_tail(dcfg: DecoderConfig, ctx: ParallelContext, seed: int = 0) -> OutputTail:
+    with _layer_rng(seed, 1 + dcfg.model.num_layers):
+        tail = OutputTail(dcfg, ctx)
     _frozen(tail.final_norm, dcfg.mtp.freeze_trunk)
     return tail
 
 
 class MTPLanguageModel(nn.Module):
-    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext):
+    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext, seed: int = 0):
         super().__init__()
         dcfg.validate(ctx.tp_size)
         self.config = dcfg
-        self.embedding = build_embedding(dcfg, ctx)
-        self.blocks = nn.ModuleList(build_block(dcfg, ctx) for _ in range(dcfg.model.num_layers))
-        self.tail = build_tail(dcfg, ctx)
+        self.embedding = build_embedding(dcfg, ctx, seed)
+        self.blocks = nn.ModuleList(
+            build_block(dcfg, ctx, i, seed) for i in range(dcfg.model.num_layers))
+        self.tail = build_tail(dcfg, ctx, seed)
 
     def layers(self) -> list[nn.Module]:
         """The ordered layers: [embedding, block_0 … block_{L-1}, tail]."""
