@@ -24,7 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party() -> None:
+    """Silence import-time notices that do not concern our users (no Transformer Engine/Apex is
+    expected; megatron's CUDA_DEVICE_MAX_CONNECTIONS hint is for its own overlap path)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,0 +1,180 @@
+"""Sharded DeepSpeed checkpoints that are complete or ignored.
+
+Layout: RUN/checkpoints/step_XXXXXXXX/ holds DeepSpeed's model and ZeRO optimizer shards (with
+the trainer state and resolved config as client state), one `trainer_rankNNNNN.pt` per rank (RNG
+states and that rank's data-loader position), and, written last by rank 0 once every rank has
+finished, `COMPLETE.json`. Only directories with that marker count: a crash during a save leaves
+an unmarked directory that resume ignores and the next save prunes. `latest` (read by DeepSpeed's
+tools such as zero_to_fp32) is replaced atomically after the marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import accelerator
+
+COMPLETE = "COMPLETE.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("step_"):
+        return None
+    try:
+        return int(name[5:])
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    root: Path
+    tag: str
+    step: int
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+    def marker(self) -> dict:
+        return json.loads((self.path / COMPLETE).read_text())
+
+
+def complete_checkpoints(root: Path) -> list[CheckpointRef]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    refs = []
+    for p in root.iterdir():
+        step = _step_of(p)
+        if step is not None and (p / COMPLETE).is_file():
+            refs.append(CheckpointRef(root, p.name, step))
+    return sorted(refs, key=lambda r: r.step)
+
+
+def resolve_checkpoint(path: str | Path) -> CheckpointRef:
+    """A checkpoint directory itself, or a run directory / checkpoints root (newest complete)."""
+    p = Path(path)
+    if (p / COMPLETE).is_file() and _step_of(p) is not None:
+        return CheckpointRef(p.parent, p.name, _step_of(p))
+    if _step_of(p) is not None and p.is_dir():
+        raise CheckpointError(
+            f"{p} is an incomplete checkpoint (no {COMPLETE}: its save did not finish); use an "
+            "earlier one or the run directory to pick the newest complete one")
+    for root in (p / "checkpoints", p):
+        refs = complete_checkpoints(root)
+        if refs:
+            return refs[-1]
+    raise CheckpointError(f"no complete checkpoint under {p}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), **accelerator.rng_state()}
+
+
+def set_rng_states(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    accelerator.set_rng_state(state)
+
+
+def parameters_finite(module: torch.nn.Module) -> bool:
+    """True when every parameter on every rank is finite (a collective over the world)."""
+    bad = torch.zeros(1, device=accelerator.current_device())
+    for p in module.parameters():
+        if p.numel() and not torch.isfinite(p.detach()).all():
+            bad += 1
+            break
+    dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_state: dict,
+                    marker: dict, keep_last: int) -> CheckpointRef:
+    """Collective: every rank calls it. Refuses to save non-finite weights."""
+    if not parameters_finite(engine.module):
+        raise CheckpointError(
+            f"refusing to save step {step}: the weights hold non-finite values; the previous "
+            "checkpoint is kept")
+    tag = tag_for(step)
+    rank = dist.get_rank()
+    path = root / tag
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        # A marker left from an earlier life of this step would make a partial rewrite look whole.
+        (path / COMPLETE).unlink(missing_ok=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"trainer": trainer_state},
+                           save_latest=False)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"rng": rng_states(), **rank_state}, path / f"trainer_rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        _atomic_write(path / COMPLETE, json.dumps(
+            {"format": FORMAT_VERSION, "step": step, "time": time.time(), **marker}, indent=1))
+        _atomic_write(root / "latest", tag)
+        _prune(root, keep_last)
+    dist.barrier()
+    return CheckpointRef(root, tag, step)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    refs = complete_checkpoints(root)
+    newest = refs[-1].step
+    for ref in refs[:-keep_last]:
+        shutil.rmtree(ref.path, ignore_errors=True)
+    for p in root.iterdir():  # incomplete leftovers of crashed saves
+        step = _step_of(p)
+        if step is not None and step < newest and not (p / COMPLETE).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(engine, ref: CheckpointRef) -> tuple[dict, dict]:
+    """Collective. Returns (trainer_state, this rank's state)."""
+    rank = dist.get_rank()
+    rank_file = ref.path / f"trainer_rank{rank:05d}.pt"
+    if not rank_file.is_file():
+        raise CheckpointError(f"{ref.path} has no state for rank {rank} ({rank_file.name})")
+    path, client = engine.load_checkpoint(
+        str(ref.root), tag=ref.tag, load_optimizer_states=True, load_lr_scheduler_states=False,
+        load_module_strict=True)
+    if path is None or client is None or "trainer" not in client:
+        raise CheckpointError(f"DeepSpeed could not load {ref.path}")
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    return client["trainer"], rank_state

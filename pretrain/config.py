@@ -1,0 +1,234 @@
+"""The one typed config tree of a training run (YAML under configs/, CLI overrides on top).
+
+`load_config(path, overrides)` → validated `RunConfig`; the DeepSpeed JSON is generated from it
+(`pretrain.deepspeed_config`) and the resolved tree is written into the run directory and into
+every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from model.config import DecoderConfig, ModelConfig, MTPConfig
+from pretrain.config_loader import ConfigError, apply_override, from_dict, load_yaml
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (megatron-core layers); must divide heads, KV heads, vocab, FFN."""
+    pp: int = 1
+    """Pipeline stages (DeepSpeed PipelineEngine); the MTP tail runs on the last stage."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage over the data-parallel ranks: 1–3 without PP, 1 with PP. (ZeRO's
+    optimizers are what skip a step with non-finite gradients, so stage 0 is not offered.)"""
+    partition_method: Literal["parameters", "uniform"] = "parameters"
+    """How DeepSpeed balances layers over pipeline stages."""
+
+
+@dataclass
+class MTPWeightConfig:
+    """λ, the weight of the MTP losses, as a step function of consumed training tokens."""
+
+    values: list[float] = field(default_factory=lambda: [0.3])
+    """λ for each phase (DeepSeek-V3: [0.3, 0.1])."""
+    boundaries_tokens: list[int] = field(default_factory=list)
+    """Token counts at which the next value starts; one fewer than `values`, increasing."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Dataset directory written by `mtp prepare` (holds manifest.json)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    mask_cross_document: bool = True
+    """Do not train MTP depths on targets that lie in a later document than the input token."""
+    skip_corrupt: bool = False
+    """Skip (and count) corrupt shards instead of stopping with an error that names them."""
+    shuffle_buffer: int = 8192
+    """Samples shuffled together within the seeded epoch order."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate (after warmup)."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 over this many optimizer steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables. Set explicitly (DeepSpeed's own default is 1.0)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train (the cosine decay ends here)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward."""
+    global_batch_size: int = 64
+    """Sequences per optimizer step = micro_batch_size × data-parallel size × accumulation."""
+    seed: int = 1234
+    """Seeds weight init (per layer) and the data order."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'auto': bf16 on GPUs, fp32 on CPU."""
+    nonfinite: Literal["skip", "stop"] = "stop"
+    """On a non-finite loss or gradient: skip the step (weights unchanged) or stop the run."""
+    max_skipped_steps: int = 20
+    """With nonfinite 'skip': stop after this many consecutive skipped steps."""
+    log_interval: int = 10
+    """Steps between console/TensorBoard log lines."""
+    eval_interval: int = 200
+    """Steps between validation passes (0 disables)."""
+    eval_batches: int = 10
+    """Micro-batches per validation pass (per data-parallel rank)."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one device for MFU; 0 = known cards (H100/H200/A100) by name."""
+    collective_timeout_s: int = 600
+    """Timeout of collectives: a dead peer makes the others fail after this, not hang."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 500
+    """Save every this many steps (0: only at exit)."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted after a newer one completes."""
+    save_at_exit: bool = True
+    """Save when training ends or is interrupted (SIGTERM/SIGUSR1 checkpoint and exit)."""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    """Directory for checkpoints, TensorBoard events and the resolved config."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    mtp_weight: MTPWeightConfig = field(default_factory=MTPWeightConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def decoder(self) -> DecoderConfig:
+        return DecoderConfig(self.model, self.mtp)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} = {value} must be {bound}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no world size (those come in `validate_layout`)."""
+    try:
+        cfg.decoder.validate(cfg.parallel.tp)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    p, t, o, w = cfg.parallel, cfg.train, cfg.optim, cfg.mtp_weight
+    _positive("parallel.tp", p.tp)
+    _positive("parallel.pp", p.pp)
+    if p.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage = {p.zero_stage}; use 1, 2 or 3")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(
+            f"parallel.zero_stage = {p.zero_stage} with parallel.pp = {p.pp}: DeepSpeed's pipeline "
+            "engine supports ZeRO stage 1 only; set parallel.zero_stage=1")
+    if p.pp > cfg.model.num_layers + 2:
+        raise ConfigError(
+            f"parallel.pp = {p.pp} exceeds the {cfg.model.num_layers + 2} pipeline layers "
+            "(embedding, blocks, tail); use fewer stages")
+    for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
+        _positive(f"train.{name}", getattr(t, name))
+    for name in ("eval_interval", "eval_batches", "max_skipped_steps"):
+        _positive(f"train.{name}", getattr(t, name), allow_zero=True)
+    _positive("train.collective_timeout_s", t.collective_timeout_s)
+    _positive("optim.lr", o.lr)
+    _positive("optim.min_lr", o.min_lr, allow_zero=True)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr = {o.min_lr} exceeds optim.lr = {o.lr}")
+    if not w.values:
+        raise ConfigError("mtp_weight.values is empty; give at least one λ (e.g. [0.3])")
+    if any(v < 0 for v in w.values):
+        raise ConfigError(f"mtp_weight.values = {w.values} must be >= 0")
+    if len(w.boundaries_tokens) != len(w.values) - 1:
+        raise ConfigError(
+            f"mtp_weight.boundaries_tokens has {len(w.boundaries_tokens)} entries for "
+            f"{len(w.values)} values; it needs exactly one fewer (the switch points)")
+    if any(b <= a for a, b in zip(w.boundaries_tokens, w.boundaries_tokens[1:])) or any(
+            b <= 0 for b in w.boundaries_tokens):
+        raise ConfigError(
+            f"mtp_weight.boundaries_tokens = {w.boundaries_tokens} must be positive and increasing")
+    if not cfg.data.path:
+        raise ConfigError(
+            "data.path is empty; point it at a dataset built by `mtp prepare` "
+            "(e.g. data.path=data/stdlib)")
+    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    _positive("data.shuffle_buffer", cfg.data.shuffle_buffer)
+    _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    grad_accum: int
+
+
+def validate_layout(cfg: RunConfig, world_size: int) -> Layout:
+    """TP × PP × DP must equal the world and the batch sizes must divide; refuse otherwise."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"parallel.tp × parallel.pp = {tp} × {pp} = {tp * pp} does not divide the world size "
+            f"{world_size}; choose sizes whose product divides the number of processes")
+    dp = world_size // (tp * pp)
+    t = cfg.train
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size = {t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size × data-parallel size = {t.micro_batch_size} × {dp} = {per_step}; "
+            f"use e.g. train.global_batch_size={per_step * max(1, t.global_batch_size // per_step)}")
+    return Layout(world_size, tp, pp, dp, t.global_batch_size // per_step)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data = load_yaml(path) if path else {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg

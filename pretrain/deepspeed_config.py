@@ -1,0 +1,29 @@
+"""The DeepSpeed JSON config, generated from the run config (never written by hand)."""
+
+from __future__ import annotations
+
+from pretrain.config import Layout, RunConfig
+
+
+def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool, on_gpu: bool) -> dict:
+    zero: dict = {"stage": cfg.parallel.zero_stage}
+    if on_gpu:
+        # Overlap the gradient reduction with the backward pass.
+        zero.update(overlap_comm=True, contiguous_gradients=True,
+                    reduce_bucket_size=50_000_000, allgather_bucket_size=50_000_000)
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        # Explicit: DeepSpeed's own default clips at 1.0 when the key is absent.
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        # With bf16 the ZeRO optimizers check gradients for inf/NaN and skip such a step.
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        "fp16": {"enabled": False},
+        # The optimizer is our torch AdamW (no JIT-built kernels); ZeRO wraps it.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }

@@ -1,0 +1,151 @@
+"""Process-group setup: launcher detection, the distributed backend, and one topology shared by
+megatron-core (TP groups for the layers) and DeepSpeed (pipeline/data groups), checked to agree.
+
+Rank layout (both libraries): TP fastest, then DP, then PP — global rank = tp + TP·(dp + DP·pp).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import deepspeed
+import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state
+
+from model import accelerator
+from pretrain.config import Layout
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "single", "torchrun" (also the deepspeed launcher) or "slurm"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_launch_env() -> LaunchEnv:
+    """Read rank/world from torchrun (RANK, WORLD_SIZE, LOCAL_RANK), from SLURM's srun (one task
+    per process: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), or run as a world of one. Exports the
+    torch.distributed variables so the rest of the stack sees one convention."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launch = LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]),
+                           int(env.get("LOCAL_RANK", 0)), "torchrun")
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
+        launch = LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                           int(env.get("SLURM_LOCALID", 0)), "slurm")
+        if "MASTER_ADDR" not in env:
+            raise RuntimeError(
+                "launched by srun without MASTER_ADDR: export MASTER_ADDR (the first host of "
+                "$SLURM_JOB_NODELIST) and MASTER_PORT in the batch script, as "
+                "scripts/slurm/train.sbatch does")
+    else:
+        launch = LaunchEnv(0, 1, 0, "single")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    env.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
+               LOCAL_RANK=str(launch.local_rank))
+    env.setdefault("MASTER_PORT", "29500")
+    return launch
+
+
+def init_distributed(launch: LaunchEnv, timeout_s: int) -> None:
+    """Initialise torch.distributed (gloo on CPU, the accelerator's backend on GPUs)."""
+    if not accelerator.is_cpu():
+        accelerator.set_device(launch.local_rank)
+    backend = "gloo" if accelerator.is_cpu() else accelerator.communication_backend()
+    if accelerator.is_cpu():
+        # DeepSpeed would JIT-compile a shared-memory all-reduce for CPU worlds on first use
+        # (~90 s, cached per user); gloo is all the CPU path needs.
+        from deepspeed.accelerator import get_accelerator
+
+        name = get_accelerator().create_op_builder("ShareMemCommBuilder").NAME
+        deepspeed.ops.__compatible_ops__[name] = False
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+
+
+@dataclass
+class Topology:
+    layout: Layout
+    ds_topology: PipeModelDataParallelTopology
+    tp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    tp_rank: int
+    dp_rank: int
+    pp_rank: int
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    def metrics_source_rank(self) -> int:
+        """The global rank that holds the loss metrics: last stage, first TP and DP rank."""
+        return self.ds_topology.get_rank(pipe=self.layout.pp - 1, data=0, model=0)
+
+
+def _ranks_of(group: dist.ProcessGroup) -> list[int]:
+    return sorted(dist.get_process_group_ranks(group))
+
+
+def build_topology(layout: Layout) -> Topology:
+    """Create megatron-core's groups and DeepSpeed's topology and assert they agree."""
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
+    topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    rank = dist.get_rank()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    dp_group = parallel_state.get_data_parallel_group()
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    for axis, group in (("model", tp_group), ("data", dp_group), ("pipe", pp_group)):
+        ds_ranks = next(r for r in topo.get_axis_comm_lists(axis) if rank in r)
+        assert sorted(ds_ranks) == _ranks_of(group), (
+            f"DeepSpeed's {axis} group {ds_ranks} differs from megatron-core's {_ranks_of(group)}")
+    coord = topo.get_coord(rank)
+    assert (coord.model, coord.data, coord.pipe) == (
+        parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_rank())
+    return Topology(layout, topo, tp_group, dp_group, pp_group, coord.model, coord.data, coord.pipe)
+
+
+class MegatronMPU:
+    """The model-parallel-unit interface DeepSpeed's ordinary engine expects, mapped onto
+    megatron-core's TP and DP groups (ZeRO then partitions over DP and reduces norms over TP)."""
+
+    def __init__(self, topo: Topology):
+        self.topo = topo
+
+    def get_model_parallel_rank(self) -> int:
+        return self.topo.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.topo.layout.tp
+
+    def get_model_parallel_group(self):
+        return self.topo.tp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topo.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.topo.layout.dp
+
+    def get_data_parallel_group(self):
+        return self.topo.dp_group

@@ -1,0 +1,132 @@
+"""Builds the trainable module: the whole model (PP = 1, DeepSpeed's ordinary engine) or the same
+layers cut into pipeline stages (DeepSpeed PipelineModule), from the factories in model/.
+
+Pipeline layers: [embedding (tied "embed"), block_0 … block_{L-1}, tail, embedding again (tied
+"embed", pass-through)]. The second copy of the tied embedding puts the shared embedding and head
+on the last stage, where the MTP tail needs them; DeepSpeed all-reduces its gradients with the
+first stage's copy. The tail layer only passes the trunk output on: the losses need the labels,
+which the pipeline engine hands to `loss_fn` alone, so `TailLoss` runs the tail there.
+"""
+
+from __future__ import annotations
+
+from deepspeed.runtime import utils as ds_utils
+from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
+from torch import nn
+
+from model import DecoderConfig, MTPLanguageModel, MTPOutput, ParallelContext
+from model.tail import OutputTail
+from model.transformer import build_block, build_embedding, build_tail
+from pretrain.distributed import Topology
+
+
+class PipelineTail(nn.Module):
+    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext, seed: int):
+        super().__init__()
+        self.tail: OutputTail = build_tail(dcfg, ctx, seed)
+
+    def forward(self, hidden):
+        return hidden
+
+
+def _pass_through(_module, x):
+    return x
+
+
+class TailLoss:
+    """`loss_fn` of the pipeline: runs the output tail on the last stage with the labels.
+
+    The trainer sets `mtp_weight` and `step` before each optimizer step and collects `outputs`
+    (one `MTPOutput` per micro-batch) for logging.
+    """
+
+    def __init__(self):
+        self.tail: OutputTail | None = None
+        self.shared = None
+        self.mtp_weight = 0.0
+        self.step = 0
+        self.outputs: list[MTPOutput] = []
+
+    def bind(self, pipe: PipelineModule) -> None:
+        tails = [f for f in pipe.forward_funcs if isinstance(f, PipelineTail)]
+        if tails:  # only the last stage has the tail
+            self.tail = tails[0].tail
+            self.shared = pipe.tied_modules["embed"]
+
+    def __call__(self, hidden, targets):
+        assert self.tail is not None, "loss_fn called on a stage without the tail"
+        labels, loss_mask = targets
+        out = self.tail(hidden, labels, loss_mask, self.shared, self.mtp_weight, self.step)
+        self.outputs.append(out)
+        return out.loss
+
+
+def _stage_parts(dcfg: DecoderConfig, num_stages: int, method: str) -> list[int]:
+    """Layer boundaries of the stages. Units are [embedding, each block, tail + tied copy]; the
+    embedding always starts stage 0 and the tail group always ends the last stage."""
+    m = dcfg.model
+    d, v, f = m.hidden_size, m.vocab_size, m.ffn_size
+    block = 4 * d * d + 3 * d * f  # attention + SwiGLU matmul weights (GQA ignored: a balance weight)
+    if method == "uniform":
+        weights = [1] * (m.num_layers + 2)
+    else:
+        extra = {"none": 0, "deepseek": block + 2 * d * d, "parallel": block,
+                 "blockwise": 3 * d * f}[dcfg.mtp.kind] * dcfg.mtp.depth
+        # The embedding is a lookup (its cost is memory); the tail runs the head for every depth.
+        weights = [v * d // 4] + [block] * m.num_layers + [v * d * (dcfg.mtp.depth + 1) + extra]
+    unit_parts = ds_utils.partition_balanced(weights=weights, num_parts=num_stages)
+    # unit index → layer index: units 0..L map 1:1, the last unit (tail group) spans 2 layers.
+    return [p if p <= m.num_layers + 1 else p + 1 for p in unit_parts]
+
+
+class MTPPipelineModule(PipelineModule):
+    def __init__(self, *args, stage_parts: list[int], **kwargs):
+        self._stage_parts = stage_parts
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method="uniform"):
+        self.parts = list(self._stage_parts)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def build_whole_model(dcfg: DecoderConfig, ctx: ParallelContext, seed: int,
+                      zero_stage: int) -> MTPLanguageModel:
+    model = MTPLanguageModel(dcfg, ctx, seed)
+    if zero_stage == 3:
+        # The tail scores with the shared head weight outside the embedding's own forward;
+        # ZeRO-3 must gather that partitioned weight for the tail's forward too.
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(model.tail, model.embedding.output_weight)
+    return model
+
+
+def build_pipeline(dcfg: DecoderConfig, ctx: ParallelContext, seed: int, topo: Topology,
+                   partition_method: str) -> tuple[MTPPipelineModule, TailLoss]:
+    dcfg.validate(ctx.tp_size)
+    tied = ["word_embeddings.weight"] + ([] if dcfg.model.tie_embeddings else ["head_weight"])
+    specs = [TiedLayerSpec("embed", build_embedding, dcfg, ctx, seed, tied_weight_attr=tied)]
+    specs += [LayerSpec(build_block, dcfg, ctx, i, seed) for i in range(dcfg.model.num_layers)]
+    specs += [LayerSpec(PipelineTail, dcfg, ctx, seed),
+              TiedLayerSpec("embed", build_embedding, dcfg, ctx, seed, forward_fn=_pass_through,
+                            tied_weight_attr=tied)]
+    loss = TailLoss()
+    pipe = MTPPipelineModule(
+        layers=specs, loss_fn=loss, topology=topo.ds_topology,
+        stage_parts=_stage_parts(dcfg, topo.layout.pp, partition_method),
+        activation_checkpoint_interval=0)
+    loss.bind(pipe)
+    return pipe, loss
+
+
+def pipeline_layer_prefix(dcfg: DecoderConfig, layer_index: int) -> str | None:
+    """Our full parameter-name prefix of a pipeline layer's state dict (None: not saved)."""
+    n = dcfg.model.num_layers
+    if layer_index == 0:
+        return "embedding."
+    if layer_index <= n:
+        return f"blocks.{layer_index - 1}."
+    if layer_index == n + 1:
+        return ""  # PipelineTail's keys already read "tail.…"
+    return None  # the tied copy on the last stage is saved as layer 0
