@@ -48,20 +48,39 @@ class SharedEmbedding(nn.Module):
         """[V/TP, d]: this rank's rows of the output head."""
         return self.word_embeddings.weight if self.head_weight is None else self.head_weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, T] → [B, T, d]."""
-        return self.word_embeddings(input_ids)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        row_weights: torch.Tensor | None = None,
+    ):
+        """Either the embedding lookup, input_ids [B, T] → [B, T, d], or the head's
+        cross-entropy over rows (hidden [N, d], targets [N], row_weights [N]) returned as the
+        tensors (total, row_loss, row_correct).
+
+        Both uses go through `forward`, not a separate method, so that whatever wraps module
+        calls sees every use of these weights (DeepSpeed ZeRO-3 gathers the partitioned weights
+        around forward and, through hooks on the returned tensors, around backward).
+        """
+        if input_ids is not None:
+            return self.word_embeddings(input_ids)
+        assert hidden is not None and targets is not None and row_weights is not None
+        if self.loss_impl == "fused":
+            res = fused_head_cross_entropy(
+                hidden, self.output_weight, targets, row_weights, self.tp_group,
+                self.vocab_start, self.chunk_rows)
+        else:
+            res = unfused_head_cross_entropy(
+                hidden, self.output_weight, targets, row_weights, self.tp_group, self.vocab_start)
+        return res.total, res.row_loss, res.row_correct
 
     def head_loss(
         self, hidden: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor
     ) -> HeadLoss:
         """Cross-entropy of the head over rows: hidden [N, d], targets [N], row_weights [N]."""
-        if self.loss_impl == "fused":
-            return fused_head_cross_entropy(
-                hidden, self.output_weight, targets, row_weights, self.tp_group,
-                self.vocab_start, self.chunk_rows)
-        return unfused_head_cross_entropy(
-            hidden, self.output_weight, targets, row_weights, self.tp_group, self.vocab_start)
+        return HeadLoss(*self(hidden=hidden, targets=targets, row_weights=row_weights))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [..., V] (gathered over TP; no autograd) for inference."""
