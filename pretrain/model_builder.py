@@ -15,9 +15,46 @@ from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSp
 from torch import nn
 
 from model import DecoderConfig, MTPLanguageModel, MTPOutput, ParallelContext
+from model.mtp.deepseek import DeepSeekMTP
 from model.tail import OutputTail
 from model.transformer import build_block, build_embedding, build_tail
 from pretrain.distributed import Topology
+
+# DeepSpeed's LayerSpec builds nn.Module classes; these wrap the model's layer factories (which
+# seed each layer, so a stage builds exactly the weights the whole model would hold).
+
+
+def _touch(x, weight):
+    """x + 0·Σweight: the value of x exactly, plus a (zero) gradient path to `weight`.
+
+    DeepSpeed all-reduces each tied weight's gradient between the stages that hold it, but skips a
+    rank whose gradient is None, and its peer then waits forever. A tied weight that one stage
+    does not use (the untied head on stage 0; the input embedding on the last stage when the
+    MTP kind embeds no future tokens) therefore gets this zero gradient there."""
+    if weight.requires_grad:
+        return x + 0.0 * weight.sum()
+    return x
+
+
+class PipelineEmbedding(nn.Module):
+    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext, seed: int):
+        super().__init__()
+        self.embedding = build_embedding(dcfg, ctx, seed)
+
+    def forward(self, input_ids):
+        h = self.embedding(input_ids)
+        if self.embedding.head_weight is not None:  # used on the last stage only
+            h = _touch(h, self.embedding.head_weight)
+        return h
+
+
+class PipelineBlock(nn.Module):
+    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext, index: int, seed: int):
+        super().__init__()
+        self.block = build_block(dcfg, ctx, index, seed)
+
+    def forward(self, hidden):
+        return self.block(hidden)
 
 
 class PipelineTail(nn.Module):
@@ -51,13 +88,16 @@ class TailLoss:
         tails = [f for f in pipe.forward_funcs if isinstance(f, PipelineTail)]
         if tails:  # only the last stage has the tail
             self.tail = tails[0].tail
-            self.shared = pipe.tied_modules["embed"]
+            self.shared = pipe.tied_modules["embed"].embedding
 
     def __call__(self, hidden, targets):
         assert self.tail is not None, "loss_fn called on a stage without the tail"
         labels, loss_mask = targets
         out = self.tail(hidden, labels, loss_mask, self.shared, self.mtp_weight, self.step)
         self.outputs.append(out)
+        if self.tail.objective is None or not isinstance(self.tail.objective, DeepSeekMTP):
+            if self.shared.head_weight is not None:  # the input embedding is unused here
+                return _touch(out.loss, self.shared.word_embeddings.weight)
         return out.loss
 
 
@@ -90,26 +130,19 @@ class MTPPipelineModule(PipelineModule):
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
-def build_whole_model(dcfg: DecoderConfig, ctx: ParallelContext, seed: int,
-                      zero_stage: int) -> MTPLanguageModel:
-    model = MTPLanguageModel(dcfg, ctx, seed)
-    if zero_stage == 3:
-        # The tail scores with the shared head weight outside the embedding's own forward;
-        # ZeRO-3 must gather that partitioned weight for the tail's forward too.
-        import deepspeed
-
-        deepspeed.zero.register_external_parameter(model.tail, model.embedding.output_weight)
-    return model
+def build_whole_model(dcfg: DecoderConfig, ctx: ParallelContext, seed: int) -> MTPLanguageModel:
+    return MTPLanguageModel(dcfg, ctx, seed)
 
 
 def build_pipeline(dcfg: DecoderConfig, ctx: ParallelContext, seed: int, topo: Topology,
                    partition_method: str) -> tuple[MTPPipelineModule, TailLoss]:
     dcfg.validate(ctx.tp_size)
-    tied = ["word_embeddings.weight"] + ([] if dcfg.model.tie_embeddings else ["head_weight"])
-    specs = [TiedLayerSpec("embed", build_embedding, dcfg, ctx, seed, tied_weight_attr=tied)]
-    specs += [LayerSpec(build_block, dcfg, ctx, i, seed) for i in range(dcfg.model.num_layers)]
+    tied = ["embedding.word_embeddings.weight"] + (
+        [] if dcfg.model.tie_embeddings else ["embedding.head_weight"])
+    specs = [TiedLayerSpec("embed", PipelineEmbedding, dcfg, ctx, seed, tied_weight_attr=tied)]
+    specs += [LayerSpec(PipelineBlock, dcfg, ctx, i, seed) for i in range(dcfg.model.num_layers)]
     specs += [LayerSpec(PipelineTail, dcfg, ctx, seed),
-              TiedLayerSpec("embed", build_embedding, dcfg, ctx, seed, forward_fn=_pass_through,
+              TiedLayerSpec("embed", PipelineEmbedding, dcfg, ctx, seed, forward_fn=_pass_through,
                             tied_weight_attr=tied)]
     loss = TailLoss()
     pipe = MTPPipelineModule(
@@ -120,13 +153,12 @@ def build_pipeline(dcfg: DecoderConfig, ctx: ParallelContext, seed: int, topo: T
     return pipe, loss
 
 
-def pipeline_layer_prefix(dcfg: DecoderConfig, layer_index: int) -> str | None:
-    """Our full parameter-name prefix of a pipeline layer's state dict (None: not saved)."""
+def pipeline_layer_names(dcfg: DecoderConfig, layer_index: int, key: str) -> str | None:
+    """Our full parameter name of a key in a pipeline layer's state dict (None: not saved)."""
     n = dcfg.model.num_layers
-    if layer_index == 0:
-        return "embedding."
+    if layer_index == 0 or layer_index == n + 1:
+        return key  # "embedding.…" and "tail.…" already are the full names
     if layer_index <= n:
-        return f"blocks.{layer_index - 1}."
-    if layer_index == n + 1:
-        return ""  # PipelineTail's keys already read "tail.…"
+        assert key.startswith("block.")
+        return f"blocks.{layer_index - 1}.{key[len('block.'):]}"
     return None  # the tied copy on the last stage is saved as layer 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,28 +22,13 @@ from pretrain.deepspeed_config import deepspeed_config
 from pretrain.distributed import MegatronMPU, build_topology, detect_launch_env, init_distributed
 from pretrain.metrics import MetricsLogger, format_line, forward_flops_per_token, peak_flops
 from pretrain.model_builder import build_pipeline, build_whole_model
+from pretrain.preemption import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.schedules import MTPWeightSchedule, learning_rate
 from pretrain.step_metrics import StepStats, gather_to_rank0
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved on a signal; requeue and resume
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-class PreemptionFlag:
-    """SIGTERM / SIGUSR1 → checkpoint at the next step boundary and exit with EXIT_PREEMPTED."""
-
-    def __init__(self):
-        self.raised = 0
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.raised = signum
 
 
 @dataclass
@@ -87,7 +71,8 @@ def _compatibility(saved: dict, cfg: RunConfig, layout) -> list[str]:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: str | None = None, train_loader=None):
+    def __init__(self, cfg: RunConfig, resume: str | None = None, train_loader=None,
+                 preempt: PreemptionFlag | None = None):
         """`train_loader` replaces the ShardLoader of this rank (an iterable of batches with
         state_dict/load_state_dict), e.g. to feed a reference run the batches of several
         data-parallel ranks."""
@@ -118,7 +103,7 @@ class Trainer:
         ctx = ParallelContext(self.topo.tp_group, params_dtype=torch.float32)
         ds_cfg = deepspeed_config(cfg, self.layout, self.bf16, on_gpu)
         if self.layout.pp == 1:
-            module = build_whole_model(dcfg, ctx, cfg.train.seed, cfg.parallel.zero_stage)
+            module = build_whole_model(dcfg, ctx, cfg.train.seed)
             self.tail_loss = None
             mpu = MegatronMPU(self.topo)
         else:
@@ -149,7 +134,7 @@ class Trainer:
         self.consumed_tokens = 0
         self.skipped_total = 0
         self.skipped_in_a_row = 0
-        self.preempt = PreemptionFlag()
+        self.preempt = preempt if preempt is not None else PreemptionFlag().install()
         n_params = sum(p.numel() for p in module.parameters())
         self.logger.print(
             f"mtp train: world {self.layout.world} = TP {self.layout.tp} × PP {self.layout.pp} × "
@@ -294,7 +279,6 @@ class Trainer:
     def train(self) -> TrainResult:
         self._write_run_files()
         self._maybe_resume()
-        self.preempt.install()
         cfg = self.cfg
         train_iter = None
         if self.train_loader is not None:
@@ -304,6 +288,10 @@ class Trainer:
         exit_code = 0
         t_last, steps_since = time.perf_counter(), 0
         accelerator.reset_peak_memory()
+        if self._preemption_requested():  # signalled during start-up: nothing new to save
+            self.logger.print("signal received during start-up: exiting for requeue")
+            self.logger.close()
+            return TrainResult(self.step, EXIT_PREEMPTED, logged)
         while self.step < cfg.train.steps:
             lam = self.lam(self.consumed_tokens)
             stats = self.train_step(train_iter, lam)

@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pretrain.preemption import PreemptionFlag
+
+    # First thing: a SLURM signal during the (long) start-up must not kill the job.
+    preempt = PreemptionFlag().install()
     from data_pipeline import ShardError
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from pretrain.trainer import NonFiniteError, Trainer
 
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, preempt=preempt)
         return trainer.train().exit_code
     except (ConfigError, CheckpointError) as err:
         print(f"mtp train: error: {err}", file=sys.stderr)

@@ -1,0 +1,23 @@
+"""SIGTERM / SIGUSR1 (SLURM's pre-timeout signal, preemption) → checkpoint at the next step
+boundary and exit with EXIT_PREEMPTED. Kept free of heavy imports so the handler is installed
+before the minutes of start-up (imports, model build, checkpoint load) during which the default
+action would kill the process."""
+
+from __future__ import annotations
+
+import signal
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved (or nothing to save); requeue and resume
+
+
+class PreemptionFlag:
+    def __init__(self):
+        self.raised = 0
+
+    def install(self) -> PreemptionFlag:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.raised = signum
