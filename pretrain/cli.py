@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules under pretrain.commands, in the order `--help` lists them.
-COMMANDS = ("prepare", "train")
+COMMANDS = ("prepare", "train", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
