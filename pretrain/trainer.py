@@ -135,6 +135,7 @@ class Trainer:
         self.skipped_total = 0
         self.skipped_in_a_row = 0
         self.preempt = preempt if preempt is not None else PreemptionFlag().install()
+        self._maybe_resume()  # an incompatible checkpoint is refused before any work
         n_params = sum(p.numel() for p in module.parameters())
         self.logger.print(
             f"mtp train: world {self.layout.world} = TP {self.layout.tp} × PP {self.layout.pp} × "
@@ -278,7 +279,6 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
         self._write_run_files()
-        self._maybe_resume()
         cfg = self.cfg
         train_iter = None
         if self.train_loader is not None:

@@ -49,3 +49,134 @@ def layout_runs(rank, world, data, tmp, name, sections, kinds):
         b = Trainer(b_cfg, resume=str(run_a / "checkpoints" / "step_00000003")).train()
         out[kind] = {"a": _curve(a), "b": _curve(b)}
     return out if rank == 0 else None
+
+
+def _nan_loss_at(trainer, bad_steps):
+    """Make the loss NaN on the given (0-based) steps, through a forward hook on the tail."""
+    import torch
+
+    tail = trainer.engine.module.tail
+
+    def hook(_module, _inputs, out):
+        if trainer.step in bad_steps:
+            out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    tail.register_forward_hook(hook)
+
+
+def behaviours(rank, world, data, tmp):
+    """World 1: non-finite handling, refused resumes, a crash inside a save, λ schedule."""
+    import torch
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.config import ConfigError, config_from_dict
+    from pretrain.trainer import NonFiniteError, Trainer
+    from tests.train_fixtures import tiny_run
+
+    data, tmp = Path(data), Path(tmp)
+    out = {}
+
+    # 1. nonfinite=skip: the bad step changes no weight and training goes on.
+    cfg = config_from_dict(tiny_run(data, tmp / "skip", train={"nonfinite": "skip"}))
+    tr = Trainer(cfg)
+    _nan_loss_at(tr, {2})
+    before = {}
+
+    def snapshot_hook(_m, _i, o):
+        if tr.step == 2 and not before:
+            before.update({n: p.detach().clone() for n, p in tr.engine.module.named_parameters()})
+        return o
+
+    tr.engine.module.tail.register_forward_hook(snapshot_hook)
+    res = tr.train()
+    out["skip_steps"] = [m["step"] for m in res.losses]
+    out["skip_skipped"] = [m["optim/skipped_steps"] for m in res.losses]
+    out["skip_final_finite"] = all(torch.isfinite(p).all().item() for p in tr.engine.module.parameters())
+    out["skip_ckpts"] = [r.step for r in ckpt.complete_checkpoints(tmp / "skip" / "checkpoints")]
+
+    # 2. nonfinite=stop: a clear error, and no checkpoint at or after the bad step.
+    cfg = config_from_dict(tiny_run(data, tmp / "stop", train={"nonfinite": "stop"},
+                                    checkpoint={"interval": 2, "keep_last": 5}))
+    tr = Trainer(cfg)
+    _nan_loss_at(tr, {3})
+    try:
+        tr.train()
+        out["stop_error"] = None
+    except NonFiniteError as err:
+        out["stop_error"] = str(err)
+    out["stop_ckpts"] = [r.step for r in ckpt.complete_checkpoints(tmp / "stop" / "checkpoints")]
+
+    # 3. A crash inside the step-6 save: no COMPLETE marker, `latest` still names step 3, and
+    #    --resume auto continues from step 3 to the same losses.
+    cfg = config_from_dict(tiny_run(data, tmp / "crash"))
+    tr = Trainer(cfg)
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        if "step_00000006" in str(f) and "trainer_rank" in str(f):
+            raise OSError(28, "No space left on device (injected)")
+        return real_save(obj, f, *a, **k)
+
+    torch.save = failing_save
+    try:
+        tr.train()
+        out["crash_error"] = None
+    except OSError as err:
+        out["crash_error"] = str(err)
+    finally:
+        torch.save = real_save
+    root = tmp / "crash" / "checkpoints"
+    out["crash_complete"] = [r.step for r in ckpt.complete_checkpoints(root)]
+    out["crash_latest"] = (root / "latest").read_text()
+    out["crash_partial_exists"] = (root / "step_00000006").is_dir()
+    resumed = Trainer(config_from_dict(tiny_run(data, tmp / "crash")), resume="auto").train()
+    clean = Trainer(config_from_dict(tiny_run(data, tmp / "clean"))).train()
+    out["crash_resume"] = ([m["loss/total"] for m in resumed.losses],
+                           [m["loss/total"] for m in clean.losses[3:]])
+
+    # 4. Resuming with a config that cannot work is refused, naming what differs.
+    errors = {}
+    for label, sections in (("shape", {"model": {"hidden_size": 64}}),
+                            ("mtp", {"mtp": {"kind": "parallel"}}),
+                            ("batch", {"train": {"global_batch_size": 8}})):
+        try:
+            Trainer(config_from_dict(tiny_run(data, tmp / "clean", **sections)), resume="auto")
+            errors[label] = None
+        except ConfigError as err:
+            errors[label] = str(err)
+    out["refusals"] = errors
+
+    # 5. λ follows consumed tokens (boundary after 3 steps of 4 × 16 tokens) and is saved.
+    out["lambda"] = [m["mtp/lambda"] for m in clean.losses]
+    state = torch.load(tmp / "clean" / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt",
+                       weights_only=False)
+    out["lambda_saved"] = state["trainer"]["mtp_weight"]
+    out["consumed_saved"] = state["trainer"]["consumed_tokens"]
+    return out
+
+
+def shipped_configs(rank, world, data, tmp, names):
+    """World 1: each shipped config, shrunk to a tiny shape, trains two steps and checkpoints."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+    from tests.train_fixtures import SEQ, VOCAB
+
+    out = {}
+    for name in names:
+        run_dir = Path(tmp) / name
+        cfg = load_config(f"configs/{name}.yaml", [
+            f"run_dir={run_dir}", f"data.path={data}", f"model.vocab_size={VOCAB}",
+            "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
+            "model.num_kv_heads=2", "model.ffn_hidden_size=64", f"model.max_seq_len={SEQ}",
+            "train.steps=2", "train.micro_batch_size=2", "train.global_batch_size=4",
+            "train.precision=fp32", "train.log_interval=1", "train.eval_interval=2",
+            "train.eval_batches=2", "data.num_workers=0", "mtp.depth=2" if name != "none" else "",
+            "checkpoint.interval=0"])
+        result = Trainer(cfg).train()
+        out[name] = {"steps": [m["step"] for m in result.losses],
+                     "ckpts": [r.step for r in ckpt.complete_checkpoints(run_dir / "checkpoints")],
+                     "events": sorted(p.name[:20] for p in (run_dir / "tensorboard").iterdir()),
+                     "config_written": (run_dir / "config.yaml").is_file()}
+    return out

@@ -87,4 +87,4 @@ def test_layout_matches_single_process_and_resumes_exactly(
         assert got.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-4,
-                                       msg=lambda m, key=key: f"{name}/{kind} {key}: {m}")
+                                       msg=lambda m, key=key, kind=kind: f"{name}/{kind} {key}: {m}")

@@ -1,0 +1,132 @@
+"""The `mtp` command line and the shipped configs: errors before any work, --help everywhere,
+every config parses and trains in a tiny version, and the README's main job runs end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.cli import main
+from pretrain.config import ConfigError, load_config, validate_layout
+from tests import dist_train_cases as cases
+from tests.distributed import run_world
+from tests.train_fixtures import build_tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+
+
+def test_every_shipped_config_parses():
+    assert {"tiny-cpu", "gpt-110m", "gpt-350m"} <= set(CONFIGS)
+    for name in CONFIGS:
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.train.steps > 0
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "export"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: mtp " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
+        (["--config", "configs/tiny-cpu.yaml", "model.hiden_size=3"],
+         "unknown key 'hiden_size' in model; valid keys are: vocab_size, hidden_size"),
+        (["--config", "configs/tiny-cpu.yaml", "train.steps=many"],
+         "train.steps: expected an integer, got 'many'"),
+        (["--config", "configs/tiny-cpu.yaml", "train.steps"], "is not of the form key.path=value"),
+        (["--config", "configs/tiny-cpu.yaml", "parallel.pp=2", "parallel.zero_stage=2"],
+         "supports ZeRO stage 1 only"),
+        (["--config", "configs/tiny-cpu.yaml", "parallel.tp=3"],
+         "model.num_heads = 4 is not divisible by the tensor-parallel size 3"),
+        (["--config", "configs/tiny-cpu.yaml", "mtp.depth=0"], "mtp.depth = 0"),
+        (["--config", "configs/tiny-cpu.yaml", "mtp_weight.boundaries_tokens=[]"],
+         "needs exactly one fewer"),
+        (["--config", "configs/tiny-cpu.yaml", "data.path="], "data.path is empty"),
+    ],
+)
+def test_bad_config_is_refused_before_any_work(args, message, capsys):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtp train: config error: ")
+    assert message in err
+
+
+def test_layouts_that_do_not_fit_the_world_are_refused():
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", ["parallel.tp=2", "parallel.pp=2"])
+    with pytest.raises(ConfigError, match=r"tp × parallel.pp = 2 × 2 = 4 does not divide the world size 6"):
+        validate_layout(cfg, 6)
+    lay = validate_layout(cfg, 8)
+    assert (lay.tp, lay.pp, lay.dp, lay.grad_accum) == (2, 2, 2, 1)
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", ["train.global_batch_size=20"])
+    with pytest.raises(ConfigError, match=r"global_batch_size = 20 is not a multiple of .* 8 × 2 = 16"):
+        validate_layout(cfg, 2)
+
+
+def test_print_config_shows_the_resolved_tree(capsys):
+    assert main(["train", "--config", "configs/tiny-cpu.yaml", "mtp.kind=parallel", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "kind: parallel" in out and "zero_stage: 1" in out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_every_shipped_config_trains_in_a_tiny_version(tmp_path):
+    data = build_tiny_dataset(tmp_path)
+    (out,) = run_world(cases.shipped_configs, 1, str(data), str(tmp_path / "runs"), CONFIGS,
+                       timeout_s=300)
+    for name in CONFIGS:
+        assert out[name]["steps"] == [1, 2], name
+        assert out[name]["ckpts"] == [2], name  # saved at exit
+        assert out[name]["events"] and out[name]["events"][0].startswith("events.out.tfevents")
+        assert out[name]["config_written"]
+
+
+@pytest.mark.slow
+def test_readme_main_job_runs_end_to_end(tmp_path):
+    """scripts/quickstart.sh (the README's first command, minus the venv setup that CI already
+    did) with a small step count: dataset, training, checkpoint, TensorBoard, export."""
+    env = dict(os.environ, MTP_SKIP_SETUP="1", MTP_DATA_DIR=str(tmp_path / "data"),
+               MTP_RUN_DIR=str(tmp_path / "run"))
+    res = subprocess.run(
+        ["bash", "scripts/quickstart.sh", "train.steps=12", "train.log_interval=4",
+         "train.eval_interval=6", "checkpoint.interval=6"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = tmp_path / "run"
+    assert "step 12/12" in res.stdout and "validation:" in res.stdout
+    assert (run / "checkpoints" / "step_00000012" / "COMPLETE.json").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents*"))
+    for f in ("config.json", "model.safetensors", "tokenizer.model", "mtp.safetensors", "mtp_config.json"):
+        assert (run / "export" / f).is_file(), f
+
+    # The export is the trained main model: transformers' logits equal ours from the checkpoint.
+    code = f"""
+import torch, transformers
+from model import MTPLanguageModel, single_process_context
+from model.sharding import load_full_state_dict
+from pretrain.checkpoint import resolve_checkpoint
+from pretrain.checkpoint_export import full_state_dict_from_checkpoint
+cfg, full = full_state_dict_from_checkpoint(resolve_checkpoint({str(run)!r}))
+ctx = single_process_context()
+ours = MTPLanguageModel(cfg.decoder, ctx)
+load_full_state_dict(ours, full, ctx.tp_group)
+hf = transformers.LlamaForCausalLM.from_pretrained({str(run / 'export')!r}, torch_dtype=torch.float32)
+ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+diff = (hf(ids).logits - ours.main_logits(ids)).abs().max().item()
+assert diff < 1e-4, diff
+print("max logit difference", diff)
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "max logit difference" in res.stdout

@@ -1,0 +1,60 @@
+"""Trainer behaviour on CPU: non-finite steps, crashes inside a save, refused resumes, λ."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests import dist_train_cases as cases
+from tests.distributed import run_world
+from tests.train_fixtures import build_tiny_dataset
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory):
+    root = tmp_path_factory.mktemp("behaviour")
+    data = build_tiny_dataset(root)
+    (out,) = run_world(cases.behaviours, 1, str(data), str(root), timeout_s=400)
+    return out
+
+
+def test_nonfinite_skip_leaves_weights_and_goes_on(outcome):
+    assert outcome["skip_steps"] == [1, 2, 3, 4, 5, 6]
+    # The injected NaN at step index 2 (the third step) is skipped and counted.
+    assert outcome["skip_skipped"] == [0, 0, 1, 1, 1, 1]
+    assert outcome["skip_final_finite"]
+    assert outcome["skip_ckpts"] == [3, 6]
+
+
+def test_nonfinite_stop_raises_and_saves_nothing_after(outcome):
+    err = outcome["stop_error"]
+    assert err is not None and "non-finite loss or gradient at step 4" in err
+    assert "train.nonfinite=skip" in err
+    assert outcome["stop_ckpts"] == [2]
+
+
+def test_crash_inside_a_save_leaves_the_previous_checkpoint_as_latest(outcome):
+    assert "No space left on device" in outcome["crash_error"]
+    assert outcome["crash_complete"] == [3]
+    assert outcome["crash_latest"] == "step_00000003"
+    assert outcome["crash_partial_exists"]  # the partial directory is there, but ignored
+    resumed, clean = outcome["crash_resume"]
+    assert resumed == clean and len(resumed) == 3
+
+
+def test_incompatible_resume_is_refused_with_the_differences(outcome):
+    r = outcome["refusals"]
+    assert "model.hidden_size: checkpoint 32, now 64" in r["shape"]
+    assert "mtp.kind: checkpoint 'deepseek', now 'parallel'" in r["mtp"]
+    assert "train.global_batch_size: checkpoint 4, now 8" in r["batch"]
+
+
+def test_mtp_weight_schedule_follows_tokens_and_is_saved(outcome):
+    # boundary at 3 steps × 4 sequences × 16 tokens = 192 tokens: λ 0.5 for steps 1–3, then 0.2
+    assert outcome["lambda"] == [0.5, 0.5, 0.5, 0.2, 0.2, 0.2]
+    assert outcome["lambda_saved"] == {"values": [0.5, 0.2], "boundaries_tokens": [192]}
+    assert outcome["consumed_saved"] == 6 * 4 * 16
+    assert not math.isnan(outcome["lambda"][0])
