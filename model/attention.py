@@ -14,6 +14,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.init import normal_init, scaled_output_init
+from model.kv_cache import LayerCache
 from model.parallel import ParallelContext
 from model.rotary import RotaryEmbedding
 
@@ -36,7 +37,9 @@ class Attention(nn.Module):
             input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """x [B, T, d]. Without a cache: causal attention over positions 0..T-1. With one: the
+        tokens sit at `cache.positions` and attend to everything cached up to their position."""
         b, t, _ = x.shape
         qkv, _ = self.qkv(x)  # [B, T, groups·(q_per_group+2)·hd]
         qkv = qkv.view(b, t, self.groups, self.q_per_group + 2, self.head_dim)
@@ -44,9 +47,15 @@ class Attention(nn.Module):
         k = qkv[:, :, :, self.q_per_group]  # [B, T, Hkv, hd]
         v = qkv[:, :, :, self.q_per_group + 1]
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
-        q, k = self.rotary(q, k)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)  # [B, Hq, T, hd]
+        if cache is None:
+            q, k = self.rotary(q, k)
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)  # [B, Hq, T, hd]
+        else:
+            q, k = self.rotary(q, k, positions=cache.positions)
+            k_all, v_all = cache.write(k, v)  # [B, Hkv, S, hd]
+            out = F.scaled_dot_product_attention(
+                q, k_all, v_all, attn_mask=cache.mask(), enable_gqa=self.q_per_group > 1)
         out = out.transpose(1, 2).reshape(b, t, -1)  # [B, T, Hq·hd]
         y, _ = self.proj(out)
         return y

@@ -8,6 +8,7 @@ from torch import nn
 from model.attention import Attention
 from model.config import ModelConfig
 from model.init import scaled_output_init
+from model.kv_cache import LayerCache
 from model.mlp import SwiGLU
 from model.norm import RMSNorm
 from model.parallel import ParallelContext
@@ -22,6 +23,6 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.params_dtype)
         self.mlp = SwiGLU(cfg, ctx, scaled_output_init(cfg.init_std, n))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache)
         return x + self.mlp(self.mlp_norm(x))

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules under pretrain.commands, in the order `--help` lists them.
-COMMANDS = ("prepare", "train", "export")
+COMMANDS = ("prepare", "train", "export", "generate", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

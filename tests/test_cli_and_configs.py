@@ -3,6 +3,7 @@ every config parses and trains in a tiny version, and the README's main job runs
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def test_every_shipped_config_parses():
         assert cfg.train.steps > 0
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "export"])
+@pytest.mark.parametrize("command", ["prepare", "train", "export", "generate", "eval"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -130,3 +131,26 @@ print("max logit difference", diff)
                          timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "max logit difference" in res.stdout
+
+    # Generation: the export (main model + MTP tail) and the training checkpoint generate the
+    # same text, and speculative greedy equals plain greedy; `mtp eval` reports acceptance.
+    mtp = [sys.executable, "-m", "pretrain"]
+    outs = {}
+    for label, source, extra in (("ckpt-spec", run, ["--speculative"]),
+                                 ("export-spec", run / "export", ["--speculative"]),
+                                 ("export-plain", run / "export", [])):
+        res = subprocess.run(mtp + ["generate", str(source), "--prompt", "import os",
+                                    "--prompt", "def main(args):", "--max-new-tokens", "24",
+                                    "--dtype", "fp32", "--json", str(tmp_path / f"{label}.json"),
+                                    *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs[label] = json.loads((tmp_path / f"{label}.json").read_text())
+    assert outs["ckpt-spec"]["tokens"] == outs["export-spec"]["tokens"] == outs["export-plain"]["tokens"]
+    assert outs["export-spec"]["speculative"]["main_forwards"] > 0
+    res = subprocess.run(mtp + ["eval", str(run), "--data", str(tmp_path / "data"), "--batches", "2",
+                                "--prompts", "4", "--new-tokens", "16", "--json",
+                                str(tmp_path / "eval.json")], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert len(ev["loss_per_depth"]) == 3 and len(ev["acceptance"]["acceptance_rate"]) == 2

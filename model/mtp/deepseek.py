@@ -15,6 +15,7 @@ from model.block import TransformerBlock
 from model.config import DecoderConfig
 from model.embedding import SharedEmbedding
 from model.init import normal_init
+from model.kv_cache import LayerCache
 from model.norm import RMSNorm
 from model.parallel import ParallelContext
 from model.tp_regions import scatter_to_tp_last_dim
@@ -38,11 +39,12 @@ class DeepSeekModule(nn.Module):
         self.block = TransformerBlock(cfg, ctx)
         self.out_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
 
-    def forward(self, h_prev: torch.Tensor, next_embed: torch.Tensor) -> torch.Tensor:
+    def forward(self, h_prev: torch.Tensor, next_embed: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         """h_prev, next_embed [B, T, d] → hᵏ [B, T, d] (before the output norm)."""
         x = torch.cat((self.hidden_norm(h_prev), self.embed_norm(next_embed)), dim=-1)  # [B,T,2d]
         x, _ = self.proj(scatter_to_tp_last_dim(x, self.tp_group))  # [B,T,2d/TP] → [B,T,d]
-        return self.block(x)
+        return self.block(x, cache)
 
 
 class DeepSeekMTP(nn.Module):

@@ -1,0 +1,138 @@
+"""Draft proposals from the MTP tail for self-speculative decoding, one class per objective.
+
+State shared with the verifier (`speculative.py`), per sequence b:
+* `tokens[b, :m_b+1]` are final: m_b is the index of the newest token, which the main model has
+  not processed yet; the main model's cache holds positions 0..m_b-1.
+* `trunk[b, i]` / `normed[b, i]`: the main model's last-block output and its final-norm output at
+  position i (true for i < m_b).
+`catch_up(m)` brings the drafter's own caches up to date for positions < m and returns the drafts
+for tokens m+1..m+D ([B, D]) plus, when sampling, the draft distributions ([B, D, V]).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.generation.sampling import SamplingConfig, probabilities, sample
+from model.kv_cache import KVCache
+from model.transformer import MTPLanguageModel
+
+
+def _rows(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """t [B, S, d] gathered at positions [B, W] → [B, W, d]."""
+    return t.gather(1, positions[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def _put_rows(t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+    t.scatter_(1, positions[..., None].expand(-1, -1, t.shape[-1]), rows)
+
+
+class Drafter:
+    def __init__(self, model: MTPLanguageModel, batch: int, max_len: int, sampling: SamplingConfig,
+                 generator: torch.Generator | None):
+        self.model = model
+        self.depth = model.config.mtp.depth
+        self.sampling = sampling
+        self.generator = generator
+        self.max_len = max_len
+        self.device = model.embedding.output_weight.device
+
+    def _pick(self, logits: torch.Tensor):
+        """[B, V] → (tokens [B], probs [B, V] or None)."""
+        if self.sampling.greedy:
+            return logits.argmax(dim=-1), None
+        probs = probabilities(logits.cpu(), self.sampling)
+        return sample(probs, self.generator).to(self.device), probs
+
+    def _window(self, start: torch.Tensor, m: torch.Tensor):
+        """Positions [B, W] from start_b to m_b - 1 (padded to the longest window by repeating
+        past m_b - 1: those rows are computed and ignored) and each sequence's last index."""
+        width = int((m - start).max())
+        offsets = torch.arange(width, device=self.device)
+        positions = (start[:, None] + offsets).clamp(max=self.max_len - 1)  # [B, W]
+        last = m - 1 - start  # [B] index of position m_b - 1 in the window
+        return positions, last, int((start + width).max())
+
+
+class DeepSeekDrafter(Drafter):
+    """Chains the D modules: module k at position i reads hᵏ⁻¹ᵢ and Emb(t_{i+k}). Entries whose
+    t_{i+k} is final are kept; the last k-1 entries of module k used drafts and are redone on the
+    next round (its cache length stops before them: that is the rollback)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        cfg = self.model.config.model
+        mods = self.model.tail.objective.layers
+        dtype = self.model.embedding.output_weight.dtype
+        batch = args[1]
+        self.caches = [KVCache(1, batch, m.block.attn.groups, self.max_len, cfg.head_dim, dtype,
+                               self.device) for m in mods]
+        self.hidden = [torch.zeros(batch, self.max_len, cfg.hidden_size, dtype=dtype,
+                                   device=self.device) for _ in mods]
+        self.valid = [torch.zeros(batch, dtype=torch.long, device=self.device) for _ in mods]
+
+    def catch_up(self, tokens, trunk, normed, m):
+        drafts, probs = [], []
+        prev_hidden = normed  # h⁰: the final-norm output
+        for k, module in enumerate(self.model.tail.objective.layers, start=1):
+            positions, last, attend = self._window(self.valid[k - 1], m)
+            h_in = _rows(prev_hidden, positions)  # [B, W, d]
+            future = tokens.gather(1, (positions + k).clamp(max=tokens.shape[1] - 1))  # t_{i+k}
+            h = module(h_in, self.model.embedding(future),
+                       self.caches[k - 1].layer(0, positions, attend))  # [B, W, d]
+            _put_rows(self.hidden[k - 1], positions, h)
+            h_last = h[torch.arange(h.shape[0], device=self.device), last]  # [B, d]
+            tok, p = self._pick(self.model.embedding.logits(module.out_norm(h_last)))
+            tokens[torch.arange(tokens.shape[0], device=self.device), m + k] = tok
+            drafts.append(tok)
+            probs.append(p)
+            self.valid[k - 1] = (m - k + 1).clamp(min=0)
+            prev_hidden = self.hidden[k - 1]
+        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs[0] is not None else None)
+
+
+class ParallelHeadsDrafter(Drafter):
+    """Meta's heads: head j (a transformer block with its own cache over the trunk outputs) at the
+    last position drafts t_{m+j}; no dependence on drafted tokens, so nothing to roll back."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        cfg = self.model.config.model
+        heads = self.model.tail.objective.heads
+        dtype = self.model.embedding.output_weight.dtype
+        batch = args[1]
+        self.caches = [KVCache(1, batch, h.attn.groups, self.max_len, cfg.head_dim, dtype,
+                               self.device) for h in heads]
+        self.valid = torch.zeros(batch, dtype=torch.long, device=self.device)
+
+    def catch_up(self, tokens, trunk, normed, m):
+        positions, last, attend = self._window(self.valid, m)
+        h_in = _rows(trunk, positions)
+        rows = torch.arange(h_in.shape[0], device=self.device)
+        drafts, probs = [], []
+        for j, head in enumerate(self.model.tail.objective.heads):
+            h = head(h_in, self.caches[j].layer(0, positions, attend))
+            logits = self.model.embedding.logits(self.model.tail.final_norm(h[rows, last]))
+            tok, p = self._pick(logits)
+            drafts.append(tok)
+            probs.append(p)
+        self.valid = m.clone()
+        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs[0] is not None else None)
+
+
+class BlockwiseDrafter(Drafter):
+    """BPD heads: hⱼ = z + FFNⱼ(z) at the last position; stateless."""
+
+    def catch_up(self, tokens, trunk, normed, m):
+        rows = torch.arange(normed.shape[0], device=self.device)
+        z = normed[rows, m - 1]  # [B, d]
+        drafts, probs = [], []
+        for head in self.model.tail.objective.heads:
+            tok, p = self._pick(self.model.embedding.logits(z + head(z)))
+            drafts.append(tok)
+            probs.append(p)
+        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs[0] is not None else None)
+
+
+DRAFTERS = {"deepseek": DeepSeekDrafter, "parallel": ParallelHeadsDrafter,
+            "blockwise": BlockwiseDrafter}

@@ -1,0 +1,65 @@
+"""Generation results and self-speculative decoding statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpeculativeStats:
+    depth: int
+    proposed: list[int] = field(default_factory=list)
+    """Drafts proposed at each depth j = 1..D (one per active sequence and round)."""
+    accepted: list[int] = field(default_factory=list)
+    """Drafts accepted at each depth (a draft counts only if all before it were accepted)."""
+    main_forwards: int = 0
+    """Verification forwards of the main model (prefill not counted)."""
+    tokens: int = 0
+    """Tokens produced by those forwards (accepted drafts + the main model's own token)."""
+
+    def __post_init__(self):
+        self.proposed = self.proposed or [0] * self.depth
+        self.accepted = self.accepted or [0] * self.depth
+
+    def acceptance_rate(self) -> list[float]:
+        """P(draft j accepted), over all rounds (the first entry is DeepSeek's 'second token')."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
+
+    def conditional_acceptance(self) -> list[float]:
+        """P(draft j accepted | drafts 1..j-1 accepted)."""
+        out, prev = [], None
+        for j, a in enumerate(self.accepted):
+            base = self.proposed[j] if j == 0 else prev
+            out.append(a / base if base else 0.0)
+            prev = a
+        return out
+
+    def mean_tokens_per_forward(self) -> float:
+        return self.tokens / self.main_forwards if self.main_forwards else 0.0
+
+    def to_dict(self) -> dict:
+        return {"depth": self.depth, "proposed": self.proposed, "accepted": self.accepted,
+                "acceptance_rate": self.acceptance_rate(),
+                "conditional_acceptance": self.conditional_acceptance(),
+                "main_forwards": self.main_forwards, "tokens": self.tokens,
+                "mean_tokens_per_forward": self.mean_tokens_per_forward()}
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]
+    """Generated tokens per prompt (prompt excluded), cut after EOS or at max_new_tokens."""
+    seconds: float
+    stats: SpeculativeStats | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    def to_dict(self) -> dict:
+        out = {"num_sequences": len(self.tokens), "num_tokens": self.num_tokens,
+               "seconds": self.seconds,
+               "tokens_per_second": self.num_tokens / self.seconds if self.seconds else 0.0}
+        if self.stats is not None:
+            out["speculative"] = self.stats.to_dict()
+        return out

@@ -1,0 +1,61 @@
+"""Load a model for inference from an export directory (HF Llama main model + MTP tail) or from a
+training checkpoint / run directory, on one device (TP = 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import MTPLanguageModel, accelerator, single_process_context
+from model.sharding import load_full_state_dict
+
+
+@dataclass
+class LoadedModel:
+    model: MTPLanguageModel
+    tokenizer_path: Path | None
+    eos_id: int | None
+    pad_id: int
+    source: str
+
+
+def load_for_inference(path: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from model.hf_export import load_exported_model
+
+        dcfg, full = load_exported_model(path)
+        tokenizer = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
+        specials = _specials_from_tokenizer_config(path)
+        source = f"export {path}"
+    else:
+        from data_pipeline import load_manifest
+        from pretrain.checkpoint import resolve_checkpoint
+        from pretrain.checkpoint_export import full_state_dict_from_checkpoint
+
+        ref = resolve_checkpoint(path)
+        cfg, full = full_state_dict_from_checkpoint(ref)
+        dcfg = cfg.decoder
+        tokenizer, specials = None, {}
+        try:
+            manifest = load_manifest(ref.marker()["manifest"], check_files=False)
+            tokenizer, specials = manifest.tokenizer_path, manifest.special_ids
+        except (OSError, ValueError):
+            pass
+        source = f"checkpoint {ref.path}"
+    ctx = single_process_context()
+    model = MTPLanguageModel(dcfg, ctx)
+    load_full_state_dict(model, full, ctx.tp_group)
+    device = accelerator.current_device()
+    model = model.to(device=device, dtype=dtype or accelerator.default_dtype()).eval()
+    return LoadedModel(model, tokenizer, specials.get("eos"), specials.get("pad", 0), source)
+
+
+def _specials_from_tokenizer_config(path: Path) -> dict:
+    import json
+
+    meta = path / "config.json"
+    cfg = json.loads(meta.read_text())
+    return {k: cfg[f"{k}_token_id"] for k in ("eos", "pad", "bos") if cfg.get(f"{k}_token_id") is not None}
