@@ -1,0 +1,108 @@
+"""Plain greedy vs self-speculative greedy decoding: tokens/s at batch 1 and 8 on held-out
+prompts, with acceptance statistics and a check that both produce the same tokens.
+
+    python benchmarks/bench_generation.py EXPORT_OR_RUN --data DATA [--json out.json]
+
+Warm-up runs are excluded; every timed run ends with the tokens on the host (a device sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="export directory (with the MTP tail) or run/checkpoint directory")
+    p.add_argument("--data", required=True, help="dataset directory: prompts come from its val split")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from data_pipeline import ShardLoader
+    from model import accelerator
+    from model.generation import generate, generate_speculative
+    from pretrain.inference_loading import load_for_inference
+
+    loaded = load_for_inference(args.model)
+    model = loaded.model
+    loader = ShardLoader(args.data, "val", dp_rank=0, dp_size=1, num_workers=0, batch_size=8,
+                         seed=0, depth=0, mask_cross_document=False, infinite=False, shuffle=False)
+    prompts: list[list[int]] = []
+    for batch in loader:
+        prompts += [row[: args.prompt_len].tolist() for row in batch["input_ids"]]
+        if len(prompts) >= args.prompts:
+            break
+    prompts = prompts[: args.prompts]
+
+    def timed(fn, batch_size):
+        outs, stats, seconds = [], [], 0.0
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            accelerator.synchronize()
+            t0 = time.perf_counter()
+            r = fn(model, chunk, args.new_tokens)
+            seconds += time.perf_counter() - t0
+            outs += r.tokens
+            if r.stats is not None:
+                stats.append(r.stats)
+        tokens = sum(len(t) for t in outs)
+        return outs, stats, tokens / seconds
+
+    rows = []
+    for bs in (int(x) for x in args.batch_sizes.split(",")):
+        generate(model, prompts[:bs], 8)  # warm-up (allocator, kernels)
+        generate_speculative(model, prompts[:bs], 8)
+        plain_out, _, plain_tps = timed(generate, bs)
+        spec_out, stats, spec_tps = timed(generate_speculative, bs)
+        depth = model.config.mtp.depth
+        proposed = [sum(s.proposed[j] for s in stats) for j in range(depth)]
+        accepted = [sum(s.accepted[j] for s in stats) for j in range(depth)]
+        forwards = sum(s.main_forwards for s in stats)
+        produced = sum(s.tokens for s in stats)
+        same = sum(a == b for a, b in zip(plain_out, spec_out))
+        rows.append(dict(batch=bs, plain_tokens_per_s=plain_tps, speculative_tokens_per_s=spec_tps,
+                         speedup=spec_tps / plain_tps,
+                         acceptance_by_depth=[a / p for a, p in zip(accepted, proposed)],
+                         mean_tokens_per_forward=produced / forwards,
+                         identical_sequences=f"{same}/{len(prompts)}"))
+        print(json.dumps(rows[-1]), flush=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    result = dict(device=accelerator.device_name(), dtype=str(model.embedding.output_weight.dtype),
+                  model=loaded.source, mtp=dict(kind=model.config.mtp.kind, depth=model.config.mtp.depth),
+                  prompts=len(prompts), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit or os.environ.get("COMMIT", ""),
+                  rows=rows)
+    print("| batch | plain tok/s | speculative tok/s | speedup | acceptance by depth | tokens/forward | identical |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['plain_tokens_per_s']:.0f} | {r['speculative_tokens_per_s']:.0f} | "
+              f"{r['speedup']:.2f}× | {' '.join(f'{a:.2f}' for a in r['acceptance_by_depth'])} | "
+              f"{r['mean_tokens_per_forward']:.2f} | {r['identical_sequences']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
