@@ -27,6 +27,8 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="weights and compute dtype (auto: bf16 on GPUs)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
 
@@ -40,7 +42,8 @@ def main() -> int:
     from model.generation import generate, generate_speculative
     from pretrain.inference_loading import load_for_inference
 
-    loaded = load_for_inference(args.model)
+    loaded = load_for_inference(args.model, {"auto": None, "fp32": torch.float32,
+                                             "bf16": torch.bfloat16}[args.dtype])
     model = loaded.model
     loader = ShardLoader(args.data, "val", dp_rank=0, dp_size=1, num_workers=0, batch_size=8,
                          seed=0, depth=0, mask_cross_document=False, infinite=False, shuffle=False)
