@@ -1,6 +1,7 @@
 """Every parallel layout trains like the single-process run, and resumes bit for bit.
 
-For DP2 (ZeRO 1, 2, 3), TP2, PP2 and TP2×PP2 (world 4), and every MTP objective:
+For DP2 (ZeRO 1, 2, 3), TP2, PP2 and TP2×PP2 (world 4), and every MTP objective, plus
+TP2×PP2×DP2 (world 8) with DeepSeek MTP:
 * the first 6 steps' losses (total and per depth), gradient norms, lr and λ equal those of a
   single-process run fed the same global batches (tolerance: fp32 reduction order only);
 * a run resumed from the step-3 checkpoint logs exactly (bitwise) the losses of the
@@ -32,6 +33,8 @@ LAYOUTS = [
     ("tp2", 2, 1, {"parallel": {"tp": 2}}, KINDS),
     ("pp2", 2, 1, {"parallel": {"pp": 2}}, KINDS),
     ("tp2-pp2", 4, 1, {"parallel": {"tp": 2, "pp": 2}}, KINDS),
+    # The 3-D layout of the 8-GPU run, on CPU: TP2 × PP2 × DP2 with ZeRO-1.
+    ("tp2-pp2-dp2", 8, 2, {"parallel": {"tp": 2, "pp": 2}}, ("deepseek",)),
 ]
 
 
