@@ -180,13 +180,16 @@ class ShardLoader:
             new pass.
         shuffle: shuffle shards and samples (default True; False reads in stored order).
         shuffle_buffer: samples per shuffle block (also the most samples a worker buffers).
+        verify_checksums: check the split's shard sha256s against the manifest up front (reads
+            every shard once); mismatches raise ShardError, or are skipped with skip_corrupt.
     """
 
     def __init__(self, manifest_path: str | os.PathLike, split: str, *, dp_rank: int, dp_size: int,
                  num_workers: int, batch_size: int, seed: int, depth: int,
                  mask_cross_document: bool = False, skip_corrupt: bool = False,
                  infinite: bool | None = None, shuffle: bool = True, shuffle_buffer: int = 8192,
-                 pin_memory: bool = False, prefetch_factor: int = 4):
+                 pin_memory: bool = False, prefetch_factor: int = 4,
+                 verify_checksums: bool = False):
         for name, value, low in (("dp_size", dp_size, 1), ("dp_rank", dp_rank, 0),
                                  ("num_workers", num_workers, 0), ("batch_size", batch_size, 1),
                                  ("seed", seed, 0), ("depth", depth, 0),
@@ -205,7 +208,7 @@ class ShardLoader:
         self.split = split
         shards = m.shards(split)
         self.corrupt_shards: dict[str, str] = {}
-        for err in m.check_shard_sizes(split):
+        for err in m.verify(split) if verify_checksums else m.check_shard_sizes(split):
             if not skip_corrupt:
                 raise err
             self.corrupt_shards[err.shard] = err.problem

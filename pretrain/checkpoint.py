@@ -32,6 +32,11 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class CheckpointSaveError(CheckpointError):
+    """A save failed on some rank (disk full, write error): raised on every rank alike, after the
+    partial directory was left unmarked (and removed with `remove_partial`)."""
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -57,7 +62,11 @@ class CheckpointRef:
         return self.root / self.tag
 
     def marker(self) -> dict:
-        return json.loads((self.path / COMPLETE).read_text())
+        try:
+            return json.loads((self.path / COMPLETE).read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{self.path / COMPLETE} is unreadable ({err}); use another "
+                                  "checkpoint") from None
 
 
 def complete_checkpoints(root: Path) -> list[CheckpointRef]:
@@ -125,9 +134,41 @@ def parameters_finite(module: torch.nn.Module) -> bool:
     return bad.item() == 0
 
 
+def _guard_writes(engine, errors: list[str]):
+    """Make DeepSpeed's file writes record their failure instead of raising, so that a rank whose
+    write fails still walks through DeepSpeed's remaining collectives with its peers (an exception
+    in the middle of `engine.save_checkpoint` would leave them waiting in its final barrier).
+    Returns the undo function."""
+    ce = engine.checkpoint_engine
+    real = ce.save
+
+    def save(state_dict, path, *args, **kwargs):
+        if errors:
+            return None  # one failure decides; do not keep writing to a full disk
+        try:
+            return real(state_dict, path, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - torch.save reports ENOSPC as RuntimeError
+            errors.append(f"{path}: {type(err).__name__}: {err}")
+            return None
+
+    ce.save = save
+    return lambda: ce.__dict__.pop("save", None)
+
+
+def _any_rank(failed: bool) -> bool:
+    """Collective (also the barrier between the save's phases): did any rank fail?"""
+    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.current_device())
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
 def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_state: dict,
-                    marker: dict, keep_last: int) -> CheckpointRef:
-    """Collective: every rank calls it. Refuses to save non-finite weights."""
+                    marker: dict, keep_last: int, remove_partial: bool = False) -> CheckpointRef:
+    """Collective: every rank calls it. Refuses to save non-finite weights.
+
+    A write error on any rank (disk full, I/O error) raises CheckpointSaveError on every rank:
+    the step's directory gets no marker (so resume keeps using the previous checkpoint and
+    `latest` keeps naming it), and with `remove_partial` rank 0 deletes it."""
     if not parameters_finite(engine.module):
         raise CheckpointError(
             f"refusing to save step {step}: the weights hold non-finite values; the previous "
@@ -135,22 +176,54 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_sta
     tag = tag_for(step)
     rank = dist.get_rank()
     path = root / tag
+    errors: list[str] = []
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        # A marker left from an earlier life of this step would make a partial rewrite look whole.
-        (path / COMPLETE).unlink(missing_ok=True)
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"trainer": trainer_state},
-                           save_latest=False)
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save({"rng": rng_states(), **rank_state}, path / f"trainer_rank{rank:05d}.pt")
-    dist.barrier()
-    if rank == 0:
-        _atomic_write(path / COMPLETE, json.dumps(
-            {"format": FORMAT_VERSION, "step": step, "time": time.time(), **marker}, indent=1))
-        _atomic_write(root / "latest", tag)
-        _prune(root, keep_last)
-    dist.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            # A marker left from an earlier life of this step would make a partial rewrite look whole.
+            (path / COMPLETE).unlink(missing_ok=True)
+        except OSError as err:
+            errors.append(f"{path}: {err}")
+    if not _any_rank(bool(errors)):
+        undo = _guard_writes(engine, errors)
+        try:
+            engine.save_checkpoint(str(root), tag=tag, client_state={"trainer": trainer_state},
+                                   save_latest=False)
+        finally:
+            undo()
+        if not errors:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                torch.save({"rng": rng_states(), **rank_state}, path / f"trainer_rank{rank:05d}.pt")
+            except Exception as err:  # noqa: BLE001 - see _guard_writes
+                errors.append(f"{path / f'trainer_rank{rank:05d}.pt'}: {type(err).__name__}: {err}")
+    if not _any_rank(bool(errors)) and rank == 0:
+        try:
+            _atomic_write(path / COMPLETE, json.dumps(
+                {"format": FORMAT_VERSION, "step": step, "time": time.time(), **marker}, indent=1))
+            _atomic_write(root / "latest", tag)
+        except OSError as err:
+            errors.append(f"{path / COMPLETE}: {err}")
+            (path / COMPLETE).unlink(missing_ok=True)  # complete means every write succeeded
+        else:
+            _prune(root, keep_last)
+    if _any_rank(bool(errors)):
+        if rank == 0 and remove_partial:
+            shutil.rmtree(path, ignore_errors=True)
+        if remove_partial:
+            dist.barrier()  # the directory is gone before any rank goes on
+        previous = [r.step for r in complete_checkpoints(root) if r.step != step]
+        try:  # torch.save reports a full disk as "unexpected pos N vs M": say how full it is
+            free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointSaveError(
+            f"could not write checkpoint step {step} ({'; '.join(errors) or 'on another rank'}; "
+            f"{free} under {root}); "
+            f"the partial directory {path} was {'removed' if remove_partial else 'left unmarked'}, "
+            f"and the newest complete checkpoint is "
+            f"{f'step {previous[-1]}' if previous else 'none'}. Free space under {root} "
+            "(or move run_dir) and resume with --resume auto")
     return CheckpointRef(root, tag, step)
 
 
@@ -158,6 +231,9 @@ def _prune(root: Path, keep_last: int) -> None:
     refs = complete_checkpoints(root)
     newest = refs[-1].step
     for ref in refs[:-keep_last]:
+        # Unmark first: a crash half-way through the rmtree must not leave a gutted directory
+        # that still counts as complete.
+        (ref.path / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(ref.path, ignore_errors=True)
     for p in root.iterdir():  # incomplete leftovers of crashed saves
         step = _step_of(p)

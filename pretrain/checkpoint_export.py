@@ -31,7 +31,11 @@ def _meta_params(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - truncated zip, pickle garbage, I/O error
+        raise CheckpointError(f"{path} is unreadable ({type(err).__name__}: {err}); the "
+                              "checkpoint is damaged: export an earlier one") from None
 
 
 def _zero3_rank_state(ref: CheckpointRef, tp_rank: int) -> dict[str, torch.Tensor]:

@@ -51,6 +51,10 @@ class DataConfig:
     """Do not train MTP depths on targets that lie in a later document than the input token."""
     skip_corrupt: bool = False
     """Skip (and count) corrupt shards instead of stopping with an error that names them."""
+    verify_checksums: bool = True
+    """Check every training shard's sha256 against the manifest at start-up (reads the split
+    once per data-reading rank); a mismatch is an error naming the shard, or a counted skip with
+    skip_corrupt. Without it a shard altered in place (same size, readable) trains silently."""
     shuffle_buffer: int = 8192
     """Samples shuffled together within the seeded epoch order."""
 
@@ -108,6 +112,10 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted after a newer one completes."""
     save_at_exit: bool = True
     """Save when training ends or is interrupted (SIGTERM/SIGUSR1 checkpoint and exit)."""
+    on_save_error: Literal["stop", "continue"] = "stop"
+    """A save that fails (disk full, write error): 'stop' the run (exit 4), or 'continue'
+    training after logging the error and removing the partial directory. Either way the previous
+    complete checkpoint stays the one that resume picks."""
 
 
 @dataclass

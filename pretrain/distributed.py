@@ -72,8 +72,16 @@ def init_distributed(launch: LaunchEnv, timeout_s: int) -> None:
 
         name = get_accelerator().create_op_builder("ShareMemCommBuilder").NAME
         deepspeed.ops.__compatible_ops__[name] = False
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # The timeout given here only covers the world group. The groups that DeepSpeed creates later
+    # (dist.new_group without a timeout) take torch's module default (30 min), so a hung peer
+    # would stall the survivors in a gradient all-reduce for half an hour: make ours the default.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
 
 
 @dataclass
@@ -104,11 +112,13 @@ def _ranks_of(group: dist.ProcessGroup) -> list[int]:
     return sorted(dist.get_process_group_ranks(group))
 
 
-def build_topology(layout: Layout) -> Topology:
-    """Create megatron-core's groups and DeepSpeed's topology and assert they agree."""
+def build_topology(layout: Layout, timeout_s: float | None = None) -> Topology:
+    """Create megatron-core's groups and DeepSpeed's topology and assert they agree. `timeout_s`:
+    the collective timeout of megatron's groups (its own default is 30 minutes)."""
     parallel_state.destroy_model_parallel()
+    extra = {} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp)
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp, **extra)
     topo = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     rank = dist.get_rank()
     tp_group = parallel_state.get_tensor_model_parallel_group()

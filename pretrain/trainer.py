@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import logger as ds_logger
 
-from data_pipeline import ShardLoader, load_manifest
+from data_pipeline import ShardError, ShardLoader, load_manifest
 from model import ParallelContext, accelerator
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError, RunConfig, validate_layout
@@ -29,6 +30,9 @@ from pretrain.step_metrics import StepStats, gather_to_rank0
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+EXIT_SAVE_FAILED = 4  # the final checkpoint could not be written (checkpoint.on_save_error=continue)
 
 
 @dataclass
@@ -83,7 +87,7 @@ class Trainer:
         ds_logger.setLevel(logging.WARNING)
         self.rank = dist.get_rank()
         self.layout = validate_layout(cfg, dist.get_world_size())
-        self.topo = build_topology(self.layout)
+        self.topo = build_topology(self.layout, cfg.train.collective_timeout_s)
         self.device = accelerator.current_device()
         on_gpu = not accelerator.is_cpu()
         precision = cfg.train.precision
@@ -94,7 +98,13 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.logger = MetricsLogger(self.run_dir, active=self.rank == 0)
 
-        self.manifest = load_manifest(cfg.data.path)
+        try:
+            # With skip_corrupt the loader checks (and skips, counting) the shards itself.
+            self.manifest = load_manifest(cfg.data.path, check_files=not cfg.data.skip_corrupt)
+        except ShardError:
+            raise
+        except ValueError as err:  # no/unreadable manifest, tokenizer replaced after the build
+            raise ConfigError(f"data.path = {cfg.data.path!r}: {err}") from None
         self._check_data(self.manifest)
         self.seq_len = self.manifest.seq_len
         self.tokens_per_step = cfg.train.global_batch_size * self.seq_len
@@ -127,13 +137,17 @@ class Trainer:
             num_workers=cfg.data.num_workers, batch_size=cfg.train.micro_batch_size,
             seed=cfg.train.seed, depth=depth, mask_cross_document=cfg.data.mask_cross_document,
             skip_corrupt=cfg.data.skip_corrupt, shuffle_buffer=cfg.data.shuffle_buffer,
-            pin_memory=on_gpu) if needs_data and train_loader is None else train_loader
+            pin_memory=on_gpu, verify_checksums=cfg.data.verify_checksums,
+        ) if needs_data and train_loader is None else train_loader
+        self._reported_corrupt: set[str] = set()
+        self._report_skipped_data()
         self.has_val = self.manifest.num_samples("val") > 0 and cfg.train.eval_interval > 0
 
         self.step = 0
         self.consumed_tokens = 0
         self.skipped_total = 0
         self.skipped_in_a_row = 0
+        self.save_failures = 0
         self.preempt = preempt if preempt is not None else PreemptionFlag().install()
         self._maybe_resume()  # an incompatible checkpoint is refused before any work
         n_params = sum(p.numel() for p in module.parameters())
@@ -181,12 +195,33 @@ class Trainer:
                 "skipped_steps": self.skipped_total, "mtp_weight": self.lam.state_dict(),
                 "config": self.cfg.to_dict()}
 
-    def save(self) -> ckpt.CheckpointRef:
+    def save(self) -> ckpt.CheckpointRef | None:
+        """None when the save failed and checkpoint.on_save_error = 'continue'."""
         rank_state = {"loader": self.train_loader.state_dict() if self.train_loader else None}
-        ref = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, self._trainer_state(),
-                                   rank_state, self._marker(), self.cfg.checkpoint.keep_last)
+        keep_going = self.cfg.checkpoint.on_save_error == "continue"
+        try:
+            ref = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step,
+                                       self._trainer_state(), rank_state, self._marker(),
+                                       self.cfg.checkpoint.keep_last, remove_partial=keep_going)
+        except ckpt.CheckpointSaveError as err:
+            if not keep_going:
+                raise
+            self.save_failures += 1
+            self.logger.print(f"ERROR: checkpoint save failed at step {self.step} ({err}); "
+                              "training continues (checkpoint.on_save_error = 'continue')")
+            return None
         self.logger.print(f"saved checkpoint {ref.path}")
         return ref
+
+    def _report_skipped_data(self) -> None:
+        """Shards skipped with data.skip_corrupt are reported by every rank that skips them."""
+        loader = self.train_loader
+        new = sorted(set(getattr(loader, "corrupt_shards", {})) - self._reported_corrupt)
+        for name in new:
+            print(f"mtp train: warning: rank {self.rank}: skipping corrupt shard {name} "
+                  f"({loader.corrupt_shards[name]}); {loader.num_skipped_samples} samples skipped "
+                  "so far (data.skip_corrupt = true)", file=sys.stderr, flush=True)
+        self._reported_corrupt.update(new)
 
     def _maybe_resume(self) -> None:
         if self.resume is None:
@@ -299,6 +334,7 @@ class Trainer:
             steps_since += 1
             self.consumed_tokens += self.tokens_per_step
             self._handle_nonfinite(stats)
+            self._report_skipped_data()
 
             if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
                 metrics = gather_to_rank0(stats, self.topo, cfg.mtp.depth)
@@ -331,15 +367,15 @@ class Trainer:
 
             if self._preemption_requested():
                 self.logger.print(f"signal received: checkpointing at step {self.step} and exiting")
-                self.save()
+                self.save()  # if it fails (on_save_error=continue), the resume starts earlier
                 exit_code = EXIT_PREEMPTED
                 break
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 \
                     and self.step < cfg.train.steps:
                 self.save()
         else:
-            if cfg.checkpoint.save_at_exit:
-                self.save()
+            if cfg.checkpoint.save_at_exit and self.save() is None:
+                exit_code = EXIT_SAVE_FAILED  # trained to the end, but the result is not saved
         self.logger.close()
         return TrainResult(self.step, exit_code, logged)
 

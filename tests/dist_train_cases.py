@@ -122,7 +122,7 @@ def behaviours(rank, world, data, tmp):
     try:
         tr.train()
         out["crash_error"] = None
-    except OSError as err:
+    except ckpt.CheckpointSaveError as err:  # names the failed write, on every rank alike
         out["crash_error"] = str(err)
     finally:
         torch.save = real_save

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train_fixtures import loss_scalars as _loss_scalars
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,28 +135,6 @@ def _wait_for_text(env, job_id: str, log_dir: Path, pattern: str, timeout: float
         time.sleep(0.1)
     subprocess.run(["scancel", job_id], env=env, capture_output=True)
     pytest.fail(f"job {job_id}: no /{pattern}/ in its log; log:\n{_log(log_dir, job_id)[-4000:]}")
-
-
-def _loss_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    """tag -> step -> value for the loss/* scalars of every event file in RUN_DIR/tensorboard;
-    where a step was logged more than once (by an earlier life of the job) the last write wins."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events: dict[str, list] = {}
-    files = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert files, f"no TensorBoard event files in {run_dir / 'tensorboard'}"
-    for path in files:
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            if tag.startswith("loss/"):
-                events.setdefault(tag, []).extend(acc.Scalars(tag))
-    out = {}
-    for tag, evs in events.items():
-        out[tag] = {}
-        for ev in sorted(evs, key=lambda e: e.wall_time):
-            out[tag][ev.step] = ev.value
-    return out
 
 
 # ---------------------------------------------------------------------------------- tests

@@ -65,3 +65,25 @@ class MergedLoader:
 
     def state_dict(self):
         return {"per_rank": [loader.state_dict() for loader in self.loaders]}
+
+
+def loss_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """tag -> step -> value for the loss/* scalars of every event file in RUN_DIR/tensorboard;
+    where a step was logged more than once (by an earlier life of the job) the last write wins."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events: dict[str, list] = {}
+    files = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard event files in {run_dir / 'tensorboard'}"
+    for path in files:
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            if tag.startswith("loss/"):
+                events.setdefault(tag, []).extend(acc.Scalars(tag))
+    out = {}
+    for tag, evs in events.items():
+        out[tag] = {}
+        for ev in sorted(evs, key=lambda e: e.wall_time):
+            out[tag][ev.step] = ev.value
+    return out

@@ -16,8 +16,27 @@ examples:
       parallel.pp=2 --resume auto
 
 exit codes: 0 done; 2 bad config or input (nothing was trained); 3 non-finite loss with
-train.nonfinite=stop; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue and
-resume with --resume auto)."""
+train.nonfinite=stop; 4 a checkpoint could not be written (disk full, write error; the previous
+complete checkpoint is kept); 5 a peer process died or a collective timed out
+(train.collective_timeout_s); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue
+and resume with --resume auto). Under torchrun, whose exit code is 1 whenever a worker fails,
+read the workers' codes in its failure report."""
+
+EXIT_SAVE_FAILED = 4  # also pretrain.trainer.EXIT_SAVE_FAILED (final save failed, on_save_error=continue)
+EXIT_PEER_LOST = 5
+
+# What gloo / NCCL / c10d say when a peer is gone or a collective timed out.
+_COLLECTIVE_FAILURE = ("gloo", "nccl", "connection reset by peer", "connection closed by peer",
+                       "timed out", "timeout", "broken pipe", "socket")
+
+
+def _collective_failure(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(k in text for k in _COLLECTIVE_FAILURE)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     # First thing: a SLURM signal during the (long) start-up must not kill the job.
     preempt = PreemptionFlag().install()
     from data_pipeline import ShardError
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.checkpoint import CheckpointError, CheckpointSaveError
     from pretrain.config import ConfigError, load_config
 
     try:
@@ -58,9 +77,13 @@ def run(args: argparse.Namespace) -> int:
 
     from pretrain.trainer import NonFiniteError, Trainer
 
+    trainer = None
     try:
         trainer = Trainer(cfg, resume=args.resume, preempt=preempt)
         return trainer.train().exit_code
+    except CheckpointSaveError as err:
+        print(f"mtp train: checkpoint save failed: {err}", file=sys.stderr)
+        return EXIT_SAVE_FAILED
     except (ConfigError, CheckpointError) as err:
         print(f"mtp train: error: {err}", file=sys.stderr)
         return 2
@@ -70,3 +93,18 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteError as err:
         print(f"mtp train: {err}", file=sys.stderr)
         return 3
+    except RuntimeError as err:
+        if not _collective_failure(err):
+            raise
+        import os
+
+        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+        step = f" after step {trainer.step}" if trainer is not None else " during start-up"
+        detail = str(err).split(". This is typically")[0].strip()
+        print(f"mtp train: rank {rank} of {world}: lost a peer{step}: a collective failed "
+              f"({type(err).__name__}: {detail}). Another rank died (see its log, or the "
+              f"launcher's report of which one exited first) or hung for longer than "
+              f"train.collective_timeout_s = {cfg.train.collective_timeout_s} s. Nothing after "
+              "the newest complete checkpoint is kept: restart the job with --resume auto.",
+              file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
