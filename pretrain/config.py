@@ -98,6 +98,12 @@ class TrainConfig:
     """Steps between validation passes (0 disables)."""
     eval_batches: int = 10
     """Micro-batches per validation pass (per data-parallel rank)."""
+    eval_acceptance_prompts: int = 0
+    """With validation: also decode this many held-out prompts per data-parallel rank with greedy
+    self-speculative decoding and log the real draft acceptance per depth (0: off; PP = 1 and
+    ZeRO ≤ 2 only, where every rank holds the whole, unpartitioned model)."""
+    eval_acceptance_tokens: int = 32
+    """New tokens decoded per acceptance prompt."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one device for MFU; 0 = known cards (H100/H200/A100) by name."""
     collective_timeout_s: int = 600
@@ -169,7 +175,22 @@ def validate(cfg: RunConfig) -> None:
             "(embedding, blocks, tail); use fewer stages")
     for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
         _positive(f"train.{name}", getattr(t, name))
-    for name in ("eval_interval", "eval_batches", "max_skipped_steps"):
+    if t.eval_acceptance_prompts:
+        if cfg.mtp.kind == "none":
+            raise ConfigError("train.eval_acceptance_prompts needs an MTP objective (mtp.kind is "
+                              "'none'); set it to 0")
+        if p.pp > 1 or p.zero_stage == 3:
+            raise ConfigError(
+                "train.eval_acceptance_prompts works with parallel.pp = 1 and zero_stage <= 2 "
+                "(decoding needs the whole, unpartitioned model on each rank); set it to 0 and "
+                "run `mtp eval` on a checkpoint instead")
+        room = cfg.model.max_seq_len - t.eval_acceptance_tokens - 2 * cfg.mtp.depth - 2
+        if room < 1:
+            raise ConfigError(
+                f"train.eval_acceptance_tokens = {t.eval_acceptance_tokens} leaves no room for a "
+                f"prompt within model.max_seq_len = {cfg.model.max_seq_len}; lower it")
+    for name in ("eval_interval", "eval_batches", "max_skipped_steps", "eval_acceptance_prompts",
+                 "eval_acceptance_tokens"):
         _positive(f"train.{name}", getattr(t, name), allow_zero=True)
     _positive("train.collective_timeout_s", t.collective_timeout_s)
     _positive("optim.lr", o.lr)

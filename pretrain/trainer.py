@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import deepspeed
@@ -18,6 +18,7 @@ from deepspeed.utils import logger as ds_logger
 from data_pipeline import ShardError, ShardLoader, load_manifest
 from model import ParallelContext, accelerator
 from pretrain import checkpoint as ckpt
+from pretrain.acceptance_eval import acceptance_metrics
 from pretrain.config import ConfigError, RunConfig, validate_layout
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.distributed import MegatronMPU, build_topology, detect_launch_env, init_distributed
@@ -40,6 +41,7 @@ class TrainResult:
     step: int
     exit_code: int
     losses: list[dict]  # per logged step: the gathered metrics (rank 0; empty elsewhere)
+    validation: list[dict] = field(default_factory=list)  # per validation pass (rank 0)
 
 
 def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -307,9 +309,21 @@ class Trainer:
             for _ in range(rounds):
                 self.engine.eval_batch(it)
             outputs = list(self.tail_loss.outputs)
-        self.engine.train()
         stats = StepStats(outputs=outputs, lr=0.0, mtp_weight=lam, applied=True)
-        return gather_to_rank0(stats, self.topo, self.cfg.mtp.depth, prefix="val/")
+        metrics = gather_to_rank0(stats, self.topo, self.cfg.mtp.depth, prefix="val/")
+        t = self.cfg.train
+        if t.eval_acceptance_prompts:
+            prompt_len = min(64, self.cfg.model.max_seq_len - t.eval_acceptance_tokens
+                             - 2 * self.cfg.mtp.depth - 2)
+            val = ShardLoader(
+                self.cfg.data.path, "val", dp_rank=self.topo.dp_rank, dp_size=self.layout.dp,
+                num_workers=0, batch_size=self.cfg.train.micro_batch_size, seed=t.seed,
+                depth=0, mask_cross_document=False, infinite=False)
+            metrics.update(acceptance_metrics(self.engine.module, val, t.eval_acceptance_prompts,
+                                              prompt_len, t.eval_acceptance_tokens,
+                                              self.topo.dp_group))
+        self.engine.train()
+        return metrics
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
@@ -320,6 +334,7 @@ class Trainer:
             it = iter(self.train_loader)
             train_iter = self._pipe_iter(it) if self.tail_loss is not None else it
         logged: list[dict] = []
+        validation: list[dict] = []
         exit_code = 0
         t_last, steps_since = time.perf_counter(), 0
         accelerator.reset_peak_memory()
@@ -362,7 +377,9 @@ class Trainer:
                 if self.rank == 0:
                     self.logger.scalars(self.step, val)
                     self.logger.print("validation: " + ", ".join(
-                        f"{k[4:]} {v:.4f}" for k, v in val.items() if k.startswith("val/loss")))
+                        f"{k[4:]} {v:.4f}" for k, v in val.items()
+                        if k.startswith(("val/loss", "val/acceptance"))))
+                    validation.append({"step": self.step, **val})
                 t_last = time.perf_counter()
 
             if self._preemption_requested():
@@ -377,7 +394,7 @@ class Trainer:
             if cfg.checkpoint.save_at_exit and self.save() is None:
                 exit_code = EXIT_SAVE_FAILED  # trained to the end, but the result is not saved
         self.logger.close()
-        return TrainResult(self.step, exit_code, logged)
+        return TrainResult(self.step, exit_code, logged, validation)
 
     def _preemption_requested(self) -> bool:
         flag = torch.tensor([float(self.preempt.raised)], device=self.device)

@@ -180,3 +180,15 @@ def shipped_configs(rank, world, data, tmp, names):
                      "events": sorted(p.name[:20] for p in (run_dir / "tensorboard").iterdir()),
                      "config_written": (run_dir / "config.yaml").is_file()}
     return out
+
+
+def acceptance_in_validation(rank, world, data, tmp):
+    """World 2 (DP2): validation includes real draft acceptance, summed over DP ranks."""
+    from pretrain.config import config_from_dict
+    from pretrain.trainer import Trainer
+    from tests.train_fixtures import tiny_run
+
+    cfg = config_from_dict(tiny_run(Path(data), Path(tmp) / "acc", train={
+        "eval_interval": 3, "eval_batches": 2, "eval_acceptance_prompts": 3,
+        "eval_acceptance_tokens": 6}))
+    return Trainer(cfg).train().validation

@@ -58,3 +58,14 @@ def test_mtp_weight_schedule_follows_tokens_and_is_saved(outcome):
     assert outcome["lambda_saved"] == {"values": [0.5, 0.2], "boundaries_tokens": [192]}
     assert outcome["consumed_saved"] == 6 * 4 * 16
     assert not math.isnan(outcome["lambda"][0])
+
+
+def test_validation_reports_real_draft_acceptance(tmp_path):
+    data = build_tiny_dataset(tmp_path)
+    val = run_world(cases.acceptance_in_validation, 2, str(data), str(tmp_path), timeout_s=300)[0]
+    assert [v["step"] for v in val] == [3, 6]
+    for v in val:
+        for key in ("val/acceptance/depth_1", "val/acceptance/depth_2"):
+            assert 0.0 <= v[key] <= 1.0
+        assert 1.0 <= v["val/acceptance/tokens_per_forward"] <= 3.0
+        assert "val/loss/depth_2" in v
