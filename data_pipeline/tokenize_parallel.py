@@ -59,8 +59,10 @@ def encode_documents(refs: list[DocRef], model_bytes: bytes, jsonl_field: str, d
         results = map(_encode_chunk, chunks)
         yield from _flatten(chunks, results)
         return
-    # fork: workers inherit nothing large (refs travel per task), and start in milliseconds.
-    ctx = mp.get_context("fork")
+    # forkserver, not fork: the caller may have threads (tqdm's monitor, torch's pools, a
+    # process group) holding locks at fork time, and a forked worker then deadlocks on them
+    # (seen in CI). The server process is started once per caller and forks clean workers.
+    ctx = mp.get_context("forkserver")
     with ctx.Pool(num_workers, initializer=_init_worker, initargs=init) as pool:
         yield from _flatten(chunks, pool.imap(_encode_chunk, chunks))
 
