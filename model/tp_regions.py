@@ -1,6 +1,6 @@
 """Tensor-parallel region mappings that megatron-core implements with CUDA-only code paths.
 
-megatron's scatter/gather along the last dimension allocate with `torch.cuda.current_device()` and
+megatron's scatter/gather along the last dimension allocate on the current CUDA device and
 use `all_gather_into_tensor` (absent from gloo); these versions run on any device and backend.
 """
 
