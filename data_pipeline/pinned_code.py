@@ -9,7 +9,6 @@ generated boilerplate would dominate the corpus and teach the model templates ra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
+
+from .shard_writer import file_sha256
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,6 @@ def is_auto_generated(text: str) -> bool:
     return False
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def pip_download(dist: PinnedDistribution, dest: Path) -> Path:
     """Fetch exactly `dist.filename` with `pip download --no-deps` into `dest`."""
     # Wheels only, and ignore Requires-Python: these are pure-Python files we read, not install
@@ -99,11 +92,11 @@ def fetch_distribution(dist: PinnedDistribution, download_dir: Path,
     """The verified archive of `dist` in `download_dir` (downloaded only when missing or wrong)."""
     download_dir.mkdir(parents=True, exist_ok=True)
     target = download_dir / dist.filename
-    if target.is_file() and sha256_file(target) == dist.sha256:
+    if target.is_file() and file_sha256(target) == dist.sha256:
         return target
     with tempfile.TemporaryDirectory(dir=download_dir, prefix=".download-") as tmp:
         got = downloader(dist, Path(tmp))
-        actual = sha256_file(got)
+        actual = file_sha256(got)
         if actual != dist.sha256:
             raise ValueError(f"{dist.filename}: sha256 {actual} does not match the pinned "
                              f"{dist.sha256}; refusing to use it (corrupt download or a changed "
