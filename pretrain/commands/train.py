@@ -80,15 +80,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = None
     try:
         trainer = Trainer(cfg, resume=args.resume, preempt=preempt)
-        code = trainer.train().exit_code
-        # Every rank got here together (the last save ends in a barrier): tear the process
-        # groups down before interpreter exit, where gloo's threads otherwise can abort the
-        # process ("terminate called without an active exception", exit -6; seen in CI).
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return code
+        return trainer.train().exit_code
     except CheckpointSaveError as err:
         print(f"mtp train: checkpoint save failed: {err}", file=sys.stderr)
         return EXIT_SAVE_FAILED
