@@ -1,3 +1,3 @@
-from pretrain.cli import main
+from pretrain.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -46,5 +46,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _release_process_groups() -> None:
+    """Shut the process groups down before the interpreter exits. Left to interpreter teardown,
+    gloo's worker threads can be destroyed while still joinable, and the C++ runtime then aborts a
+    rank that had finished cleanly ("terminate called without an active exception", exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def entry() -> None:
+    """The process entry point (console script and `python -m pretrain`). Unlike `main`, which
+    tests call repeatedly inside one live world, it owns the process and so its process groups.
+    They are released after a clean finish (0) or a checkpointed stop (75) only: after a failed
+    collective (exit 5) the peers are gone and a shutdown could block."""
+    code = main()
+    if code in (0, 75):
+        _release_process_groups()
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
