@@ -22,7 +22,21 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(cfg, ctx, n)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.params_dtype)
         self.mlp = SwiGLU(cfg, ctx, scaled_output_init(cfg.init_std, n))
+        # The cache-free (training/scoring) forward compiled by `compile_training_forward`; a
+        # plain attribute, not a submodule, so state dicts and parameters are unchanged.
+        self._compiled_forward = None
+
+    def compile_training_forward(self) -> None:
+        """torch.compile the cache-free forward (RMSNorm, RoPE, SwiGLU become fused kernels
+        around the matmuls and attention). Calls with a KV cache (generation) stay eager, so
+        their changing cache state never triggers recompilation."""
+        self._compiled_forward = torch.compile(self._forward)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        if cache is None and self._compiled_forward is not None:
+            return self._compiled_forward(x)
+        return self._forward(x, cache)
+
+    def _forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cache)
         return x + self.mlp(self.mlp_norm(x))

@@ -27,6 +27,9 @@ class SharedEmbedding(nn.Module):
         self.tp_group = ctx.tp_group
         self.loss_impl = cfg.loss_impl
         self.chunk_rows = cfg.loss_chunk_tokens
+        self.compiled_loss = False
+        """Run the fused loss's per-chunk softmax math as compiled kernels (see
+        model.compile.compile_for_training)."""
         v_local = cfg.vocab_size // ctx.tp_size
         self.vocab_start = ctx.tp_rank * v_local
         self.word_embeddings = VocabParallelEmbedding(
@@ -70,7 +73,7 @@ class SharedEmbedding(nn.Module):
         if self.loss_impl == "fused":
             res = fused_head_cross_entropy(
                 hidden, self.output_weight, targets, row_weights, self.tp_group,
-                self.vocab_start, self.chunk_rows)
+                self.vocab_start, self.chunk_rows, self.compiled_loss)
         else:
             res = unfused_head_cross_entropy(
                 hidden, self.output_weight, targets, row_weights, self.tp_group, self.vocab_start)

@@ -36,11 +36,45 @@ class HeadLoss:
     """[N] bool: the target has the highest logit (teacher-forced top-1), detached."""
 
 
+def _chunk_softmax_stats(logits: torch.Tensor, local_t: torch.Tensor, on_rank: torch.Tensor):
+    """One pass over a chunk's logits [n, V/TP] (any float dtype): the row max m, Σ exp(l − m)
+    and the target's logit (0 where the target is on another rank's vocab slice), all fp32 [n].
+    The sum is relative to this rank's own max, so TP ranks combine them online-softmax style
+    after one max all-reduce and never need a second pass over the logits."""
+    lf = logits.float()
+    row_max = lf.amax(dim=-1)
+    sum_exp = (lf - row_max.unsqueeze(1)).exp().sum(dim=-1)
+    target_logit = lf.gather(1, local_t.unsqueeze(1)).squeeze(1) * on_rank
+    return row_max, sum_exp, target_logit
+
+
+def _chunk_logits_grad(logits: torch.Tensor, log_norm: torch.Tensor, local_t: torch.Tensor,
+                       on_rank: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """d(Σ w·CE)/dlogits = w · (softmax − onehot), [n, V/TP] in the logits' dtype.
+    log_norm [n] is the global log Σ exp(logits) (the log-partition)."""
+    probs = (logits.float() - log_norm.unsqueeze(1)).exp()
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    onehot = (cols.unsqueeze(0) == local_t.unsqueeze(1)) & on_rank.unsqueeze(1)
+    return ((probs - onehot.float()) * row_weights.unsqueeze(1)).to(logits.dtype)
+
+
+# The same two functions compiled (GPU training): each becomes one fused kernel that reads the
+# chunk's logits once, instead of ~10 elementwise passes over fp32 copies. torch.compile is lazy:
+# nothing is compiled until a model opts in (`compile_for_training`) and calls them.
+_KERNELS = {
+    False: (_chunk_softmax_stats, _chunk_logits_grad),
+    True: (torch.compile(_chunk_softmax_stats, dynamic=True),
+           torch.compile(_chunk_logits_grad, dynamic=True)),
+}
+
+
 class _FusedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, row_weights, tp_group, vocab_start, chunk_rows):
+    def forward(ctx, hidden, weight, targets, row_weights, tp_group, vocab_start, chunk_rows,
+                compiled):
         # hidden [N, d] (replicated over TP), weight [V/TP, d] (this rank's vocab rows),
         # targets [N] global token ids, row_weights [N] fp32.
+        softmax_stats, logits_grad = _KERNELS[compiled]
         n_rows = hidden.shape[0]
         v_local = weight.shape[0]
         tp_size = tp_group.size()
@@ -54,30 +88,23 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         for s in range(0, n_rows, chunk_rows):
             e = min(s + chunk_rows, n_rows)
             h = hidden[s:e]
-            logits = (h @ weight.t()).float()  # [n, V/TP]
-            row_max = logits.max(dim=-1).values
-            if tp_size > 1:
-                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-            logits -= row_max.unsqueeze(1)
+            logits = h @ weight.t()  # [n, V/TP] in the compute dtype
             local_t = targets[s:e] - vocab_start
             on_rank = (local_t >= 0) & (local_t < v_local)
             local_t = local_t.clamp(0, v_local - 1)
-            target_logit = logits.gather(1, local_t.unsqueeze(1)).squeeze(1) * on_rank
-            probs = logits.exp_()  # in place: logits are not needed any more
-            sums = torch.stack((target_logit, probs.sum(dim=-1)))  # [2, n]
+            row_max, sum_exp, target_logit = softmax_stats(logits, local_t, on_rank)
             if tp_size > 1:
+                local_max = row_max.clone()
+                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+                sums = torch.stack((sum_exp * (local_max - row_max).exp(), target_logit))  # [2, n]
                 dist.all_reduce(sums, group=tp_group)
-            target_logit, sum_exp = sums[0], sums[1]
-            row_loss[s:e] = sum_exp.log() - target_logit
-            # After subtracting the global max the winning logit is exactly 0.
-            row_correct[s:e] = target_logit == 0
+                sum_exp, target_logit = sums[0], sums[1]
+            log_norm = row_max + sum_exp.log()
+            row_loss[s:e] = log_norm - target_logit
+            # The target wins when its logit is the (exact, all-reduced) row maximum.
+            row_correct[s:e] = target_logit == row_max
             if need_h or need_w:
-                # d(Σ w·CE)/dlogits = w · (softmax − onehot)
-                probs /= sum_exp.unsqueeze(1)
-                rows = torch.arange(e - s, device=probs.device)
-                probs[rows, local_t] -= on_rank.to(probs.dtype)
-                probs *= row_weights[s:e].unsqueeze(1)
-                g = probs.to(weight.dtype)  # [n, V/TP]
+                g = logits_grad(logits, log_norm, local_t, on_rank, row_weights[s:e])
                 if need_h:
                     # Partial over this rank's vocab rows; the TP all-reduce is done by the
                     # copy-to-TP-region that feeds `hidden` (its backward).
@@ -96,7 +123,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def fused_head_cross_entropy(
@@ -107,11 +134,13 @@ def fused_head_cross_entropy(
     tp_group: dist.ProcessGroup,
     vocab_start: int,
     chunk_rows: int,
+    compiled: bool = False,
 ) -> HeadLoss:
-    """hidden [N, d], weight [V/TP, d], targets [N] (global ids), row_weights [N]."""
+    """hidden [N, d], weight [V/TP, d], targets [N] (global ids), row_weights [N]. `compiled`:
+    run the per-chunk softmax math as torch.compile'd kernels (same values, fewer passes)."""
     hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
     total, row_loss, row_correct = _FusedHeadCrossEntropy.apply(
-        hidden, weight, targets, row_weights.float(), tp_group, vocab_start, chunk_rows)
+        hidden, weight, targets, row_weights.float(), tp_group, vocab_start, chunk_rows, compiled)
     return HeadLoss(total, row_loss, row_correct)
 
 

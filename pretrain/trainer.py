@@ -17,6 +17,7 @@ from deepspeed.utils import logger as ds_logger
 
 from data_pipeline import ShardError, ShardLoader, load_manifest
 from model import ParallelContext, accelerator
+from model.compile import compile_for_training
 from pretrain import checkpoint as ckpt
 from pretrain.acceptance_eval import acceptance_metrics
 from pretrain.config import ConfigError, RunConfig, validate_layout
@@ -122,6 +123,10 @@ class Trainer:
             module, self.tail_loss = build_pipeline(dcfg, ctx, cfg.train.seed, self.topo,
                                                     cfg.parallel.partition_method)
             mpu = None
+        self.compiled = cfg.train.compile is True or (
+            cfg.train.compile == "auto" and on_gpu and cfg.parallel.zero_stage <= 2)
+        if self.compiled:
+            compile_for_training(module)
         o = cfg.optim
         optimizer = torch.optim.AdamW(_param_groups(module, o.weight_decay), lr=o.lr,
                                       betas=(o.beta1, o.beta2), eps=o.eps, fused=on_gpu)
