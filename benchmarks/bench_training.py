@@ -1,0 +1,443 @@
+"""Training throughput on GPUs: our pipeline side by side with plain compiled PyTorch and
+megatron-core's GPTModel, same shape, same global batch, bf16, on the same card(s).
+
+    python benchmarks/bench_training.py                       # everything, 1 GPU rows
+    python benchmarks/bench_training.py --gpus 2              # plus the 2-GPU layouts
+    python benchmarks/bench_training.py --rows ours-none,plain --shapes 110m
+
+Every row runs in its own process (under torchrun for multi-GPU rows), so compile caches and peak
+memory do not leak between rows. Our rows run the real `Trainer.train()` loop (DeepSpeed engine,
+ZeRO, our shard loader on real shards, logging every step) and report the median of the per-step
+tokens/s after the warm-up steps. The baselines (benchmarks/training_baselines.py) time their own
+optimizer steps the same way. MFU = tokens/s × 3 × forward FLOPs per token / (GPUs × peak), with
+forward FLOPs from `pretrain.metrics.forward_flops_per_token` (all matmuls, head and MTP tail
+included, attention scores over the full window) and the dense bf16 peak of the card
+(989.4 TFLOP/s for H100/H200 SXM). Data: `mtp prepare --source stdlib` shards, built on first use
+into --data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    # micro × accumulation = global batch (sequences); the same for every row of a shape.
+    "110m": dict(config="configs/gpt-110m.yaml", layers=12, hidden=768, heads=12, kv_heads=12,
+                 ffn=2048, seq=1024, vocab=32000, tie=True, micro=16, global_batch=64),
+    "350m": dict(config="configs/gpt-350m.yaml", layers=24, hidden=1024, heads=16, kv_heads=4,
+                 ffn=2816, seq=2048, vocab=32000, tie=False, micro=8, global_batch=32),
+    # For the CPU smoke test of this script only.
+    "tiny": dict(config="configs/tiny-cpu.yaml", layers=2, hidden=64, heads=4, kv_heads=2,
+                 ffn=128, seq=64, vocab=512, tie=True, micro=2, global_batch=4),
+}
+
+# name: (kind, GPUs, our config overrides / baseline options)
+ROWS = {
+    "ours-none": ("ours", 1, ["mtp.kind=none", "mtp.depth=0"]),
+    "ours-none-eager": ("ours", 1, ["mtp.kind=none", "mtp.depth=0", "train.compile=false"]),
+    "ours-deepseek1": ("ours", 1, ["mtp.kind=deepseek", "mtp.depth=1"]),
+    "ours-deepseek3": ("ours", 1, ["mtp.kind=deepseek", "mtp.depth=3"]),
+    "ours-parallel4": ("ours", 1, ["mtp.kind=parallel", "mtp.depth=4"]),
+    "ours-blockwise4": ("ours", 1, ["mtp.kind=blockwise", "mtp.depth=4"]),
+    "plain": ("plain", 1, []),
+    "megatron-mtp0": ("megatron", 1, [0]),
+    "megatron-mtp1": ("megatron", 1, [1]),
+    "ours-none-dp2-zero1": ("ours", 2, ["mtp.kind=none", "mtp.depth=0"]),
+    "ours-none-dp2-zero2": ("ours", 2, ["mtp.kind=none", "mtp.depth=0", "parallel.zero_stage=2"]),
+    "ours-none-tp2": ("ours", 2, ["mtp.kind=none", "mtp.depth=0", "parallel.tp=2"]),
+    "ours-none-pp2": ("ours", 2, ["mtp.kind=none", "mtp.depth=0", "parallel.pp=2"]),
+    "ours-deepseek1-pp2dp2": ("ours", 4, ["parallel.pp=2"]),
+    "ours-deepseek1-tp2pp2": ("ours", 4, ["parallel.tp=2", "parallel.pp=2"]),
+}
+DEFAULT_SHAPE_ROWS = {
+    "110m": [r for r in ROWS if r.startswith(("ours", "plain", "megatron"))],
+    "350m": ["ours-none", "ours-deepseek1", "plain", "megatron-mtp0"],
+    "tiny": ["ours-none", "ours-deepseek1", "plain"],
+}
+PEAK_TFLOPS = 989.4
+
+
+def _decoder_config(shape: dict, kind: str, depth: int):
+    from model import DecoderConfig, ModelConfig, MTPConfig
+
+    return DecoderConfig(
+        ModelConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                    num_layers=shape["layers"], num_heads=shape["heads"],
+                    num_kv_heads=shape["kv_heads"], ffn_hidden_size=shape["ffn"],
+                    max_seq_len=shape["seq"]),
+        MTPConfig(kind=kind, depth=depth))
+
+
+def _train_flops_per_token(shape: dict, kind: str, depth: int) -> float:
+    from pretrain.metrics import forward_flops_per_token
+
+    f = forward_flops_per_token(_decoder_config(shape, kind, depth), shape["seq"])
+    return 3 * (f["main"] + f["mtp"])
+
+
+def _result(tokens_per_s: list[float], flops_per_token: float, gpus: int,
+            peak_bytes: int | None, **extra) -> dict:
+    tps = statistics.median(tokens_per_s)
+    return {"tokens_per_s": tps, "mfu": tps * flops_per_token / (gpus * PEAK_TFLOPS * 1e12),
+            "peak_gib": None if peak_bytes is None else peak_bytes / 2**30, "timed_steps": len(tokens_per_s), **extra}
+
+
+# ---------------------------------------------------------------------------------- workers
+def _worker_ours(shape: dict, overrides: list[str], data: Path, steps: int, warmup: int,
+                 gpus: int, profile: Path | None, run_dir: Path) -> dict | None:
+    from model import accelerator
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    shape_overrides = [
+        f"model.{k}={shape[v]}" for k, v in (
+            ("vocab_size", "vocab"), ("hidden_size", "hidden"), ("num_layers", "layers"),
+            ("num_heads", "heads"), ("num_kv_heads", "kv_heads"), ("ffn_hidden_size", "ffn"),
+            ("max_seq_len", "seq"), ("tie_embeddings", "tie"))]
+    cfg = load_config(str(REPO / shape["config"]), [
+        *shape_overrides, f"data.path={data}", f"run_dir={run_dir}", f"train.steps={warmup + steps}",
+        "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=0",
+        "checkpoint.save_at_exit=false", f"train.micro_batch_size={shape['micro']}",
+        f"train.global_batch_size={shape['global_batch']}", "optim.warmup_steps=0",
+        *overrides])
+    trainer = Trainer(cfg)
+    if profile is not None:
+        _profile_steps(trainer, profile, warmup)
+    result = trainer.train()
+    if trainer.rank != 0:
+        return None
+    timed = [r for r in result.losses if r["step"] > warmup]
+    return _result([r["perf/tokens_per_s"] for r in timed],
+                   trainer.train_flops_per_token, gpus,
+                   _peak_bytes([r["memory/peak_gib"] for r in timed]),
+                   compiled=trainer.compiled, device=accelerator.device_name())
+
+
+def _peak_bytes(peaks_gib: list[float | None]) -> int | None:
+    known = [p for p in peaks_gib if p is not None]
+    return int(max(known) * 2**30) if known else None  # None on CPU
+
+
+def _profile_steps(trainer, out: Path, warmup: int) -> None:
+    """Warm up, then profile two optimizer steps; writes the top kernels/ops by GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from model import accelerator
+
+    it = iter(trainer.train_loader)
+    if trainer.tail_loss is not None:
+        it = trainer._pipe_iter(it)
+    for _ in range(warmup):
+        trainer.train_step(it, 0.1)
+    accelerator.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            trainer.train_step(it, 0.1)
+        accelerator.synchronize()
+    if trainer.rank == 0:
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45,
+                                          max_name_column_width=70)
+        cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25,
+                                        max_name_column_width=70)
+        out.write_text(f"# 2 optimizer steps\n\n## by GPU time\n{table}\n\n## by CPU time\n{cpu}\n")
+    del torch
+
+
+def _timed_loop(step_fn, steps: int, warmup: int, tokens_per_step: int) -> list[float]:
+    from model import accelerator
+
+    rates = []
+    for i in range(warmup + steps):
+        accelerator.synchronize()
+        t0 = time.perf_counter()
+        step_fn()
+        accelerator.synchronize()
+        if i >= warmup:
+            rates.append(tokens_per_step / (time.perf_counter() - t0))
+    return rates
+
+
+def _random_batches(shape: dict, count: int = 8):
+    import torch
+
+    from model import accelerator
+
+    g = torch.Generator().manual_seed(0)
+    dev = accelerator.current_device()
+    return [torch.randint(0, shape["vocab"], (shape["micro"], shape["seq"] + 1), generator=g).to(dev)
+            for _ in range(count)]
+
+
+def _worker_plain(shape: dict, steps: int, warmup: int) -> dict:
+    import torch
+
+    from benchmarks.training_baselines import PlainGPT
+    from model import accelerator
+
+    dev = accelerator.current_device()
+    torch.manual_seed(0)
+    model = PlainGPT(shape).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+    compiled = torch.compile(model)
+    batches = _random_batches(shape)
+    accum = shape["global_batch"] // shape["micro"]
+    counter = iter(range(10**9))
+
+    def step():
+        for _ in range(accum):
+            b = batches[next(counter) % len(batches)]
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                loss = compiled(b[:, :-1], b[:, 1:]) / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    accelerator.reset_peak_memory()
+    rates = _timed_loop(step, steps, warmup, shape["global_batch"] * shape["seq"])
+    return _result(rates, _train_flops_per_token(shape, "none", 0), 1,
+                   accelerator.peak_memory_bytes(), device=accelerator.device_name())
+
+
+def _worker_megatron(shape: dict, mtp_layers: int, steps: int, warmup: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from benchmarks.training_baselines import megatron_gpt
+    from model import accelerator
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group(accelerator.communication_backend(), rank=0, world_size=1)
+    dev = accelerator.current_device()
+    model = megatron_gpt(shape, mtp_layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+    batches = _random_batches(shape)
+    accum = shape["global_batch"] // shape["micro"]
+    pos = torch.arange(shape["seq"], device=dev).expand(shape["micro"], -1)
+    mask = torch.ones(shape["micro"], shape["seq"], device=dev)
+    counter = iter(range(10**9))
+
+    def step():
+        for _ in range(accum):
+            b = batches[next(counter) % len(batches)]
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                per_token = model(b[:, :-1], pos, None, labels=b[:, 1:], loss_mask=mask)
+                loss = per_token.float().mean() / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    accelerator.reset_peak_memory()
+    rates = _timed_loop(step, steps, warmup, shape["global_batch"] * shape["seq"])
+    kind, depth = ("deepseek", 1) if mtp_layers else ("none", 0)
+    return _result(rates, _train_flops_per_token(shape, kind, depth), 1,
+                   accelerator.peak_memory_bytes(), device=accelerator.device_name())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker(args: argparse.Namespace) -> None:
+    shape = SHAPES[args.shape]
+    kind, gpus, opts = ROWS[args.row]
+    profile = Path(args.profile) if args.profile else None
+    if kind == "ours":
+        run_dir = Path(tempfile.gettempdir()) / f"bench-training-{args.shape}-{args.row}"
+        res = _worker_ours(shape, opts, _data_dir(Path(args.data), shape), args.steps,
+                           args.warmup, gpus, profile, run_dir)
+    elif kind == "plain":
+        res = _worker_plain(shape, args.steps, args.warmup)
+    else:
+        res = _worker_megatron(shape, opts[0], args.steps, args.warmup)
+    if res is not None:
+        print("RESULT " + json.dumps(res), flush=True)
+
+
+# ---------------------------------------------------------------------------------- driver
+def _data_dir(root: Path, shape: dict) -> Path:
+    return root / f"stdlib-seq{shape['seq']}"
+
+
+def _prepare(root: Path, shape: dict) -> None:
+    out = _data_dir(root, shape)
+    if (out / "manifest.json").exists():
+        return
+    print(f"preparing {out} (mtp prepare --source stdlib) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "pretrain", "prepare", "--source", "stdlib",
+                    "--out", str(out), "--vocab-size", str(shape["vocab"]), "--seq-len",
+                    str(shape["seq"]), "--max-depth", "4", "--no-progress"],
+                   check=True, cwd=REPO)
+
+
+def _run_row(args, shape_name: str, row: str, profile: str | None,
+             gpu: int | None = None) -> dict:
+    _, gpus, _ = ROWS[row]
+    cmd = [str(Path(__file__).resolve()), "--worker", "--shape", shape_name, "--row", row,
+           "--data", str(args.data), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if profile:
+        cmd += ["--profile", profile]
+    if gpus > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={gpus}", *cmd]
+    else:
+        cmd = [sys.executable, *cmd]
+    env = dict(os.environ)
+    if gpu is not None:  # a single-GPU row running beside others
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout,
+                              cwd=REPO, env=env)
+        out = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        out = f"timed out after {args.row_timeout} s\n" + (err.stdout or b"").decode(errors="replace")[-3000:]
+        proc = None
+    if args.logs:
+        Path(args.logs).mkdir(parents=True, exist_ok=True)
+        (Path(args.logs) / f"{shape_name}-{row}.log").write_text(out)
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    if proc is None or proc.returncode != 0 or not lines:
+        tail = "\n".join(out.strip().splitlines()[-6:])
+        print(f"  {shape_name} {row}: FAILED\n{tail}", flush=True)
+        return {"error": tail.splitlines()[-1] if tail else "no output"}
+    res = json.loads(lines[-1][len("RESULT "):])
+    res["wall_s"] = time.monotonic() - t0
+    print(f"  {shape_name} {row}: {res['tokens_per_s']:,.0f} tokens/s, MFU {res['mfu']:.1%}, "
+          f"peak {_gib(res['peak_gib'])} GiB ({res['wall_s']:.0f} s)", flush=True)
+    return res
+
+
+def _gib(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def table(results: dict) -> str:
+    lines = ["| shape | row | GPUs | tokens/s | MFU | peak GiB/GPU | × plain | × megatron mtp0 | scaling |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for shape_name, rows in results.items():
+        plain = rows.get("plain", {}).get("tokens_per_s")
+        mega = rows.get("megatron-mtp0", {}).get("tokens_per_s")
+        single = rows.get("ours-none", {}).get("tokens_per_s")
+        for row, r in rows.items():
+            gpus = ROWS[row][1]
+            if "error" in r:
+                lines.append(f"| {shape_name} | {row} | {gpus} | failed: {r['error'][:80]} | | | | | |")
+                continue
+            tps = r["tokens_per_s"]
+
+            def ratio(base, tps=tps):
+                return f"{tps / base:.2f}" if base else "—"
+
+            scaling = (f"{tps / (gpus * single):.2f}" if gpus > 1 and single
+                       and row.startswith("ours-none") else "—")
+            lines.append(
+                f"| {shape_name} | {row} | {gpus} | {tps:,.0f} | {r['mfu']:.1%} | "
+                f"{_gib(r['peak_gib'])} | {ratio(plain)} | {ratio(mega)} | {scaling} |")
+    return "\n".join(lines)
+
+
+def _run_shape(args, shape_name: str, rows: list[str], results: dict, prof_target: str | None,
+               prof_file: str | None) -> dict:
+    out = results[shape_name] = dict.fromkeys(rows)
+
+    def run(row, gpu=None):
+        prof = prof_file if prof_target == f"{shape_name}:{row}" else None
+        out[row] = _run_row(args, shape_name, row, prof, gpu)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
+    single = [r for r in rows if ROWS[r][1] == 1]
+    if args.concurrent > 1:
+        # One single-GPU row per GPU at a time (each process sees one card).
+        free: queue.Queue[int] = queue.Queue()
+        for gpu in range(min(args.concurrent, args.gpus)):
+            free.put(gpu)
+
+        def on_free_gpu(row):
+            gpu = free.get()
+            try:
+                run(row, gpu)
+            finally:
+                free.put(gpu)
+
+        with ThreadPoolExecutor(max_workers=free.qsize()) as pool:
+            list(pool.map(on_free_gpu, single))
+    else:
+        for row in single:
+            run(row)
+    for row in rows:  # multi-GPU rows, one at a time on all their cards
+        if ROWS[row][1] > 1:
+            run(row)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="rows: " + ", ".join(ROWS))
+    p.add_argument("--shapes", default="110m,350m", help="comma-separated: 110m, 350m (tiny: "
+                   "a toy shape for smoke tests)")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated rows (default: the 1-GPU rows per shape, plus the "
+                        "multi-GPU rows that fit --gpus for 110m)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs available for multi-GPU rows")
+    p.add_argument("--data", type=Path, default=REPO / "bench-data",
+                   help="where the stdlib shards live (built on first use)")
+    p.add_argument("--concurrent", type=int, default=1,
+                   help="run up to this many single-GPU rows at once, one per GPU (of --gpus); "
+                        "shortens the run, adds some host-side noise")
+    p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per row")
+    p.add_argument("--warmup", type=int, default=4, help="untimed first steps (compilation)")
+    p.add_argument("--row-timeout", type=int, default=300, help="seconds before a row is failed")
+    p.add_argument("--profile", default=None, metavar="SHAPE:ROW=FILE",
+                   help="also write a torch.profiler summary of two steps of this row")
+    p.add_argument("--logs", default=None, help="directory for each row's full output")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    p.add_argument("--row", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    from model import accelerator
+
+    if accelerator.is_cpu() and args.shapes != "tiny":
+        sys.exit("bench_training.py needs a GPU (bf16, torch.compile, NCCL); on CPU only the "
+                 "smoke-test shape runs: --shapes tiny")
+    prof_target, prof_file = (args.profile.split("=", 1) if args.profile else (None, None))
+    results: dict[str, dict] = {}
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        rows = (args.rows.split(",") if args.rows else DEFAULT_SHAPE_ROWS[shape_name])
+        rows = [r for r in rows if ROWS[r][1] <= args.gpus]
+        if any(ROWS[r][0] == "ours" for r in rows):
+            _prepare(args.data, shape)
+        results[shape_name] = _run_shape(args, shape_name, rows, results, prof_target, prof_file)
+    print()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
