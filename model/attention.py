@@ -17,6 +17,7 @@ from model.init import normal_init, scaled_output_init
 from model.kv_cache import LayerCache
 from model.parallel import ParallelContext
 from model.rotary import RotaryEmbedding
+from model.tp_regions import column_parallel, row_parallel
 
 
 class Attention(nn.Module):
@@ -41,7 +42,7 @@ class Attention(nn.Module):
         """x [B, T, d]. Without a cache: causal attention over positions 0..T-1. With one: the
         tokens sit at `cache.positions` and attend to everything cached up to their position."""
         b, t, _ = x.shape
-        qkv, _ = self.qkv(x)  # [B, T, groups·(q_per_group+2)·hd]
+        qkv = column_parallel(self.qkv, x)  # [B, T, groups·(q_per_group+2)·hd]
         qkv = qkv.view(b, t, self.groups, self.q_per_group + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_group].reshape(b, t, -1, self.head_dim)  # [B, T, Hq, hd]
         k = qkv[:, :, :, self.q_per_group]  # [B, T, Hkv, hd]
@@ -57,5 +58,4 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k_all, v_all, attn_mask=cache.mask(), enable_gqa=self.q_per_group > 1)
         out = out.transpose(1, 2).reshape(b, t, -1)  # [B, T, Hq·hd]
-        y, _ = self.proj(out)
-        return y
+        return row_parallel(self.proj, out)

@@ -14,6 +14,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.init import InitMethod, normal_init
 from model.parallel import ParallelContext
+from model.tp_regions import column_parallel, row_parallel
 
 
 class SwiGLU(nn.Module):
@@ -28,7 +29,6 @@ class SwiGLU(nn.Module):
             input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu, _ = self.gate_up(x)  # [B, T, 2·ffn/TP] = [gate_r | up_r]
+        gu = column_parallel(self.gate_up, x)  # [B, T, 2·ffn/TP] = [gate_r | up_r]
         gate, up = gu.chunk(2, dim=-1)
-        y, _ = self.down(F.silu(gate) * up)
-        return y
+        return row_parallel(self.down, F.silu(gate) * up)

@@ -1,13 +1,43 @@
-"""Tensor-parallel region mappings that megatron-core implements with CUDA-only code paths.
+"""Tensor-parallel region mappings and the forward of megatron-core's parallel linear layers.
 
 megatron's scatter/gather along the last dimension allocate on the current CUDA device and
 use `all_gather_into_tensor` (absent from gloo); these versions run on any device and backend.
+
+`column_parallel` / `row_parallel` compute what megatron's ColumnParallelLinear/RowParallelLinear
+forwards compute in our configuration (no bias, no sequence parallelism, no gradient-accumulation
+fusion) with the layers as parameter holders: megatron's own forward calls `warnings.warn` on every
+call of a RowParallelLinear (it passes tp_group=None internally), which breaks torch.compile's
+graph in the middle of every block, and routes even TP=1 through custom autograd functions.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+
+
+def column_parallel(layer: ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] (replicated over TP) → [..., out/TP]; the backward all-reduces dx over TP."""
+    assert layer.bias is None and not layer.gather_output and not layer.sequence_parallel
+    if layer.tp_group.size() > 1:
+        x = copy_to_tensor_model_parallel_region(x, group=layer.tp_group)
+    return F.linear(x, layer.weight)
+
+
+def row_parallel(layer: RowParallelLinear, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in/TP] (this rank's slice) → [..., out], the partial products all-reduced."""
+    assert layer.bias is None and layer.input_is_parallel and not layer.sequence_parallel
+    y = F.linear(x, layer.weight)
+    if layer.tp_group.size() > 1:
+        y = reduce_from_tensor_model_parallel_region(y, group=layer.tp_group)
+    return y
 
 
 def _gather_last_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

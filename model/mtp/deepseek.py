@@ -18,7 +18,7 @@ from model.init import normal_init
 from model.kv_cache import LayerCache
 from model.norm import RMSNorm
 from model.parallel import ParallelContext
-from model.tp_regions import scatter_to_tp_last_dim
+from model.tp_regions import row_parallel, scatter_to_tp_last_dim
 
 
 class DeepSeekModule(nn.Module):
@@ -43,7 +43,7 @@ class DeepSeekModule(nn.Module):
                 cache: LayerCache | None = None) -> torch.Tensor:
         """h_prev, next_embed [B, T, d] → hᵏ [B, T, d] (before the output norm)."""
         x = torch.cat((self.hidden_norm(h_prev), self.embed_norm(next_embed)), dim=-1)  # [B,T,2d]
-        x, _ = self.proj(scatter_to_tp_last_dim(x, self.tp_group))  # [B,T,2d/TP] → [B,T,d]
+        x = row_parallel(self.proj, scatter_to_tp_last_dim(x, self.tp_group))  # [B,T,2d/TP] → [B,T,d]
         return self.block(x, cache)
 
 
