@@ -284,10 +284,16 @@ def _prepare(root: Path, shape: dict) -> None:
     if (out / "manifest.json").exists():
         return
     print(f"preparing {out} (mtp prepare --source stdlib) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "pretrain", "prepare", "--source", "stdlib",
-                    "--out", str(out), "--vocab-size", str(shape["vocab"]), "--seq-len",
-                    str(shape["seq"]), "--max-depth", "4", "--no-progress"],
-                   check=True, cwd=REPO)
+    cmd = [sys.executable, "-m", "pretrain", "prepare", "--source", "stdlib", "--out", str(out),
+           "--vocab-size", str(shape["vocab"]), "--seq-len", str(shape["seq"]), "--max-depth",
+           "4", "--no-progress"]
+    # Another window length of the same corpus: reuse its tokenizer instead of training one.
+    same_vocab = [t for t in sorted(root.glob("stdlib-seq*/tokenizer.model"))
+                  if (t.parent / "manifest.json").exists() and json.loads((t.parent / "manifest.json").read_text())["vocab_size"]
+                  == shape["vocab"]]
+    if same_vocab:
+        cmd += ["--tokenizer", str(same_vocab[0])]
+    subprocess.run(cmd, check=True, cwd=REPO)
 
 
 def _run_row(args, shape_name: str, row: str, profile: str | None,
