@@ -34,11 +34,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 SHAPES = {
-    # micro × accumulation = global batch (sequences); the same for every row of a shape.
+    # micro × accumulation = global batch (sequences); the same for every row of a shape. Micro
+    # batches of 32k tokens: at 16k the per-micro-batch host work of our engine (Python-launched
+    # kernels of 12-24 compiled blocks, DeepSpeed's per-parameter gradient hooks) exceeded the
+    # GPU time on an H200 (profiled: GPU busy 67-75 %); --micro overrides.
     "110m": dict(config="configs/gpt-110m.yaml", layers=12, hidden=768, heads=12, kv_heads=12,
-                 ffn=2048, seq=1024, vocab=32000, tie=True, micro=16, global_batch=64),
+                 ffn=2048, seq=1024, vocab=32000, tie=True, micro=32, global_batch=64),
     "350m": dict(config="configs/gpt-350m.yaml", layers=24, hidden=1024, heads=16, kv_heads=4,
-                 ffn=2816, seq=2048, vocab=32000, tie=False, micro=8, global_batch=32),
+                 ffn=2816, seq=2048, vocab=32000, tie=False, micro=16, global_batch=32),
     # For the CPU smoke test of this script only.
     "tiny": dict(config="configs/tiny-cpu.yaml", layers=2, hidden=64, heads=4, kv_heads=2,
                  ffn=128, seq=64, vocab=512, tie=True, micro=2, global_batch=4),
@@ -258,8 +261,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _shape(args: argparse.Namespace, name: str) -> dict:
+    shape = dict(SHAPES[name])
+    if args.micro:
+        shape["micro"] = args.micro
+    return shape
+
+
 def worker(args: argparse.Namespace) -> None:
-    shape = SHAPES[args.shape]
+    shape = _shape(args, args.shape)
     kind, gpus, opts = ROWS[args.row]
     profile = Path(args.profile) if args.profile else None
     if kind == "ours":
@@ -301,6 +311,8 @@ def _run_row(args, shape_name: str, row: str, profile: str | None,
     _, gpus, _ = ROWS[row]
     cmd = [str(Path(__file__).resolve()), "--worker", "--shape", shape_name, "--row", row,
            "--data", str(args.data), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.micro:
+        cmd += ["--micro", str(args.micro)]
     if profile:
         cmd += ["--profile", profile]
     if gpus > 1:
@@ -413,6 +425,8 @@ def main() -> None:
     p.add_argument("--concurrent", type=int, default=1,
                    help="run up to this many single-GPU rows at once, one per GPU (of --gpus); "
                         "shortens the run, adds some host-side noise")
+    p.add_argument("--micro", type=int, default=0,
+                   help="micro-batch size (sequences) for every row instead of the shape's")
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per row")
     p.add_argument("--warmup", type=int, default=4, help="untimed first steps (compilation)")
     p.add_argument("--row-timeout", type=int, default=300, help="seconds before a row is failed")
@@ -435,7 +449,7 @@ def main() -> None:
     prof_target, prof_file = (args.profile.split("=", 1) if args.profile else (None, None))
     results: dict[str, dict] = {}
     for shape_name in args.shapes.split(","):
-        shape = SHAPES[shape_name]
+        shape = _shape(args, shape_name)
         rows = (args.rows.split(",") if args.rows else DEFAULT_SHAPE_ROWS[shape_name])
         rows = [r for r in rows if ROWS[r][1] <= args.gpus]
         if any(ROWS[r][0] == "ours" for r in rows):
