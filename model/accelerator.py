@@ -6,6 +6,8 @@ same code runs on CPU (DS_ACCELERATOR=cpu, fp32) and on GPUs (bf16).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from deepspeed.accelerator import get_accelerator
 
@@ -67,3 +69,37 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     if "accelerator" in state and not is_cpu():
         get_accelerator().set_rng_state(state["accelerator"])
+
+
+def graphs_supported() -> bool:
+    """Whether `graph_replayer` captures device graphs here (not on the CPU)."""
+    return not is_cpu()
+
+
+def graph_replayer(step: Callable[[], None]) -> Callable[[], None]:
+    """Run `step` once for real, then capture it as a device graph and return a callable that
+    replays it: the same kernels on the same buffers with no host work, one launch in all.
+
+    `step` must have static shapes, no host synchronisation, and keep its state in tensors that
+    it updates in place (a replay reads and writes the addresses seen at capture). The real
+    first run happens on a side stream, as capture requires (it creates library handles and
+    workspaces). On the CPU there is nothing to capture: `step` runs and is returned as is.
+    """
+    if not graphs_supported():
+        step()
+        return step
+    acc = get_accelerator()
+    side = acc.Stream()
+    side.wait_stream(acc.current_stream())
+    with acc.stream(side):
+        step()
+    acc.current_stream().wait_stream(side)
+    graph = acc.create_graph()
+    with acc.capture_to_graph(graph):
+        step()
+
+    def replay() -> None:
+        acc.replay_graph(graph)
+
+    replay.graph = graph  # keeps the graph (and its memory pool) alive with the callable
+    return replay

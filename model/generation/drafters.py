@@ -7,6 +7,11 @@ State shared with the verifier (`speculative.py`), per sequence b:
   position i (true for i < m_b).
 `catch_up(m)` brings the drafter's own caches up to date for positions < m and returns the drafts
 for tokens m+1..m+D ([B, D]) plus, when sampling, the draft distributions ([B, D, V]).
+
+With `static=True` every window has a fixed width (the most that one round can add) and attends
+over the whole cache through the position mask, so a round has the same shapes every time and no
+host synchronisation: the speculative decoder then captures it as a device graph. The drafter's
+state is updated in place for the same reason (a replay writes the addresses seen at capture).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class Drafter:
         self.generator = generator
         self.max_len = max_len
         self.device = model.embedding.output_weight.device
+        self.static = False
+        """Fixed window widths and whole-cache attention (set by the decoder once the prompt has
+        been caught up; see the module docstring)."""
 
     def _pick(self, logits: torch.Tensor):
         """[B, V] → (tokens [B], probs [B, V] or None)."""
@@ -44,14 +52,22 @@ class Drafter:
         probs = probabilities(logits.cpu(), self.sampling)
         return sample(probs, self.generator).to(self.device), probs
 
-    def _window(self, start: torch.Tensor, m: torch.Tensor):
-        """Positions [B, W] from start_b to m_b - 1 (padded to the longest window by repeating
-        past m_b - 1: those rows are computed and ignored) and each sequence's last index."""
-        width = int((m - start).max())
+    def _window(self, start: torch.Tensor, m: torch.Tensor, static_width: int):
+        """Positions [B, W] from start_b to m_b - 1, each sequence's last index in it, and the
+        cache length to attend. Windows are padded to a common width by running on past
+        m_b - 1: those rows are computed and ignored, and the cache entries they write lie at
+        positions ≥ m_b, which are recomputed before anything attends them. Dynamic: W is the
+        longest window; static: W = `static_width` (an upper bound) and the whole cache."""
+        if self.static:
+            width, attend = static_width, self.max_len
+        else:
+            width = int((m - start).max())
+            attend = int((start + width).max())
         offsets = torch.arange(width, device=self.device)
+        # The clamp only touches padding rows: real positions stay below max_len - 1.
         positions = (start[:, None] + offsets).clamp(max=self.max_len - 1)  # [B, W]
         last = m - 1 - start  # [B] index of position m_b - 1 in the window
-        return positions, last, int((start + width).max())
+        return positions, last, attend
 
 
 class DeepSeekDrafter(Drafter):
@@ -75,7 +91,9 @@ class DeepSeekDrafter(Drafter):
         drafts, probs = [], []
         prev_hidden = normed  # h⁰: the final-norm output
         for k, module in enumerate(self.model.tail.objective.layers, start=1):
-            positions, last, attend = self._window(self.valid[k - 1], m)
+            # Module k's cache stops k - 1 positions before the previous m, and a round moves m
+            # by at most D + 1: the window is at most D + k wide.
+            positions, last, attend = self._window(self.valid[k - 1], m, self.depth + k)
             h_in = _rows(prev_hidden, positions)  # [B, W, d]
             future = tokens.gather(1, (positions + k).clamp(max=tokens.shape[1] - 1))  # t_{i+k}
             h = module(h_in, self.model.embedding(future),
@@ -86,7 +104,7 @@ class DeepSeekDrafter(Drafter):
             tokens[torch.arange(tokens.shape[0], device=self.device), m + k] = tok
             drafts.append(tok)
             probs.append(p)
-            self.valid[k - 1] = (m - k + 1).clamp(min=0)
+            self.valid[k - 1].copy_((m - k + 1).clamp(min=0))
             prev_hidden = self.hidden[k - 1]
         return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs[0] is not None else None)
 
@@ -106,7 +124,7 @@ class ParallelHeadsDrafter(Drafter):
         self.valid = torch.zeros(batch, dtype=torch.long, device=self.device)
 
     def catch_up(self, tokens, trunk, normed, m):
-        positions, last, attend = self._window(self.valid, m)
+        positions, last, attend = self._window(self.valid, m, self.depth + 1)
         h_in = _rows(trunk, positions)
         rows = torch.arange(h_in.shape[0], device=self.device)
         drafts, probs = [], []
@@ -116,7 +134,7 @@ class ParallelHeadsDrafter(Drafter):
             tok, p = self._pick(logits)
             drafts.append(tok)
             probs.append(p)
-        self.valid = m.clone()
+        self.valid.copy_(m)
         return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs[0] is not None else None)
 
 

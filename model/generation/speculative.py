@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from model import accelerator
 from model.generation.drafters import DRAFTERS
 from model.generation.runner import done, finish, main_forward, new_cache, pad_prompts
 from model.generation.sampling import GREEDY, SamplingConfig, probabilities
@@ -68,7 +69,11 @@ class SpeculativeDecoder:
 
     def __init__(self, model: MTPLanguageModel, prompts: list[list[int]], max_new_tokens: int,
                  sampling: SamplingConfig = GREEDY, eos_id: int | None = None,
-                 pad_id: int = 0, topk: int = 1):
+                 pad_id: int = 0, topk: int = 1, graphs: bool | None = None,
+                 static: bool = False):
+        """`graphs`: capture each greedy round as a device graph after the first (None: on
+        GPUs at TP = 1). `static`: run greedy rounds with the fixed shapes that capture needs
+        even without graphs (how the CPU tests check the graphed path's arithmetic)."""
         kind, depth = model.config.mtp.kind, model.config.mtp.depth
         if kind == "none":
             raise ValueError("self-speculative decoding needs an MTP tail; this model has "
@@ -100,6 +105,14 @@ class SpeculativeDecoder:
         self.stats = SpeculativeStats(depth)
         self.generated: list[list[int]] = [[] for _ in range(b)]
         self.m = self.lengths.clone()  # [B] index of the newest token (not yet in the cache)
+        self.offsets = torch.arange(depth + 1, device=device)
+        self.out = torch.zeros(b, depth + 2, dtype=torch.long, device=device)
+        self.active = torch.ones(b, dtype=torch.long, device=device)
+        self.graphs = graphs if graphs is not None else (
+            accelerator.graphs_supported() and model.embedding.tp_group.size() == 1)
+        self.static = static
+        self.rounds = 0
+        self._replay = None
 
     @property
     def finished(self) -> bool:
@@ -123,12 +136,32 @@ class SpeculativeDecoder:
         self.generated = [[t] for t in first.tolist()]
 
     def step(self) -> None:
-        """Draft D tokens, verify them in one main-model forward, keep the agreeing prefix."""
+        """One round: draft D tokens, verify them in one main-model forward, keep the agreeing
+        prefix; then the host-side bookkeeping (one device-to-host copy)."""
+        # The first round catches the drafter up on the whole prompt (a window of any width);
+        # after it every round has the same shapes.
+        static = self.rounds > 0 and self.sampling.greedy and (self.graphs or self.static)
+        self.drafter.static = static
+        if static and self.graphs:
+            if self._replay is None:
+                self._replay = accelerator.graph_replayer(self._round)  # runs this round
+            else:
+                self._replay()
+        else:
+            self._round(static)
+        self.rounds += 1
+        self._record_round()
+
+    def _round(self, static: bool = True) -> None:
+        """The device part of a round. Reads the state (tokens, trunk, normed, caches, m) and
+        updates it in place; writes [accepted, next token, drafts] per sequence to `self.out`.
+        `static`: whole-cache attention, so no host synchronisation (graph capture)."""
         model, rows, depth, m = self.model, self.rows, self.depth, self.m
         drafts, draft_probs = self.drafter.catch_up(self.tokens, self.trunk, self.normed, m)
         block = torch.cat((self.tokens[rows, m][:, None], drafts), dim=1)  # [B, D+1]
-        positions = m[:, None] + torch.arange(depth + 1, device=self.device)  # [B, D+1]
-        h = main_forward(model, self.cache, block, positions, int(m.max()) + depth + 1)
+        positions = m[:, None] + self.offsets  # [B, D+1]
+        attend = self.max_len if static else int(m.max()) + depth + 1
+        h = main_forward(model, self.cache, block, positions, attend)
         z = model.tail.final_norm(h)
         logits = model.embedding.logits(z)  # [B, D+1, V]
         if self.sampling.greedy:
@@ -138,27 +171,31 @@ class SpeculativeDecoder:
         self.trunk.scatter_(1, positions[..., None].expand_as(h), h)
         self.normed.scatter_(1, positions[..., None].expand_as(z), z)
         # Final tokens: the accepted drafts, then the main model's token; the rest is stale.
-        keep = torch.arange(depth, device=self.device)[None, :] < accepted[:, None]  # [B, D]
+        keep = self.offsets[None, :-1] < accepted[:, None]  # [B, D]
         new = torch.where(keep, drafts, self.tokens[rows[:, None], positions[:, 1:]])
         self.tokens.scatter_(1, positions[:, 1:], new)
         self.tokens[rows, m + accepted + 1] = nxt
         # The main cache now holds positions ≤ m + D; those past m + accepted are stale and get
         # overwritten before any query can reach them: that is the rollback.
+        self.out.copy_(torch.cat((accepted[:, None], nxt[:, None], drafts), dim=1))
 
-        acc_host, nxt_host, drafts_host = accepted.tolist(), nxt.tolist(), drafts.tolist()
+    def _record_round(self) -> None:
+        depth = self.depth
+        out = self.out.tolist()  # the round's only device-to-host copy
         active = [not f for f in done(self.generated, self.max_new, self.eos_id)]
         for i, is_active in enumerate(active):
             if not is_active:
                 continue
-            a = acc_host[i]
-            self.generated[i] += drafts_host[i][:a] + [nxt_host[i]]
+            a, nxt, drafts = out[i][0], out[i][1], out[i][2:]
+            self.generated[i] += drafts[:a] + [nxt]
             self.stats.main_forwards += 1
             self.stats.tokens += a + 1
             for j in range(depth):
                 self.stats.proposed[j] += 1
                 self.stats.accepted[j] += int(j < a)
         # Finished sequences stay where they are (their later rounds are computed and dropped).
-        self.m = m + (accepted + 1) * torch.tensor(active, device=self.device)
+        self.active.copy_(torch.tensor(active))
+        self.m.add_((self.out[:, 0] + 1) * self.active)
 
     def result(self, seconds: float) -> GenerationResult:
         return GenerationResult(finish(self.generated, self.max_new, self.eos_id), seconds,
@@ -168,9 +205,11 @@ class SpeculativeDecoder:
 @torch.no_grad()
 def generate_speculative(model: MTPLanguageModel, prompts: list[list[int]], max_new_tokens: int,
                          sampling: SamplingConfig = GREEDY, eos_id: int | None = None,
-                         pad_id: int = 0, topk: int = 1) -> GenerationResult:
+                         pad_id: int = 0, topk: int = 1, graphs: bool | None = None,
+                         static: bool = False) -> GenerationResult:
     t0 = time.perf_counter()
-    dec = SpeculativeDecoder(model, prompts, max_new_tokens, sampling, eos_id, pad_id, topk)
+    dec = SpeculativeDecoder(model, prompts, max_new_tokens, sampling, eos_id, pad_id, topk,
+                             graphs, static)
     dec.prefill()
     while not dec.finished:
         dec.step()

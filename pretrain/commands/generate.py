@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="greedy speculative only: accept a draft within the main model's top k "
                         "(BPD's relaxation; k > 1 no longer reproduces greedy exactly)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="run every decoding step eagerly (by default GPUs replay each greedy "
+                        "step or speculative round as one captured device graph)")
     p.add_argument("--json", metavar="FILE", help="write outputs and statistics as JSON")
     p.set_defaults(func=run)
 
@@ -61,12 +64,13 @@ def run(args: argparse.Namespace) -> int:
         sp = spm.SentencePieceProcessor(model_file=str(loaded.tokenizer_path))
         ids = [sp.encode(p) for p in prompts]
         sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
+        graphs = False if args.no_graphs else None  # None: graphs where supported
         if args.speculative:
             result = generate_speculative(loaded.model, ids, args.max_new_tokens, sampling,
-                                          loaded.eos_id, loaded.pad_id, args.topk)
+                                          loaded.eos_id, loaded.pad_id, args.topk, graphs)
         else:
             result = generate(loaded.model, ids, args.max_new_tokens, sampling, loaded.eos_id,
-                              loaded.pad_id)
+                              loaded.pad_id, graphs)
     except (ValueError, OSError) as err:
         print(f"mtp generate: error: {err}", file=sys.stderr)
         return 2
