@@ -3,7 +3,9 @@ prompts, with acceptance statistics and a check that both produce the same token
 
     python benchmarks/bench_generation.py EXPORT_OR_RUN --data DATA [--json out.json]
 
-Warm-up runs are excluded; every timed run ends with the tokens on the host (a device sync).
+Each batch size is measured eagerly (one kernel launch per op, host-side bookkeeping) and with
+device graphs (each greedy decoding step / speculative round replayed as one captured graph;
+GPUs only). Warm-up runs are excluded; every timed run ends with the tokens on the host.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def main() -> int:
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="weights and compute dtype (auto: bf16 on GPUs)")
+    p.add_argument("--modes", default="eager,graphs",
+                   help="comma-separated: eager, graphs (device graphs; skipped on CPU)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
 
@@ -54,13 +58,13 @@ def main() -> int:
             break
     prompts = prompts[: args.prompts]
 
-    def timed(fn, batch_size):
+    def timed(fn, batch_size, graphs):
         outs, stats, seconds = [], [], 0.0
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             accelerator.synchronize()
             t0 = time.perf_counter()
-            r = fn(model, chunk, args.new_tokens)
+            r = fn(model, chunk, args.new_tokens, graphs=graphs)
             seconds += time.perf_counter() - t0
             outs += r.tokens
             if r.stats is not None:
@@ -68,24 +72,27 @@ def main() -> int:
         tokens = sum(len(t) for t in outs)
         return outs, stats, tokens / seconds
 
+    modes = [m for m in args.modes.split(",") if m != "graphs" or accelerator.graphs_supported()]
     rows = []
     for bs in (int(x) for x in args.batch_sizes.split(",")):
-        generate(model, prompts[:bs], 8)  # warm-up (allocator, kernels)
-        generate_speculative(model, prompts[:bs], 8)
-        plain_out, _, plain_tps = timed(generate, bs)
-        spec_out, stats, spec_tps = timed(generate_speculative, bs)
-        depth = model.config.mtp.depth
-        proposed = [sum(s.proposed[j] for s in stats) for j in range(depth)]
-        accepted = [sum(s.accepted[j] for s in stats) for j in range(depth)]
-        forwards = sum(s.main_forwards for s in stats)
-        produced = sum(s.tokens for s in stats)
-        same = sum(a == b for a, b in zip(plain_out, spec_out))
-        rows.append(dict(batch=bs, plain_tokens_per_s=plain_tps, speculative_tokens_per_s=spec_tps,
-                         speedup=spec_tps / plain_tps,
-                         acceptance_by_depth=[a / p for a, p in zip(accepted, proposed)],
-                         mean_tokens_per_forward=produced / forwards,
-                         identical_sequences=f"{same}/{len(prompts)}"))
-        print(json.dumps(rows[-1]), flush=True)
+        for mode in modes:
+            graphs = mode == "graphs"
+            generate(model, prompts[:bs], 8, graphs=graphs)  # warm-up (allocator, kernels)
+            generate_speculative(model, prompts[:bs], 8, graphs=graphs)
+            plain_out, _, plain_tps = timed(generate, bs, graphs)
+            spec_out, stats, spec_tps = timed(generate_speculative, bs, graphs)
+            depth = model.config.mtp.depth
+            proposed = [sum(s.proposed[j] for s in stats) for j in range(depth)]
+            accepted = [sum(s.accepted[j] for s in stats) for j in range(depth)]
+            forwards = sum(s.main_forwards for s in stats)
+            produced = sum(s.tokens for s in stats)
+            same = sum(a == b for a, b in zip(plain_out, spec_out))
+            rows.append(dict(batch=bs, mode=mode, plain_tokens_per_s=plain_tps,
+                             speculative_tokens_per_s=spec_tps, speedup=spec_tps / plain_tps,
+                             acceptance_by_depth=[a / p for a, p in zip(accepted, proposed)],
+                             mean_tokens_per_forward=produced / forwards,
+                             identical_sequences=f"{same}/{len(prompts)}"))
+            print(json.dumps(rows[-1]), flush=True)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
@@ -96,10 +103,10 @@ def main() -> int:
                   prompts=len(prompts), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit or os.environ.get("COMMIT", ""),
                   rows=rows)
-    print("| batch | plain tok/s | speculative tok/s | speedup | acceptance by depth | tokens/forward | identical |")
-    print("|---|---|---|---|---|---|---|")
+    print("| batch | mode | plain tok/s | speculative tok/s | speedup | acceptance by depth | tokens/forward | identical |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['plain_tokens_per_s']:.0f} | {r['speculative_tokens_per_s']:.0f} | "
+        print(f"| {r['batch']} | {r['mode']} | {r['plain_tokens_per_s']:.0f} | {r['speculative_tokens_per_s']:.0f} | "
               f"{r['speedup']:.2f}× | {' '.join(f'{a:.2f}' for a in r['acceptance_by_depth'])} | "
               f"{r['mean_tokens_per_forward']:.2f} | {r['identical_sequences']} |")
     if args.json:

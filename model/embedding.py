@@ -88,5 +88,7 @@ class SharedEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [..., V] (gathered over TP; no autograd) for inference."""
         local = hidden @ self.output_weight.t()  # [..., V/TP]
+        if self.tp_group.size() == 1:
+            return local
         # An explicit all_gather: megatron's gather uses all_gather_into_tensor, which gloo lacks.
         return gather_tensor(local, dim=local.dim() - 1, stride=1, group=self.tp_group)

@@ -55,8 +55,8 @@ def test_help(command, capsys):
         (["--config", "configs/tiny-cpu.yaml", "data.path="], "data.path is empty"),
         (["--config", "configs/tiny-cpu.yaml", "train.compile=true", "parallel.zero_stage=3"],
          "train.compile = true with parallel.zero_stage = 3"),
-        (["--config", "configs/tiny-cpu.yaml", "train.compile=yes"],
-         "train.compile: 'yes' is not a bool or 'auto'"),
+        (["--config", "configs/tiny-cpu.yaml", "train.compile=maybe"],
+         "train.compile: 'maybe' is not a bool or 'auto'"),
     ],
 )
 def test_bad_config_is_refused_before_any_work(args, message, capsys):
