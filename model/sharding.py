@@ -62,9 +62,14 @@ def full_grads(model: nn.Module, group: dist.ProcessGroup) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], group: dist.ProcessGroup) -> None:
-    """Copy full (TP=1) tensors into this rank's shards. Every parameter must be present."""
+def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], group: dist.ProcessGroup,
+                         prefix_excluded: str | None = None) -> None:
+    """Copy full (TP=1) tensors into this rank's shards. Every parameter must be present, except
+    those under `prefix_excluded` (neither copied nor expected, e.g. "tail.objective.")."""
     params = dict(model.named_parameters())
+    if prefix_excluded is not None:
+        params = {k: v for k, v in params.items() if not k.startswith(prefix_excluded)}
+        full = {k: v for k, v in full.items() if not k.startswith(prefix_excluded)}
     missing = sorted(set(params) - set(full))
     unexpected = sorted(set(full) - set(params))
     if missing or unexpected:

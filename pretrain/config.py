@@ -88,6 +88,11 @@ class TrainConfig:
     """Seeds weight init (per layer) and the data order."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """'auto': bf16 on GPUs, fp32 on CPU."""
+    init_from: str | None = None
+    """Start the main model (embedding, blocks, final norm; not the MTP tail) from this export
+    or checkpoint/run directory instead of a random init, e.g. to train blockwise heads on a
+    frozen pretrained trunk (mtp.freeze_trunk). The shapes must match; PP = 1 only. A resumed run
+    takes every weight from its checkpoint."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile the transformer blocks and the fused loss kernels. 'auto': on with GPUs and
     ZeRO <= 2, off on CPU (compiling costs ~30 s per block shape there and gains little).
@@ -177,6 +182,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"parallel.pp = {p.pp} exceeds the {cfg.model.num_layers + 2} pipeline layers "
             "(embedding, blocks, tail); use fewer stages")
+    if t.init_from is not None and p.pp > 1:
+        raise ConfigError(f"train.init_from = {t.init_from!r} with parallel.pp = {p.pp}: "
+                          "initialising from a model is supported with pp = 1 only")
     if t.compile is True and p.zero_stage == 3:
         raise ConfigError("train.compile = true with parallel.zero_stage = 3: ZeRO-3 gathers "
                           "parameters in module hooks that compiled blocks bypass; use "

@@ -21,30 +21,33 @@ class LoadedModel:
     source: str
 
 
-def load_for_inference(path: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:
+def read_full_state_dict(path: str | Path):
+    """(decoder config, full TP=1 state dict, tokenizer path or None, special ids, a description)
+    of an export directory or a training checkpoint / run directory."""
     path = Path(path)
     if (path / "config.json").is_file():
         from model.hf_export import load_exported_model
 
         dcfg, full = load_exported_model(path)
         tokenizer = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
-        specials = _specials_from_tokenizer_config(path)
-        source = f"export {path}"
-    else:
-        from data_pipeline import load_manifest
-        from pretrain.checkpoint import resolve_checkpoint
-        from pretrain.checkpoint_export import full_state_dict_from_checkpoint
+        return dcfg, full, tokenizer, _specials_from_tokenizer_config(path), f"export {path}"
+    from data_pipeline import load_manifest
+    from pretrain.checkpoint import resolve_checkpoint
+    from pretrain.checkpoint_export import full_state_dict_from_checkpoint
 
-        ref = resolve_checkpoint(path)
-        cfg, full = full_state_dict_from_checkpoint(ref)
-        dcfg = cfg.decoder
-        tokenizer, specials = None, {}
-        try:
-            manifest = load_manifest(ref.marker()["manifest"], check_files=False)
-            tokenizer, specials = manifest.tokenizer_path, manifest.special_ids
-        except (OSError, ValueError):
-            pass
-        source = f"checkpoint {ref.path}"
+    ref = resolve_checkpoint(path)
+    cfg, full = full_state_dict_from_checkpoint(ref)
+    tokenizer, specials = None, {}
+    try:
+        manifest = load_manifest(ref.marker()["manifest"], check_files=False)
+        tokenizer, specials = manifest.tokenizer_path, manifest.special_ids
+    except (OSError, ValueError):
+        pass
+    return cfg.decoder, full, tokenizer, specials, f"checkpoint {ref.path}"
+
+
+def load_for_inference(path: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:
+    dcfg, full, tokenizer, specials, source = read_full_state_dict(path)
     ctx = single_process_context()
     model = MTPLanguageModel(dcfg, ctx)
     load_full_state_dict(model, full, ctx.tp_group)

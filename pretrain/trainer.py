@@ -18,6 +18,7 @@ from deepspeed.utils import logger as ds_logger
 from data_pipeline import ShardError, ShardLoader, load_manifest
 from model import ParallelContext, accelerator
 from model.compile import compile_for_training
+from model.sharding import load_full_state_dict
 from pretrain import checkpoint as ckpt
 from pretrain.acceptance_eval import acceptance_metrics
 from pretrain.config import ConfigError, RunConfig, validate_layout
@@ -123,6 +124,8 @@ class Trainer:
             module, self.tail_loss = build_pipeline(dcfg, ctx, cfg.train.seed, self.topo,
                                                     cfg.parallel.partition_method)
             mpu = None
+        if cfg.train.init_from is not None:  # a resume below then overwrites every weight
+            self._init_main_model(module, ctx, cfg.train.init_from)
         self.compiled = cfg.train.compile is True or (
             cfg.train.compile == "auto" and on_gpu and cfg.parallel.zero_stage <= 2)
         if self.compiled:
@@ -182,6 +185,17 @@ class Trainer:
             raise ConfigError(
                 f"the dataset's windows have seq_len {manifest.seq_len} but model.max_seq_len = "
                 f"{m.max_seq_len}; raise model.max_seq_len")
+
+    def _init_main_model(self, module, ctx: ParallelContext, path: str) -> None:
+        """train.init_from: the main model's weights from an export or checkpoint."""
+        from pretrain.inference_loading import read_full_state_dict
+
+        try:
+            _, full, _, _, source = read_full_state_dict(path)
+            load_full_state_dict(module, full, ctx.tp_group, prefix_excluded="tail.objective.")
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"train.init_from = {path!r}: {err}") from None
+        self.logger.print(f"main model initialised from {source}")
 
     def _write_run_files(self) -> None:
         if self.rank != 0:

@@ -55,6 +55,8 @@ def test_help(command, capsys):
         (["--config", "configs/tiny-cpu.yaml", "data.path="], "data.path is empty"),
         (["--config", "configs/tiny-cpu.yaml", "train.compile=true", "parallel.zero_stage=3"],
          "train.compile = true with parallel.zero_stage = 3"),
+        (["--config", "configs/tiny-cpu.yaml", "train.init_from=runs/x", "parallel.pp=2"],
+         "initialising from a model is supported with pp = 1 only"),
         (["--config", "configs/tiny-cpu.yaml", "train.compile=maybe"],
          "train.compile: 'maybe' is not a bool or 'auto'"),
     ],

@@ -11,8 +11,8 @@ SEQ = 16
 MAX_DEPTH = 3
 
 
-def build_tiny_dataset(root: Path) -> Path:
-    """Shards of a few stdlib packages (real code), vocab 512, windows of 16 + 3 + 1 tokens."""
+def build_tiny_dataset(root: Path, max_depth: int = MAX_DEPTH) -> Path:
+    """Shards of a few stdlib packages (real code), vocab 512, windows of 16 + max_depth + 1."""
     from data_pipeline import BuildConfig, build_dataset
 
     src = root / "corpus"
@@ -21,7 +21,7 @@ def build_tiny_dataset(root: Path) -> Path:
         shutil.copytree(stdlib / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     out = root / "data"
     build_dataset(BuildConfig(source=str(src), out_dir=out, vocab_size=VOCAB, seq_len=SEQ,
-                              max_depth=MAX_DEPTH, val_fraction=0.05, shard_samples=256,
+                              max_depth=max_depth, val_fraction=0.05, shard_samples=256,
                               num_workers=1, progress=False))
     return out
 

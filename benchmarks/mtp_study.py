@@ -1,0 +1,252 @@
+"""The MTP study: does MTP pay at this scale, and how fast is self-speculative decoding?
+
+    python benchmarks/mtp_study.py run ARM --data DATA --out STUDY [--ood-data DATA2] [--steps N]
+    python benchmarks/mtp_study.py report STUDY --out docs/STUDY.md
+
+`run` trains one arm end to end in this process (same config, token budget, optimizer and seed
+for every arm; only the MTP objective differs), exports it, evaluates the main head's held-out loss
+(in-distribution: DATA's val split; out-of-distribution: DATA2's, tokenized with DATA's tokenizer),
+per-depth teacher-forced accuracy, real draft acceptance and tokens per main-model forward, and
+times plain vs self-speculative greedy decoding at batch 1. Everything lands in STUDY/ARM/result.json.
+`blockwise4-frozen` trains BPD heads on the frozen trunk of the finished `none` arm (STUDY/none).
+
+`report` turns every STUDY/*/result.json into one Markdown page with the table, validation-loss
+curves and acceptance-by-depth plots (PNG, needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ARMS = {
+    "none": ["mtp.kind=none", "mtp.depth=0"],
+    "deepseek1": ["mtp.kind=deepseek", "mtp.depth=1"],
+    "deepseek3": ["mtp.kind=deepseek", "mtp.depth=3"],
+    "parallel4": ["mtp.kind=parallel", "mtp.depth=4"],
+    "blockwise4": ["mtp.kind=blockwise", "mtp.depth=4"],
+    "blockwise4-frozen": ["mtp.kind=blockwise", "mtp.depth=4", "mtp.freeze_trunk=true"],
+}
+BASELINE = "none"
+
+
+def _cli(argv: list[str]) -> None:
+    from pretrain.cli import main
+
+    code = main(argv)
+    if code != 0:
+        raise SystemExit(f"mtp_study: `mtp {' '.join(argv)}` failed with exit code {code}")
+
+
+def run_arm(args: argparse.Namespace) -> dict:
+    from data_pipeline import load_manifest
+    from model import accelerator
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    arm_dir = args.out / args.arm
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    overrides = [f"data.path={args.data}", f"run_dir={arm_dir / 'run'}",
+                 f"train.steps={args.steps}", "checkpoint.interval=0",
+                 f"train.eval_interval={max(1, args.steps // args.curve_points)}",
+                 f"train.seed={args.seed}", *ARMS[args.arm]]
+    if args.arm == "blockwise4-frozen":
+        base = args.out / BASELINE / "export"
+        if not (base / "config.json").is_file():
+            raise SystemExit(f"mtp_study: arm {args.arm} trains on the frozen trunk of arm "
+                             f"'{BASELINE}': run that arm first (no export at {base})")
+        overrides.append(f"train.init_from={base}")
+    cfg = load_config(str(args.config), overrides + list(args.overrides))
+    # λ: 0.3 for the first 70 % of the token budget, then 0.1 (DeepSeek-V3's schedule, scaled).
+    budget = cfg.train.steps * cfg.train.global_batch_size * load_manifest(args.data).seq_len
+    overrides += ["mtp_weight.values=[0.3, 0.1]",
+                  f"mtp_weight.boundaries_tokens=[{int(0.7 * budget)}]"]
+    cfg = load_config(str(args.config), overrides + list(args.overrides))
+    trainer = Trainer(cfg)
+    t0 = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - t0
+    if result.exit_code != 0:
+        raise SystemExit(f"mtp_study: training arm {args.arm} ended with exit code {result.exit_code}")
+
+    export = arm_dir / "export"
+    _cli(["export", str(arm_dir / "run"), "--out", str(export), "--overwrite"]
+         + (["--with-mtp"] if cfg.mtp.kind != "none" else []))
+    evals = {}
+    for name, data in (("in_distribution", args.data), ("out_of_distribution", args.ood_data)):
+        if data is None:
+            continue
+        out = arm_dir / f"eval-{name}.json"
+        _cli(["eval", str(export), "--data", str(data), "--batches", str(args.eval_batches),
+              "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len),
+              "--new-tokens", str(args.new_tokens), "--json", str(out)])
+        evals[name] = json.loads(out.read_text())
+    generation = None
+    if cfg.mtp.kind != "none":
+        out = arm_dir / "generation.json"
+        modes = "graphs" if accelerator.graphs_supported() else "eager"
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation.py"),
+                        str(export), "--data", str(args.data), "--prompts", str(args.prompts),
+                        "--prompt-len", str(args.prompt_len), "--new-tokens",
+                        str(args.new_tokens), "--batch-sizes", "1",
+                        "--modes", modes, "--json", str(out)], check=True, cwd=REPO)
+        generation = json.loads(out.read_text())["rows"][0]
+    tps = [r["perf/tokens_per_s"] for r in result.losses[len(result.losses) // 4:]]
+    res = {
+        "arm": args.arm, "overrides": overrides + list(args.overrides), "config": str(args.config),
+        "steps": cfg.train.steps, "tokens": budget, "seed": args.seed,
+        "device": accelerator.device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": _commit(), "train_seconds": train_seconds,
+        "train_tokens_per_s": statistics.median(tps) if tps else None,
+        "train_curve": [{k: v for k, v in r.items() if k == "step" or k.startswith("loss/")}
+                        for r in result.losses],
+        "validation_curve": [{k: v for k, v in r.items() if k.startswith(("step", "val/loss"))}
+                             for r in result.validation],
+        "eval": evals, "generation": generation,
+    }
+    (arm_dir / "result.json").write_text(json.dumps(res, indent=1))
+    print(f"mtp_study: arm {args.arm} done: {arm_dir / 'result.json'}")
+    return res
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=REPO).stdout.strip()
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------- report
+def _fmt(x, spec=".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _row(r: dict) -> str:
+    ev_id = r["eval"].get("in_distribution", {})
+    ev_ood = r["eval"].get("out_of_distribution", {})
+    acc = ev_id.get("acceptance")
+    gen = r["generation"] or {}
+    depth_acc = " ".join(f"{a:.2f}" for a in ev_id.get("accuracy_per_depth", []))
+    real = " ".join(f"{a:.2f}" for a in acc["acceptance_rate"]) if acc else "—"
+    loss = ev_id.get("loss_per_depth", [None])[0]
+    loss_ood = ev_ood.get("loss_per_depth", [None])[0] if ev_ood else None
+    return (f"| {r['arm']} | {_fmt(loss)} | {_fmt(loss_ood)} | {depth_acc} | {real} | "
+            f"{_fmt(acc and acc['mean_tokens_per_forward'], '.2f')} | "
+            f"{_fmt(gen.get('plain_tokens_per_s'), '.0f')} | "
+            f"{_fmt(gen.get('speculative_tokens_per_s'), '.0f')} | "
+            f"{_fmt(gen.get('speedup'), '.2f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} |")
+
+
+def _plots(results: list[dict], out_dir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        pts = [(v["step"], v["val/loss/main"]) for v in r["validation_curve"] if "val/loss/main" in v]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=r["arm"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss, main head")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "validation_loss.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        acc = r["eval"].get("in_distribution", {}).get("acceptance")
+        if acc:
+            rates = acc["acceptance_rate"]
+            ax.plot(range(1, len(rates) + 1), rates, marker="o", label=r["arm"])
+    ax.set_xlabel("draft depth")
+    ax.set_ylabel("real acceptance rate")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "acceptance_by_depth.png", dpi=120)
+    plt.close(fig)
+    return ["validation_loss.png", "acceptance_by_depth.png"]
+
+
+def report(args: argparse.Namespace) -> str:
+    results = [json.loads(p.read_text()) for p in sorted(args.study.glob("*/result.json"))]
+    if not results:
+        raise SystemExit(f"mtp_study: no */result.json under {args.study}; run some arms first")
+    order = list(ARMS)
+    results.sort(key=lambda r: order.index(r["arm"]) if r["arm"] in order else len(order))
+    out = Path(args.out)
+    plot_dir = out.parent / (out.stem.lower() + "-plots")
+    plots = _plots(results, plot_dir)
+    first = results[0]
+    lines = [
+        "# MTP study: results",
+        "",
+        f"Produced by `benchmarks/mtp_study.py report` from {len(results)} arms. Card: "
+        f"{', '.join(sorted({r['device'] for r in results}))}; dates: "
+        f"{', '.join(sorted({r['date'][:10] for r in results}))}; commits: "
+        f"{', '.join(sorted({r['commit'] or '?' for r in results}))}; config `{first['config']}`, "
+        f"{first['steps']} steps, {first['tokens']:,} training tokens per arm, seed {first['seed']}.",
+        "",
+        "| arm | held-out loss (main) | out-of-distribution loss | teacher-forced acc. per depth "
+        "| real acceptance per depth | tokens / forward | plain tok/s (batch 1) | speculative "
+        "tok/s | speedup | training tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *[_row(r) for r in results],
+        "",
+    ]
+    lines += [f"![{p}]({plot_dir.name}/{p})" for p in plots] or [
+        "(plots skipped: matplotlib is not installed)"]
+    if args.reading:
+        lines += ["", "## Reading", "", Path(args.reading).read_text().strip()]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"mtp_study: wrote {out}" + (f" and {len(plots)} plots in {plot_dir}" if plots else ""))
+    return out.read_text()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train, export and evaluate one arm")
+    r.add_argument("arm", choices=list(ARMS))
+    r.add_argument("--data", type=Path, required=True, help="training dataset (mtp prepare)")
+    r.add_argument("--ood-data", type=Path, help="out-of-distribution held-out dataset built "
+                   "with the training data's tokenizer (mtp prepare --tokenizer)")
+    r.add_argument("--out", type=Path, required=True, help="study directory (one folder per arm)")
+    r.add_argument("--config", type=Path, default=REPO / "configs" / "gpt-110m.yaml")
+    r.add_argument("--steps", type=int, default=2000, help="optimizer steps (same for every arm)")
+    r.add_argument("--seed", type=int, default=1234)
+    r.add_argument("--curve-points", type=int, default=5, help="validation passes during training")
+    r.add_argument("--eval-batches", type=int, default=20)
+    r.add_argument("--prompts", type=int, default=16, help="held-out prompts for acceptance/speed")
+    r.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (held-out windows)")
+    r.add_argument("--new-tokens", type=int, default=64)
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides")
+    g = sub.add_parser("report", help="write the study page from the arms' result.json files")
+    g.add_argument("study", type=Path)
+    g.add_argument("--out", default=str(REPO / "docs" / "STUDY.md"))
+    g.add_argument("--reading", help="a Markdown file with the written reading, appended")
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        run_arm(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
