@@ -1,7 +1,13 @@
 """The MTP study: does MTP pay at this scale, and how fast is self-speculative decoding?
 
+    python benchmarks/mtp_study.py pack --out study-pack          # once, on a networked machine
     python benchmarks/mtp_study.py run ARM --data DATA --out STUDY [--ood-data DATA2] [--steps N]
     python benchmarks/mtp_study.py report STUDY --out docs/STUDY.md
+
+`pack` writes a compressed, deterministic subset of the pinned Python-code corpus (files in a
+seeded hash order until the archive reaches --max-mib) for offline GPU machines;
+benchmarks/study_gpu.sh unpacks it there, builds the shards (and out-of-distribution shards
+from the machine's own Python stdlib with the same tokenizer) and runs arms.
 
 `run` trains one arm end to end in this process (same config, token budget, optimizer and seed
 for every arm; only the MTP objective differs), exports it, evaluates the main head's held-out loss
@@ -17,10 +23,14 @@ curves and acceptance-by-depth plots (PNG, needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
+import lzma
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -123,6 +133,49 @@ def _commit() -> str:
                               text=True, cwd=REPO).stdout.strip()
     except OSError:
         return ""
+
+
+# ---------------------------------------------------------------------------------- pack
+def pack(args: argparse.Namespace) -> dict:
+    """corpus.tar.xz + pack.json in args.out: every .py file of the source in sha256(path)
+    order (the distributions interleaved, deterministic) until the archive reaches the budget."""
+    if args.source == "pinned-code":
+        from data_pipeline import prepare_pinned_code
+
+        root, _ = prepare_pinned_code(args.download_dir, progress=True)
+    else:
+        root = Path(args.source)
+        if not root.is_dir():
+            raise SystemExit(f"mtp_study: --source {root} is not a directory")
+    files = sorted((p for p in root.rglob("*.py") if p.is_file()),
+                   key=lambda p: hashlib.sha256(str(p.relative_to(root)).encode()).hexdigest())
+    if not files:
+        raise SystemExit(f"mtp_study: no .py files under {root}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    archive = args.out / "corpus.tar.xz"
+    # Stream tar → xz → file and stop adding files once the compressed output nears the budget
+    # (what the compressor still holds back comes on top, hence the slack).
+    stop_at = args.max_mib * 2**20 - 2**20
+    kept, raw_bytes = 0, 0
+    with open(archive, "wb") as fh, lzma.open(fh, "w", preset=6) as xz, \
+            tarfile.open(fileobj=xz, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for path in files:
+            if fh.tell() > stop_at:
+                break
+            data = path.read_bytes()
+            info = tarfile.TarInfo(str(path.relative_to(root)))
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+            kept += 1
+            raw_bytes += len(data)
+    packed = archive.stat().st_size
+    meta = {"source": args.source, "root": str(root), "files_total": len(files),
+            "files_kept": kept, "raw_bytes": raw_bytes, "compressed_bytes": packed,
+            "order": "sha256 of the relative path", "commit": _commit()}
+    (args.out / "pack.json").write_text(json.dumps(meta, indent=1))
+    print(f"mtp_study: packed {kept}/{len(files)} files ({raw_bytes / 2**20:.1f} MiB of source, "
+          f"{packed / 2**20:.1f} MiB compressed) into {archive}")
+    return meta
 
 
 # ---------------------------------------------------------------------------------- report
@@ -237,15 +290,19 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (held-out windows)")
     r.add_argument("--new-tokens", type=int, default=64)
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides")
+    k = sub.add_parser("pack", help="a compressed corpus subset for offline GPU machines")
+    k.add_argument("--out", type=Path, default=REPO / "study-pack")
+    k.add_argument("--source", default="pinned-code", help="'pinned-code' or a directory")
+    k.add_argument("--download-dir", type=Path, default=REPO / "data" / "downloads",
+                   help="pinned-code download/extract cache")
+    k.add_argument("--max-mib", type=float, default=40.0,
+                   help="archive budget (what the GPU machine can be sent, wheels aside)")
     g = sub.add_parser("report", help="write the study page from the arms' result.json files")
     g.add_argument("study", type=Path)
     g.add_argument("--out", default=str(REPO / "docs" / "STUDY.md"))
     g.add_argument("--reading", help="a Markdown file with the written reading, appended")
     args = p.parse_args(argv)
-    if args.cmd == "run":
-        run_arm(args)
-    else:
-        report(args)
+    {"run": run_arm, "pack": pack, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

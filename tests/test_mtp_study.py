@@ -97,3 +97,49 @@ def test_study_arms_and_report(tmp_path):
     for png in ("validation_loss.png", "acceptance_by_depth.png"):
         assert (page.parent / "study-plots" / png).stat().st_size > 1000
         assert f"study-plots/{png}" in text
+
+
+def test_pack_and_the_offline_gpu_script(tmp_path):
+    """pack: a deterministic budgeted subset; study_gpu.sh: unpack, shards, an arm (tiny)."""
+    src = tmp_path / "src"
+    for i in range(300):  # ~6 MiB of incompressible-ish Python, so the budget bites
+        body = "".join(f"x_{i}_{j} = {hash((i, j)) % 10**12}\n" for j in range(900))
+        (src / f"pkg{i % 7}").mkdir(parents=True, exist_ok=True)
+        (src / f"pkg{i % 7}" / f"m{i}.py").write_text(body)
+    packs = []
+    for name in ("a", "b"):
+        res = subprocess.run([*STUDY, "pack", "--source", str(src), "--out", str(tmp_path / name),
+                              "--max-mib", "2"], capture_output=True, text=True, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+        packs.append(json.loads((tmp_path / name / "pack.json").read_text()))
+    a, b = packs
+    assert a["files_total"] == 300 and 0 < a["files_kept"] < 300  # the budget cut the list
+    assert a["compressed_bytes"] <= 2.2 * 2**20
+    assert (tmp_path / "a" / "corpus.tar.xz").read_bytes() == (tmp_path / "b" / "corpus.tar.xz").read_bytes()
+
+    # The script on a pack of real code (the tiny dataset's stdlib packages).
+    data = build_tiny_dataset(tmp_path / "cfgdata", max_depth=4)
+    res = subprocess.run([*STUDY, "pack", "--source", str(tmp_path / "cfgdata" / "corpus"),
+                          "--out", str(tmp_path / "real"), "--max-mib", "8"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    real = json.loads((tmp_path / "real" / "pack.json").read_text())
+    assert real["files_kept"] == real["files_total"]  # within budget: everything
+    cfg = tiny_run(data, tmp_path / "unused")
+    cfg["model"]["max_seq_len"] = 64
+    cfg["data"]["num_workers"] = 0
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    env = {**__import__("os").environ, "OUT": str(out), "PACK": str(tmp_path / "real"),
+           "WORK": str(tmp_path / "work"), "ARMS": "deepseek1", "STEPS": "3", "VOCAB": "512",
+           "SEQ_LEN": str(SEQ), "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "study_gpu.sh"), "--config",
+                          str(config), "--eval-batches", "1", "--prompts", "1", "--prompt-len",
+                          "8", "--new-tokens", "4"], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    r = json.loads((out / "study" / "deepseek1" / "result.json").read_text())
+    assert r["steps"] == 3 and set(r["eval"]) == {"in_distribution", "out_of_distribution"}
+    manifest = json.loads((tmp_path / "work" / "data" / "manifest.json").read_text())
+    assert manifest["source"]["documents_listed"] == real["files_kept"]
