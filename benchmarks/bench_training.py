@@ -44,7 +44,7 @@ SHAPES = {
                  ffn=2816, seq=2048, vocab=32000, tie=False, micro=16, global_batch=32),
     # For the CPU smoke test of this script only.
     "tiny": dict(config="configs/tiny-cpu.yaml", layers=2, hidden=64, heads=4, kv_heads=2,
-                 ffn=128, seq=64, vocab=512, tie=True, micro=2, global_batch=4),
+                 ffn=128, seq=16, vocab=512, tie=True, micro=2, global_batch=4),
 }
 
 # name: (kind, GPUs, our config overrides / baseline options)
@@ -185,17 +185,17 @@ def _random_batches(shape: dict, count: int = 8):
             for _ in range(count)]
 
 
-def _worker_plain(shape: dict, steps: int, warmup: int) -> dict:
+def _torch_loop(shape: dict, model, micro_loss, steps: int, warmup: int, kind: str,
+                depth: int) -> dict:
+    """Times the optimizer steps of a baseline's plain torch loop: bf16 autocast, gradient
+    accumulation to the shape's global batch, clipping at 1.0, fused AdamW. `micro_loss(batch)`
+    is one micro-batch's mean loss; batch [micro, seq + 1] token ids."""
     import torch
 
-    from benchmarks.training_baselines import PlainGPT
     from model import accelerator
 
     dev = accelerator.current_device()
-    torch.manual_seed(0)
-    model = PlainGPT(shape).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
-    compiled = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=dev.type != "cpu")
     batches = _random_batches(shape)
     accum = shape["global_batch"] // shape["micro"]
     counter = iter(range(10**9))
@@ -204,7 +204,7 @@ def _worker_plain(shape: dict, steps: int, warmup: int) -> dict:
         for _ in range(accum):
             b = batches[next(counter) % len(batches)]
             with torch.autocast(dev.type, dtype=torch.bfloat16):
-                loss = compiled(b[:, :-1], b[:, 1:]) / accum
+                loss = micro_loss(b) / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -212,8 +212,21 @@ def _worker_plain(shape: dict, steps: int, warmup: int) -> dict:
 
     accelerator.reset_peak_memory()
     rates = _timed_loop(step, steps, warmup, shape["global_batch"] * shape["seq"])
-    return _result(rates, _train_flops_per_token(shape, "none", 0), 1,
+    return _result(rates, _train_flops_per_token(shape, kind, depth), 1,
                    accelerator.peak_memory_bytes(), device=accelerator.device_name())
+
+
+def _worker_plain(shape: dict, steps: int, warmup: int) -> dict:
+    import torch
+
+    from benchmarks.training_baselines import PlainGPT
+    from model import accelerator
+
+    torch.manual_seed(0)
+    model = PlainGPT(shape).to(accelerator.current_device())
+    compiled = torch.compile(model)
+    return _torch_loop(shape, model, lambda b: compiled(b[:, :-1], b[:, 1:]), steps, warmup,
+                       "none", 0)
 
 
 def _worker_megatron(shape: dict, mtp_layers: int, steps: int, warmup: int) -> dict:
@@ -228,29 +241,15 @@ def _worker_megatron(shape: dict, mtp_layers: int, steps: int, warmup: int) -> d
     dist.init_process_group(accelerator.communication_backend(), rank=0, world_size=1)
     dev = accelerator.current_device()
     model = megatron_gpt(shape, mtp_layers)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
-    batches = _random_batches(shape)
-    accum = shape["global_batch"] // shape["micro"]
     pos = torch.arange(shape["seq"], device=dev).expand(shape["micro"], -1)
     mask = torch.ones(shape["micro"], shape["seq"], device=dev)
-    counter = iter(range(10**9))
 
-    def step():
-        for _ in range(accum):
-            b = batches[next(counter) % len(batches)]
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                per_token = model(b[:, :-1], pos, None, labels=b[:, 1:], loss_mask=mask)
-                loss = per_token.float().mean() / accum
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def micro_loss(b):
+        # GPTModel returns per-token losses (the MTP loss is added through its autograd hook).
+        return model(b[:, :-1], pos, None, labels=b[:, 1:], loss_mask=mask).float().mean()
 
-    accelerator.reset_peak_memory()
-    rates = _timed_loop(step, steps, warmup, shape["global_batch"] * shape["seq"])
     kind, depth = ("deepseek", 1) if mtp_layers else ("none", 0)
-    return _result(rates, _train_flops_per_token(shape, kind, depth), 1,
-                   accelerator.peak_memory_bytes(), device=accelerator.device_name())
+    return _torch_loop(shape, model, micro_loss, steps, warmup, kind, depth)
 
 
 def _free_port() -> int:

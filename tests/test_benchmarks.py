@@ -1,0 +1,41 @@
+"""The GPU benchmarks' drivers run on CPU with the toy shape (the numbers mean nothing here:
+this checks the plumbing — rows in their own processes, results, table, profile)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.train_fixtures import build_tiny_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_training_smoke(tmp_path):
+    data = build_tiny_dataset(tmp_path / "fixture", max_depth=4)
+    root = tmp_path / "bench-data"
+    root.mkdir()
+    (root / "stdlib-seq16").symlink_to(data)  # where the driver looks for the tiny shape's shards
+    out = tmp_path / "train.json"
+    profile = tmp_path / "profile.txt"
+    res = subprocess.run(
+        [sys.executable, "benchmarks/bench_training.py", "--shapes", "tiny", "--rows",
+         "ours-none,ours-deepseek1,plain", "--data", str(root), "--steps", "2", "--warmup", "1",
+         "--json", str(out), "--profile", f"tiny:ours-none={profile}"],
+        capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = json.loads(out.read_text())["tiny"]
+    assert set(rows) == {"ours-none", "ours-deepseek1", "plain"}
+    for name, r in rows.items():
+        assert "error" not in r, (name, r)
+        assert r["tokens_per_s"] > 0 and r["timed_steps"] == 2 and r["device"] == "cpu"
+    assert rows["ours-none"]["compiled"] is False  # train.compile auto: off on CPU
+    table = [ln for ln in res.stdout.splitlines() if ln.startswith("| tiny |")]
+    assert [ln.split("|")[2].strip() for ln in table] == ["ours-none", "ours-deepseek1", "plain"]
+    assert "by GPU time" in profile.read_text()
+
+    res = subprocess.run([sys.executable, "benchmarks/bench_training.py", "--shapes", "110m",
+                          "--data", str(root)], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode != 0 and "needs a GPU" in res.stderr
