@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.train_fixtures import build_tiny_dataset
 
 REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # whole training/export/eval runs in subprocesses
 
 
 def test_bench_training_smoke(tmp_path):

@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from tests.train_fixtures import SEQ, VOCAB, build_tiny_dataset, tiny_run
 
 REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # whole training/export/eval runs in subprocesses
 STUDY = [sys.executable, str(REPO / "benchmarks" / "mtp_study.py")]
 
 
