@@ -41,9 +41,17 @@ class Drafter:
         self.generator = generator
         self.max_len = max_len
         self.device = model.embedding.output_weight.device
+        self.batch = batch
+        self.dtype = model.embedding.output_weight.dtype
         self.static = False
         """Fixed window widths and whole-cache attention (set by the decoder once the prompt has
         been caught up; see the module docstring)."""
+
+    def _block_caches(self, blocks) -> list[KVCache]:
+        """One single-layer KV cache per draft block (an MTP module's or a head's)."""
+        hd = self.model.config.model.head_dim
+        return [KVCache(1, self.batch, blk.attn.groups, self.max_len, hd, self.dtype, self.device)
+                for blk in blocks]
 
     def _pick(self, logits: torch.Tensor):
         """[B, V] → (tokens [B], probs [B, V] or None)."""
@@ -77,15 +85,12 @@ class DeepSeekDrafter(Drafter):
 
     def __init__(self, *args):
         super().__init__(*args)
-        cfg = self.model.config.model
         mods = self.model.tail.objective.layers
-        dtype = self.model.embedding.output_weight.dtype
-        batch = args[1]
-        self.caches = [KVCache(1, batch, m.block.attn.groups, self.max_len, cfg.head_dim, dtype,
-                               self.device) for m in mods]
-        self.hidden = [torch.zeros(batch, self.max_len, cfg.hidden_size, dtype=dtype,
+        d = self.model.config.model.hidden_size
+        self.caches = self._block_caches(m.block for m in mods)
+        self.hidden = [torch.zeros(self.batch, self.max_len, d, dtype=self.dtype,
                                    device=self.device) for _ in mods]
-        self.valid = [torch.zeros(batch, dtype=torch.long, device=self.device) for _ in mods]
+        self.valid = [torch.zeros(self.batch, dtype=torch.long, device=self.device) for _ in mods]
 
     def catch_up(self, tokens, trunk, normed, m):
         drafts, probs = [], []
@@ -115,13 +120,8 @@ class ParallelHeadsDrafter(Drafter):
 
     def __init__(self, *args):
         super().__init__(*args)
-        cfg = self.model.config.model
-        heads = self.model.tail.objective.heads
-        dtype = self.model.embedding.output_weight.dtype
-        batch = args[1]
-        self.caches = [KVCache(1, batch, h.attn.groups, self.max_len, cfg.head_dim, dtype,
-                               self.device) for h in heads]
-        self.valid = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.caches = self._block_caches(self.model.tail.objective.heads)
+        self.valid = torch.zeros(self.batch, dtype=torch.long, device=self.device)
 
     def catch_up(self, tokens, trunk, normed, m):
         positions, last, attend = self._window(self.valid, m, self.depth + 1)
