@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import lzma
+import os
 import statistics
 import subprocess
 import sys
@@ -67,7 +68,10 @@ def run_arm(args: argparse.Namespace) -> dict:
     overrides = [f"data.path={args.data}", f"run_dir={arm_dir / 'run'}",
                  f"train.steps={args.steps}", "checkpoint.interval=0",
                  f"train.eval_interval={max(1, args.steps // args.curve_points)}",
-                 f"train.seed={args.seed}", *ARMS[args.arm]]
+                 f"train.seed={args.seed}",
+                 # Warm up over a tenth of the budget: the configs' 500 steps are sized for
+                 # full-length runs and would leave a short study arm below its peak rate.
+                 f"optim.warmup_steps={max(1, args.steps // 10)}", *ARMS[args.arm]]
     if args.arm == "blockwise4-frozen":
         base = args.out / BASELINE / "export"
         if not (base / "config.json").is_file():
@@ -128,11 +132,13 @@ def run_arm(args: argparse.Namespace) -> dict:
 
 
 def _commit() -> str:
+    """The checkout's commit; $COMMIT where the tree was copied without its .git (GPU machines)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=REPO).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=REPO).stdout.strip()
     except OSError:
-        return ""
+        sha = ""
+    return sha or os.environ.get("COMMIT", "")
 
 
 # ---------------------------------------------------------------------------------- pack

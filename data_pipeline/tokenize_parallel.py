@@ -63,6 +63,10 @@ def encode_documents(refs: list[DocRef], model_bytes: bytes, jsonl_field: str, d
     # process group) holding locks at fork time, and a forked worker then deadlocks on them
     # (seen in CI). The server process is started once per caller and forks clean workers.
     ctx = mp.get_context("forkserver")
+    # The server imports this module (and with it torch, through webdataset) once; workers fork
+    # from it instead of each importing it again. Sixteen workers importing torch at once from a
+    # fresh, uncompiled install took minutes on the GPU machines.
+    ctx.set_forkserver_preload([__name__])
     with ctx.Pool(num_workers, initializer=_init_worker, initargs=init) as pool:
         yield from _flatten(chunks, pool.imap(_encode_chunk, chunks))
 

@@ -135,14 +135,16 @@ def test_pack_and_the_offline_gpu_script(tmp_path):
     config.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     env = {**__import__("os").environ, "OUT": str(out), "PACK": str(tmp_path / "real"),
-           "WORK": str(tmp_path / "work"), "ARMS": "deepseek1", "STEPS": "3", "VOCAB": "512",
+           "WORK": str(tmp_path / "work"), "LANES": "deepseek1 none", "STEPS": "3", "VOCAB": "512",
            "SEQ_LEN": str(SEQ), "PYTHON": sys.executable}
     res = subprocess.run(["bash", str(REPO / "benchmarks" / "study_gpu.sh"), "--config",
                           str(config), "--eval-batches", "1", "--prompts", "1", "--prompt-len",
                           "8", "--new-tokens", "4"], capture_output=True, text=True, cwd=REPO,
                          env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    r = json.loads((out / "study" / "deepseek1" / "result.json").read_text())
-    assert r["steps"] == 3 and set(r["eval"]) == {"in_distribution", "out_of_distribution"}
+    for arm, lane in (("deepseek1", 0), ("none", 1)):  # two lanes, at the same time
+        r = json.loads((out / "study" / arm / "result.json").read_text())
+        assert r["steps"] == 3 and set(r["eval"]) == {"in_distribution", "out_of_distribution"}
+        assert f"arm {arm} done" in (out / f"lane-{lane}.log").read_text()
     manifest = json.loads((tmp_path / "work" / "data" / "manifest.json").read_text())
     assert manifest["source"]["documents_listed"] == real["files_kept"]
