@@ -311,7 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("study", type=Path)
     g.add_argument("--out", default=str(REPO / "docs" / "STUDY.md"))
     g.add_argument("--reading", help="a Markdown file with the written reading, appended")
-    args = p.parse_args(argv)
+    # KEY=VALUE overrides may follow options (argparse alone takes positionals only in one run).
+    args, extra = p.parse_known_args(argv)
+    stray = [a for a in extra if args.cmd != "run" or a.startswith("-") or "=" not in a]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     {"run": run_arm, "pack": pack, "report": report}[args.cmd](args)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import MTPLanguageModel, single_process_context
@@ -20,17 +21,20 @@ def _pair(dcfg):
     return eager, compiled
 
 
-def test_compiled_blocks_and_loss_kernels_match_eager():
-    # Chunks of 7 rows over 2·12·3 = 72 rows: a ragged last chunk, i.e. two chunk shapes for the
+@pytest.mark.parametrize("kind,depth", [("deepseek", 2), ("parallel", 3), ("blockwise", 3)])
+def test_compiled_blocks_and_loss_kernels_match_eager(kind, depth):
+    # Chunks of 7 rows over 2·12·depth rows: a ragged last chunk, i.e. two chunk shapes for the
     # dynamically shaped loss kernels.
-    dcfg = tiny_config("deepseek", 2, loss_chunk_tokens=7)
+    dcfg = tiny_config(kind, depth, loss_chunk_tokens=7)
     eager, compiled = _pair(dcfg)
-    assert compile_for_training(compiled) == dcfg.model.num_layers + dcfg.mtp.depth
+    # DeepSeek modules and parallel heads are transformer blocks; BPD heads are single FFNs (eager).
+    extra_blocks = 0 if kind == "blockwise" else depth
+    assert compile_for_training(compiled) == dcfg.model.num_layers + extra_blocks
     assert compiled.embedding.compiled_loss and not eager.embedding.compiled_loss
     # Same module tree: checkpoints and exports do not see the compilation.
     assert list(compiled.state_dict()) == list(eager.state_dict())
 
-    ids, labels, mask = make_batch(2)
+    ids, labels, mask = make_batch(depth)
     outs = []
     for model in (eager, compiled):
         out = model(ids, labels, mask, mtp_weight=0.3)
