@@ -29,6 +29,7 @@ from pretrain.model_builder import build_pipeline, build_whole_model
 from pretrain.preemption import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.schedules import MTPWeightSchedule, learning_rate
 from pretrain.step_metrics import StepStats, gather_to_rank0
+from pretrain.zero_overflow import use_fused_overflow_check
 
 
 class NonFiniteError(RuntimeError):
@@ -135,6 +136,7 @@ class Trainer:
                                       betas=(o.beta1, o.beta2), eps=o.eps, fused=on_gpu)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                     config=ds_cfg, mpu=mpu)
+        self.fused_overflow_check = use_fused_overflow_check(self.engine.optimizer)
         self.lam = MTPWeightSchedule(cfg.mtp_weight)
         flops = forward_flops_per_token(dcfg, self.seq_len)
         self.train_flops_per_token = 3 * (flops["main"] + flops["mtp"])

@@ -92,6 +92,7 @@ def behaviours(rank, world, data, tmp):
     res = tr.train()
     out["skip_steps"] = [m["step"] for m in res.losses]
     out["skip_skipped"] = [m["optim/skipped_steps"] for m in res.losses]
+    out["fused_overflow_check"] = tr.fused_overflow_check
     out["skip_final_finite"] = all(torch.isfinite(p).all().item() for p in tr.engine.module.parameters())
     out["skip_ckpts"] = [r.step for r in ckpt.complete_checkpoints(tmp / "skip" / "checkpoints")]
 

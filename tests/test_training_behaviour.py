@@ -27,6 +27,8 @@ def test_nonfinite_skip_leaves_weights_and_goes_on(outcome):
     assert outcome["skip_skipped"] == [0, 0, 1, 1, 1, 1]
     assert outcome["skip_final_finite"]
     assert outcome["skip_ckpts"] == [3, 6]
+    # ZeRO-1's own inf/NaN check (used with bf16 on GPUs) is the fused one (test_zero_overflow).
+    assert outcome["fused_overflow_check"] is True
 
 
 def test_nonfinite_stop_raises_and_saves_nothing_after(outcome):
