@@ -5,7 +5,7 @@ yields {input_ids [B,T], labels [B,D+1,T], loss_mask [B,D+1,T]}; `make_mtp_label
 label construction on any [B, L] window tensor.
 """
 
-from .build import build_dataset, split_validation
+from .build import build_dataset, document_order, split_validation
 from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, BuildConfig
 from .labels import make_mtp_labels
 from .loader import ShardLoader
@@ -15,5 +15,6 @@ from .pinned_code import PINNED_CODE, PinnedDistribution, prepare_pinned_code
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "SPECIAL_IDS", "UNK_ID", "PINNED_CODE",
     "BuildConfig", "Manifest", "PinnedDistribution", "ShardError", "ShardInfo", "ShardLoader",
-    "build_dataset", "load_manifest", "make_mtp_labels", "prepare_pinned_code", "split_validation",
+    "build_dataset", "document_order", "load_manifest", "make_mtp_labels", "prepare_pinned_code",
+    "split_validation",
 ]

@@ -72,6 +72,17 @@ def split_validation(refs: list[DocRef], fraction: float, seed: int) -> set[str]
     return {r.name for r in ranked[:n_val]}
 
 
+def document_order(refs: list[DocRef], seed: int) -> list[DocRef]:
+    """The order in which documents are written: by seeded hash of the name.
+
+    Sources list files by path, i.e. project by project; written in that order, each shard would
+    hold one project, and the loader's shuffle buffer (a few shards) would feed the model one
+    project at a time, a distribution shift every few hundred steps. Hash order mixes them, and
+    like the split it depends only on (seed, name), not on listing order or worker count.
+    """
+    return sorted(refs, key=lambda r: _rank_key(seed, "order", r.name))
+
+
 def _tokenizer_sample(refs: list[DocRef], config: BuildConfig) -> tuple[list[str], int]:
     """A seeded sample of training documents up to tokenizer_sample_bytes; (texts, bytes)."""
     texts, total = [], 0
@@ -142,6 +153,7 @@ def build_dataset(config: BuildConfig) -> Manifest:
     fingerprint = hashlib.sha256(json.dumps({
         "format_version": FORMAT_VERSION, "settings": config.fingerprint_fields(),
         "source_kind": source_info["kind"], "corpus": corpus_fingerprint(refs),
+        "document_order": "seeded-hash",
         "tokenizer": hashlib.sha256(reused_tok).hexdigest() if reused_tok else None,
     }, sort_keys=True).encode()).hexdigest()
     up_to_date = _check_out_dir(config, fingerprint)
@@ -189,7 +201,8 @@ def _build(config: BuildConfig, refs: list[DocRef], source_info: dict, fingerpri
     workers = config.num_workers or os.cpu_count() or 1
     bar = tqdm(total=len(refs), unit="doc", desc=f"tokenize ({workers} proc)",
                disable=not config.progress)
-    for doc in encode_documents(refs, model_bytes, config.jsonl_field, dtype.name, workers):
+    for doc in encode_documents(document_order(refs, config.seed), model_bytes,
+                                config.jsonl_field, dtype.name, workers):
         bar.update(1)
         if doc.tokens is None:
             skipped[doc.skip_reason] += 1

@@ -13,6 +13,7 @@ from data_pipeline import (
     SPECIAL_IDS,
     ShardLoader,
     build_dataset,
+    document_order,
     load_manifest,
     split_validation,
 )
@@ -64,13 +65,32 @@ def test_windows_hold_the_eos_separated_documents(tmp_path_factory):
     corpus = data.parent / "corpus"
     refs = list_directory(corpus, ("**/*.py",))
     val = split_validation(refs, TINY["val_fraction"], seed=0)
-    first_train = next(r for r in refs if r.name not in val)
+    train = [r for r in document_order(refs, seed=0) if r.name not in val]
     eos_at = np.flatnonzero(stream == EOS_ID)
-    # exact round trip of the first training document, followed by EOS
-    assert sp.decode(stream[: eos_at[0]].tolist()) == (corpus / first_train.name).read_text()
-    second = [r for r in refs if r.name not in val][1]
-    assert sp.decode(stream[eos_at[0] + 1: eos_at[1]].tolist()) == (corpus / second.name).read_text()
+    # exact round trip of the first training documents (in seeded hash order), each + EOS
+    assert sp.decode(stream[: eos_at[0]].tolist()) == (corpus / train[0].name).read_text()
+    assert sp.decode(stream[eos_at[0] + 1: eos_at[1]].tolist()) == (corpus / train[1].name).read_text()
     assert len(eos_at) >= 20
+
+
+def test_documents_are_written_in_a_seeded_order_that_mixes_sources(tmp_path):
+    """Listed by path, a corpus is project after project; written in that order every shard
+    would hold one project. The order depends on (seed, name) only."""
+    corpus = tmp_path / "corpus"
+    for project in ("alpha", "beta"):
+        for i in range(40):
+            (corpus / project).mkdir(parents=True, exist_ok=True)
+            (corpus / project / f"m{i:02d}.py").write_text(f"x = {i}\n")
+    refs = list_directory(corpus, ("**/*.py",))
+    order = document_order(refs, seed=5)
+    assert sorted(r.name for r in order) == sorted(r.name for r in refs)
+    assert [r.name for r in document_order(refs[::-1], seed=5)] == [r.name for r in order]
+    assert [r.name for r in document_order(refs, seed=6)] != [r.name for r in order]
+    first_half = {r.name.split("/")[0] for r in order[:40]}
+    assert first_half == {"alpha", "beta"}, first_half
+    # projects alternate often: far more than the one switch of the listing order
+    switches = sum(a.name[:5] != b.name[:5] for a, b in zip(order, order[1:]))
+    assert switches > 20, switches
 
 
 def test_rebuild_is_byte_identical_for_any_worker_count(tmp_path):
