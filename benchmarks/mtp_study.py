@@ -132,13 +132,15 @@ def run_arm(args: argparse.Namespace) -> dict:
 
 
 def _commit() -> str:
-    """The checkout's commit; $COMMIT where the tree was copied without its .git (GPU machines)."""
+    """$COMMIT when set (a tree copied onto a GPU machine may carry a stale .git, or none), else
+    the checkout's commit."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=REPO).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=REPO).stdout.strip()
     except OSError:
-        sha = ""
-    return sha or os.environ.get("COMMIT", "")
+        return ""
 
 
 # ---------------------------------------------------------------------------------- pack
@@ -194,16 +196,32 @@ def _row(r: dict) -> str:
     ev_id = r["eval"].get("in_distribution", {})
     ev_ood = r["eval"].get("out_of_distribution", {})
     acc = ev_id.get("acceptance")
+    acc_ood = (ev_ood or {}).get("acceptance")
     gen = r["generation"] or {}
     depth_acc = " ".join(f"{a:.2f}" for a in ev_id.get("accuracy_per_depth", []))
     real = " ".join(f"{a:.2f}" for a in acc["acceptance_rate"]) if acc else "—"
     loss = ev_id.get("loss_per_depth", [None])[0]
     loss_ood = ev_ood.get("loss_per_depth", [None])[0] if ev_ood else None
     return (f"| {r['arm']} | {_fmt(loss)} | {_fmt(loss_ood)} | {depth_acc} | {real} | "
-            f"{_fmt(acc and acc['mean_tokens_per_forward'], '.2f')} | "
+            f"{_tokens_per_forward(acc, acc_ood)} | "
             f"{_fmt(gen.get('plain_tokens_per_s'), '.0f')} | "
             f"{_fmt(gen.get('speculative_tokens_per_s'), '.0f')} | "
-            f"{_fmt(gen.get('speedup'), '.2f')} | {_fmt(r['train_tokens_per_s'], ',.0f')} |")
+            f"{_fmt(gen.get('speedup'), '.2f')} | {_fmt(_round_cost(gen), '.2f')} | "
+            f"{_fmt(r['train_tokens_per_s'], ',.0f')} |")
+
+
+def _tokens_per_forward(*accs) -> str:
+    if not any(accs):
+        return "—"
+    return " / ".join(_fmt(a and a["mean_tokens_per_forward"], ".2f") for a in accs)
+
+
+def _round_cost(gen: dict) -> float | None:
+    """Time of one speculative round in plain decoding steps: speedup = tokens per forward ÷ this.
+    1 would mean drafting and acceptance were free; the excess is what drafting costs."""
+    if not gen.get("speculative_tokens_per_s") or not gen.get("mean_tokens_per_forward"):
+        return None
+    return gen["mean_tokens_per_forward"] * gen["plain_tokens_per_s"] / gen["speculative_tokens_per_s"]
 
 
 def _plots(results: list[dict], out_dir: Path) -> list[str]:
@@ -215,16 +233,22 @@ def _plots(results: list[dict], out_dir: Path) -> list[str]:
     except ImportError:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for r in results:
-        pts = [(v["step"], v["val/loss/main"]) for v in r["validation_curve"] if "val/loss/main" in v]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=r["arm"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out loss, main head")
-    ax.legend()
+        if _frozen(r):
+            continue  # its main head is the baseline's final one: no curve of its own
+        for ax, curve, key in ((train_ax, r["train_curve"], "loss/main"),
+                               (val_ax, r["validation_curve"], "val/loss/main")):
+            pts = [(v["step"], v[key]) for v in curve if key in v]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", markersize=3, label=r["arm"])
+    train_ax.set_ylabel("loss, main head (next token)")
+    for ax, title in ((train_ax, "training batches"), (val_ax, "held-out files")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+    val_ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "validation_loss.png", dpi=120)
+    fig.savefig(out_dir / "loss_curves.png", dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
@@ -232,14 +256,32 @@ def _plots(results: list[dict], out_dir: Path) -> list[str]:
         if acc:
             rates = acc["acceptance_rate"]
             ax.plot(range(1, len(rates) + 1), rates, marker="o", label=r["arm"])
-    ax.set_xlabel("draft depth")
-    ax.set_ylabel("real acceptance rate")
+    ax.set_xlabel("draft depth j")
+    ax.set_xticks(range(1, max(len(r["eval"].get("in_distribution", {}).get("acceptance", {})
+                                   .get("acceptance_rate", [0])) for r in results) + 1))
+    ax.set_ylabel("rounds that accept drafts 1..j")
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "acceptance_by_depth.png", dpi=120)
     plt.close(fig)
-    return ["validation_loss.png", "acceptance_by_depth.png"]
+    return ["loss_curves.png", "acceptance_by_depth.png"]
+
+
+def _frozen(r: dict) -> bool:
+    return "mtp.freeze_trunk=true" in r["overrides"]
+
+
+def _rel(path: str) -> str:
+    p = Path(path)
+    return str(p.relative_to(REPO)) if p.is_absolute() and p.is_relative_to(REPO) else path
+
+
+def _common_overrides(results: list[dict]) -> list[str]:
+    """Overrides every arm shares, less those the study sets itself (paths, steps, λ boundary)."""
+    common = set.intersection(*(set(r["overrides"]) for r in results))
+    own = ("data.path=", "run_dir=", "mtp_weight.boundaries_tokens=")
+    return [o for o in results[0]["overrides"] if o in common and not o.startswith(own)]
 
 
 def report(args: argparse.Namespace) -> str:
@@ -258,13 +300,23 @@ def report(args: argparse.Namespace) -> str:
         f"Produced by `benchmarks/mtp_study.py report` from {len(results)} arms. Card: "
         f"{', '.join(sorted({r['device'] for r in results}))}; dates: "
         f"{', '.join(sorted({r['date'][:10] for r in results}))}; commits: "
-        f"{', '.join(sorted({r['commit'] or '?' for r in results}))}; config `{first['config']}`, "
-        f"{first['steps']} steps, {first['tokens']:,} training tokens per arm, seed {first['seed']}.",
+        f"{', '.join(sorted({r['commit'] or '?' for r in results}))}; config `{_rel(first['config'])}`, "
+        f"{first['steps']} steps of {first['tokens'] // first['steps']:,} tokens, "
+        f"{first['tokens']:,} training tokens per arm, seed {first['seed']}. Overrides common to "
+        f"every arm: {', '.join(f'`{o}`' for o in _common_overrides(results)) or 'none'}.",
+        "",
+        "Held-out loss and acceptance: the arm's export on held-out files of the training corpus "
+        "(out of distribution: the Python standard library); tokens / forward: mean tokens "
+        "emitted per main-model forward in greedy self-speculative decoding; speed: batch 1, "
+        "greedy, device graphs; training tok/s: median over the run, as trained here (arms "
+        "shared the machine, see the reading for the benchmark's numbers). Real acceptance at depth "
+        "j: the share of rounds in which drafts 1..j were all accepted. The loss-curve plot "
+        "leaves out arms with a frozen trunk (their main head is the baseline's).",
         "",
         "| arm | held-out loss (main) | out-of-distribution loss | teacher-forced acc. per depth "
-        "| real acceptance per depth | tokens / forward | plain tok/s (batch 1) | speculative "
-        "tok/s | speedup | training tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| real acceptance per depth | tokens / forward (in / out of distr.) | plain tok/s (batch 1) | speculative "
+        "tok/s | speedup | round cost (plain steps) | training tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *[_row(r) for r in results],
         "",
     ]

@@ -97,7 +97,7 @@ def test_study_arms_and_report(tmp_path):
     main_loss = results["deepseek1"]["eval"]["in_distribution"]["loss_per_depth"][0]
     assert f"{main_loss:.3f}" in rows[1]
     assert "## Reading" in text and "What the numbers say." in text
-    for png in ("validation_loss.png", "acceptance_by_depth.png"):
+    for png in ("loss_curves.png", "acceptance_by_depth.png"):
         assert (page.parent / "study-plots" / png).stat().st_size > 1000
         assert f"study-plots/{png}" in text
 
