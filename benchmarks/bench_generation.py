@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import provenance  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def main() -> int:
@@ -93,15 +93,10 @@ def main() -> int:
                              mean_tokens_per_forward=produced / forwards,
                              identical_sequences=f"{same}/{len(prompts)}"))
             print(json.dumps(rows[-1]), flush=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = ""
     result = dict(device=accelerator.device_name(), dtype=str(model.embedding.output_weight.dtype),
                   model=loaded.source, mtp=dict(kind=model.config.mtp.kind, depth=model.config.mtp.depth),
                   prompts=len(prompts), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit or os.environ.get("COMMIT", ""),
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=provenance.commit(),
                   rows=rows)
     print("| batch | mode | plain tok/s | speculative tok/s | speedup | acceptance by depth | tokens/forward | identical |")
     print("|---|---|---|---|---|---|---|---|")

@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import lzma
-import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+import provenance  # noqa: E402  (benchmarks/, the script's own folder)
 
 ARMS = {
     "none": ["mtp.kind=none", "mtp.depth=0"],
@@ -118,7 +119,7 @@ def run_arm(args: argparse.Namespace) -> dict:
         "arm": args.arm, "overrides": overrides + list(args.overrides), "config": str(args.config),
         "steps": cfg.train.steps, "tokens": budget, "seed": args.seed,
         "device": accelerator.device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "commit": _commit(), "train_seconds": train_seconds,
+        "commit": provenance.commit(), "train_seconds": train_seconds,
         "train_tokens_per_s": statistics.median(tps) if tps else None,
         "train_curve": [{k: v for k, v in r.items() if k == "step" or k.startswith("loss/")}
                         for r in result.losses],
@@ -131,16 +132,6 @@ def run_arm(args: argparse.Namespace) -> dict:
     return res
 
 
-def _commit() -> str:
-    """$COMMIT when set (a tree copied onto a GPU machine may carry a stale .git, or none), else
-    the checkout's commit."""
-    if os.environ.get("COMMIT"):
-        return os.environ["COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=REPO).stdout.strip()
-    except OSError:
-        return ""
 
 
 # ---------------------------------------------------------------------------------- pack
@@ -180,7 +171,7 @@ def pack(args: argparse.Namespace) -> dict:
     meta = {"source": args.source, "root": str(root), "files_total": len(files),
             "files_kept": kept, "raw_bytes": raw_bytes, "compressed_bytes": packed,
             "order": "sha256 of the relative path", "xz_preset": args.preset,
-            "commit": _commit()}
+            "commit": provenance.commit()}
     (args.out / "pack.json").write_text(json.dumps(meta, indent=1))
     print(f"mtp_study: packed {kept}/{len(files)} files ({raw_bytes / 2**20:.1f} MiB of source, "
           f"{packed / 2**20:.1f} MiB compressed) into {archive}")
