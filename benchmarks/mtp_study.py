@@ -224,7 +224,10 @@ def _plots(results: list[dict], out_dir: Path) -> list[str]:
     except ImportError:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, (train_ax, val_ax, diff_ax) = plt.subplots(1, 3, figsize=(15, 4))
+    base = next((r for r in results if r["arm"] == BASELINE), None)
+    base_val = {v["step"]: v["val/loss/main"] for v in (base or {}).get("validation_curve", [])
+                if "val/loss/main" in v}
     for r in results:
         if _frozen(r):
             continue  # its main head is the baseline's final one: no curve of its own
@@ -233,8 +236,17 @@ def _plots(results: list[dict], out_dir: Path) -> list[str]:
             pts = [(v["step"], v[key]) for v in curve if key in v]
             if pts:
                 ax.plot(*zip(*pts), marker="o", markersize=3, label=r["arm"])
+        # The arms' curves overlap at this scale; their gap to the baseline is what differs.
+        diff = [(v["step"], v["val/loss/main"] - base_val[v["step"]])
+                for v in r["validation_curve"] if v["step"] in base_val and "val/loss/main" in v]
+        if diff:
+            diff_ax.plot(*zip(*diff), marker="o", markersize=3, label=r["arm"])
     train_ax.set_ylabel("loss, main head (next token)")
-    for ax, title in ((train_ax, "training batches"), (val_ax, "held-out files")):
+    val_ax.sharey(train_ax)
+    diff_ax.axhline(0, color="grey", linewidth=0.8)
+    diff_ax.set_ylabel(f"held-out loss − {BASELINE}'s")
+    for ax, title in ((train_ax, "training batches"), (val_ax, "held-out files"),
+                      (diff_ax, f"held-out, against '{BASELINE}'")):
         ax.set_xlabel("step")
         ax.set_title(title)
     val_ax.legend()
