@@ -373,7 +373,19 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    {"run": run_arm, "pack": pack, "report": report}[args.cmd](args)
+    try:
+        {"run": run_arm, "pack": pack, "report": report}[args.cmd](args)
+    finally:
+        if args.cmd == "run":
+            _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """The trainer's single-process group, so NCCL does not warn of a leak at exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
