@@ -197,8 +197,16 @@ def _row(r: dict) -> str:
             f"{_tokens_per_forward(acc, acc_ood)} | "
             f"{_fmt(gen.get('plain_tokens_per_s'), '.0f')} | "
             f"{_fmt(gen.get('speculative_tokens_per_s'), '.0f')} | "
-            f"{_fmt(gen.get('speedup'), '.2f')} | {_fmt(_round_cost(gen), '.2f')} | "
+            f"{_speedup(gen)} | {_fmt(_round_cost(gen), '.2f')} | "
             f"{_fmt(r['train_tokens_per_s'], ',.0f')} |")
+
+
+def _speedup(gen: dict) -> str:
+    """Whole-request speed-up, and the steady-state one where bench_generation measured it."""
+    text = _fmt(gen.get("speedup"), ".2f")
+    if gen.get("steady_speedup") is not None:
+        text += f" (steady {gen['steady_speedup']:.2f})"
+    return text
 
 
 def _tokens_per_forward(*accs) -> str:
@@ -311,7 +319,8 @@ def report(args: argparse.Namespace) -> str:
         "Held-out loss and acceptance: the arm's export on held-out files of the training corpus "
         "(out of distribution: the Python standard library); tokens / forward: mean tokens "
         "emitted per main-model forward in greedy self-speculative decoding; speed: batch 1, "
-        "greedy, device graphs; training tok/s: median over the run, as trained here (arms "
+        "greedy, device graphs, whole requests (steady: the per-token rate of long requests, without "
+        "each request's prefill, first round and graph capture, where measured); training tok/s: median over the run, as trained here (arms "
         "shared the machine, see the reading for the benchmark's numbers). Real acceptance at depth "
         "j: the share of rounds in which drafts 1..j were all accepted. The loss-curve plot "
         "leaves out arms with a frozen trunk (their main head is the baseline's).",

@@ -70,6 +70,8 @@ def test_study_arms_and_report(tmp_path):
             assert 1.0 <= acc["mean_tokens_per_forward"] <= 1 + len(acc["acceptance_rate"])
             assert r["generation"]["plain_tokens_per_s"] > 0
             assert r["generation"]["identical_sequences"] == "2/2"  # greedy, fp32
+            assert r["generation"]["short_tokens"] == 1  # the per-request/steady split ran
+            assert set(r["generation"]) >= {"plain_request_ms", "steady_speedup"}
     # λ follows DeepSeek's 0.3 → 0.1 at 70 % of the token budget.
     assert "mtp_weight.values=[0.3, 0.1]" in results["deepseek1"]["overrides"]
 
