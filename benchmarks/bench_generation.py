@@ -30,7 +30,12 @@ def split_request_time(long_seconds: float, long_tokens: int, short_seconds: flo
                        short_tokens: int, requests: int) -> tuple[float | None, float | None]:
     """Fit time = requests × per-request cost + tokens × steady cost per token through a long and
     a short run of the same requests: (per-request ms, steady-state tokens/s), or (None, None)
-    when the two runs cannot separate them (EOS cut the long run to the short one's length)."""
+    when the two runs cannot separate them (EOS cut the long run to the short one's length).
+
+    The fit assumes one cost per token in both runs. With device graphs every step attends over
+    the whole cache, which is shorter in the short run, so the fitted per-token cost comes out a
+    little high (the steady rate a little low) and the per-request cost a little low, for plain
+    and speculative decoding alike."""
     if long_tokens <= short_tokens or long_seconds <= short_seconds:
         return None, None
     per_token = (long_seconds - short_seconds) / (long_tokens - short_tokens)

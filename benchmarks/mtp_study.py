@@ -289,7 +289,8 @@ def _rel(path: str) -> str:
 
 
 def _common_overrides(results: list[dict]) -> list[str]:
-    """Overrides every arm shares, less those the study sets itself (paths, steps, λ boundary)."""
+    """Overrides every arm shares, less the per-run paths and the λ boundary (derived from the
+    budget); the steps, seed, warm-up and evaluation cadence the study sets are kept."""
     common = set.intersection(*(set(r["overrides"]) for r in results))
     own = ("data.path=", "run_dir=", "mtp_weight.boundaries_tokens=")
     return [o for o in results[0]["overrides"] if o in common and not o.startswith(own)]

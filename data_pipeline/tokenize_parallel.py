@@ -66,7 +66,7 @@ def encode_documents(refs: list[DocRef], model_bytes: bytes, jsonl_field: str, d
     # The server imports this module (and with it torch, through webdataset) once; workers fork
     # from it instead of each importing it again. Sixteen workers importing torch at once from a
     # fresh, uncompiled install took minutes on the GPU machines.
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload(["__main__", __name__])  # "__main__": the default, kept
     with ctx.Pool(num_workers, initializer=_init_worker, initargs=init) as pool:
         yield from _flatten(chunks, pool.imap(_encode_chunk, chunks))
 

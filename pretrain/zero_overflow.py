@@ -1,9 +1,9 @@
 """A one-kernel inf/NaN check for the gradients of DeepSpeed's ZeRO-1/2 optimizer.
 
 With bf16, ZeRO-1/2 tests every gradient partition for inf/NaN before each optimizer step (the
-step is then skipped: `bf16.check_grad_overflow`). DeepSpeed does it tensor by tensor: an amax,
-an amin and an add per gradient, i.e. a few hundred kernel launches per step for a ~110M model,
-which the profile of our host-bound small-model steps showed (benchmarks/RESULTS.md). The same
+step is then skipped: `bf16.check_grad_overflow`). DeepSpeed does it tensor by tensor (amax,
+amin, two isfinite, and, not, add per gradient), several hundred small kernel launches per step
+for a ~110M model, which the profile of our host-bound small-model steps showed (benchmarks/RESULTS.md). The same
 question is answered by one multi-tensor max-abs (`torch._foreach_norm` with ord=inf, the kernel
 behind `clip_grad_norm_`): it is inf when some element is ±inf and NaN when some element is NaN.
 DeepSpeed's reduction over ranks and its single host sync stay as they are.
