@@ -87,8 +87,8 @@ class OutputTail(nn.Module):
 
         hidden = torch.stack([h for _, h in depth_states])  # [n, B, T, d]
         hidden = hidden.reshape(-1, hidden.shape[-1])  # [n·B·T, d]
-        targets = labels[:, depths].transpose(0, 1).reshape(-1)  # [n·B·T]
-        row_mask = mask[:, depths].transpose(0, 1)  # [n, B, T]
+        targets = _select_depths(labels, depths).transpose(0, 1).reshape(-1)  # [n·B·T]
+        row_mask = _select_depths(mask, depths).transpose(0, 1)  # [n, B, T]
         counts = row_mask.sum(dim=(1, 2))  # [n]
         # Each depth's loss is a mean over its own kept targets; extra depths share weight λ.
         scale = torch.full((len(depths),), mtp_weight / max(n_extra, 1), device=mask.device)
@@ -101,9 +101,38 @@ class OutputTail(nn.Module):
             per_depth_loss = (head.row_loss.view_as(row_mask) * row_mask).sum(dim=(1, 2))
             per_depth_correct = (head.row_correct.view_as(row_mask) * row_mask).sum(dim=(1, 2))
             denom = counts.clamp(min=1)
-            nan = torch.full((self.depth + 1,), float("nan"), device=mask.device)
-            idx = torch.tensor(depths, device=mask.device)
-            depth_loss = nan.clone().index_copy_(0, idx, per_depth_loss / denom)
-            depth_acc = nan.clone().index_copy_(0, idx, per_depth_correct / denom)
-            depth_tokens = torch.zeros(self.depth + 1, device=mask.device).index_copy_(0, idx, counts)
-        return MTPOutput(head.total, depth_loss, depth_acc, depth_tokens)
+            depth_loss, depth_acc = per_depth_loss / denom, per_depth_correct / denom  # [n]
+            if n_extra < self.depth:  # some depths not trained this step: [n] -> [D+1]
+                depth_loss, depth_acc, counts = (
+                    _scatter_depths(v, depths, self.depth + 1, fill)
+                    for v, fill in ((depth_loss, _NAN), (depth_acc, _NAN), (counts, 0.0)))
+        return MTPOutput(head.total, depth_loss, depth_acc, counts)
+
+
+_NAN = float("nan")
+
+
+def _select_depths(x: torch.Tensor, depths: list[int]) -> torch.Tensor:
+    """x [B, D+1, T] -> [B, n, T], the rows of `depths` (increasing). Slices, not a list index:
+    indexing a GPU tensor with a host list copies it to the GPU and synchronises the stream."""
+    n = len(depths)
+    if depths == list(range(n)):
+        return x[:, :n]
+    return torch.stack([x[:, j] for j in depths], dim=1)
+
+
+def _scatter_depths(values: torch.Tensor, depths: list[int], size: int,
+                    fill: float) -> torch.Tensor:
+    """values [n] of the trained `depths` (increasing) placed into a [size] vector of `fill`.
+    Built from slices and a cat, not an index tensor: copying a host list to the GPU would
+    synchronise the stream in the middle of the step."""
+    assert depths == sorted(depths) and len(depths) == values.shape[0]
+    parts, prev = [], -1
+    for i, j in enumerate(depths):
+        if j > prev + 1:
+            parts.append(values.new_full((j - prev - 1,), fill))
+        parts.append(values[i:i + 1])
+        prev = j
+    if prev + 1 < size:
+        parts.append(values.new_full((size - prev - 1,), fill))
+    return torch.cat(parts)
