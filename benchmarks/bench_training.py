@@ -4,6 +4,10 @@ megatron-core's GPTModel, same shape, same global batch, bf16, on the same card(
     python benchmarks/bench_training.py                       # everything, 1 GPU rows
     python benchmarks/bench_training.py --gpus 2              # plus the 2-GPU layouts
     python benchmarks/bench_training.py --rows ours-none,plain --shapes 110m
+    python benchmarks/bench_training.py --rows ours-none,ours-none+train.cuda_graphs=true,plain
+
+A row name may carry config overrides for our pipeline after `+` (ROW+key=value+key=value), to
+compare a setting against the same baseline in one run.
 
 Every row runs in its own process (under torchrun for multi-GPU rows), so compile caches and peak
 memory do not leak between rows. Our rows run the real `Trainer.train()` loop (DeepSpeed engine,
@@ -73,6 +77,21 @@ DEFAULT_SHAPE_ROWS = {
 PEAK_TFLOPS = 989.4
 
 
+def _row(row: str) -> tuple[str, int, list]:
+    """(kind, GPUs, options) of `row`: a ROWS name, for our rows optionally followed by config
+    overrides, `ROW+key=value+...`."""
+    base, *extra = row.split("+")
+    if base not in ROWS:
+        raise SystemExit(f"unknown row {base!r} (in {row!r}); rows: {', '.join(ROWS)}")
+    kind, gpus, opts = ROWS[base]
+    if extra and kind != "ours":
+        raise SystemExit(f"row {row!r}: +key=value overrides apply to our rows only")
+    bad = [e for e in extra if "=" not in e]
+    if bad:
+        raise SystemExit(f"row {row!r}: {bad[0]!r} is not a key=value config override")
+    return kind, gpus, [*opts, *extra]
+
+
 def _decoder_config(shape: dict, kind: str, depth: int):
     from model import DecoderConfig, ModelConfig, MTPConfig
 
@@ -100,7 +119,8 @@ def _result(tokens_per_s: list[float], flops_per_token: float, gpus: int,
 
 # ---------------------------------------------------------------------------------- workers
 def _worker_ours(shape: dict, overrides: list[str], data: Path, steps: int, warmup: int,
-                 gpus: int, profile: Path | None, run_dir: Path) -> dict | None:
+                 gpus: int, profile: Path | None, run_dir: Path,
+                 host_profile: Path | None = None) -> dict | None:
     from model import accelerator
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
@@ -119,14 +139,20 @@ def _worker_ours(shape: dict, overrides: list[str], data: Path, steps: int, warm
     trainer = Trainer(cfg)
     if profile is not None:
         _profile_steps(trainer, profile, warmup)
+    if host_profile is not None:
+        _profile_host(trainer, host_profile, warmup)
     result = trainer.train()
     if trainer.rank != 0:
         return None
     timed = [r for r in result.losses if r["step"] > warmup]
+    from torch._dynamo.utils import counters
+
     return _result([r["perf/tokens_per_s"] for r in timed],
                    trainer.train_flops_per_token, gpus,
                    _peak_bytes([r["memory/peak_gib"] for r in timed]),
-                   compiled=trainer.compiled, device=accelerator.device_name())
+                   compiled=trainer.compiled, device=accelerator.device_name(),
+                   # compiled graphs that could not be replayed as CUDA graphs (cuda_graphs)
+                   cudagraph_skips=counters["inductor"]["cudagraph_skips"])
 
 
 def _peak_bytes(peaks_gib: list[float | None]) -> int | None:
@@ -158,6 +184,61 @@ def _profile_steps(trainer, out: Path, warmup: int) -> None:
                                         max_name_column_width=70)
         out.write_text(f"# 2 optimizer steps\n\n## by GPU time\n{table}\n\n## by CPU time\n{cpu}\n")
     del torch
+
+
+def _profile_host(trainer, out: Path, warmup: int) -> None:
+    """Warm up, then write where the host spends a step: cProfile of four optimizer steps
+    (Python functions by own and cumulative time) and every distinct call stack that made the
+    host wait for the GPU (sync debug mode) in two more."""
+    import cProfile
+    import io
+    import pstats
+    import traceback
+    import warnings
+
+    from model import accelerator
+
+    it = iter(trainer.train_loader)
+    if trainer.tail_loss is not None:
+        it = trainer._pipe_iter(it)
+    for _ in range(warmup):
+        trainer.train_step(it, 0.1)
+    accelerator.synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(4):
+        trainer.train_step(it, 0.1)
+    prof.disable()
+    host_s = time.perf_counter() - t0
+    accelerator.synchronize()
+    total_s = time.perf_counter() - t0
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    for key in ("tottime", "cumulative"):
+        text.write(f"\n## by {key}\n")
+        stats.sort_stats(key).print_stats(45)
+    syncs: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = "".join(traceback.format_stack()[:-2][-8:])
+        syncs[stack] = syncs.get(stack, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        accelerator.report_host_syncs(True)
+        try:
+            for _ in range(2):
+                trainer.train_step(it, 0.1)
+        finally:
+            accelerator.report_host_syncs(False)
+    if trainer.rank == 0:
+        sync_text = "".join(f"\n### {n}× in 2 steps\n{stack}" for stack, n in
+                            sorted(syncs.items(), key=lambda kv: -kv[1]))
+        out.write_text(f"# host profile: 4 optimizer steps, {host_s * 1e3:.0f} ms on the host "
+                       f"under cProfile, {total_s * 1e3:.0f} ms until the GPU finished\n"
+                       f"{text.getvalue()}\n## host syncs ({len(syncs)} call sites)\n{sync_text}")
 
 
 def _timed_loop(step_fn, steps: int, warmup: int, tokens_per_step: int) -> list[float]:
@@ -269,12 +350,14 @@ def _shape(args: argparse.Namespace, name: str) -> dict:
 
 def worker(args: argparse.Namespace) -> None:
     shape = _shape(args, args.shape)
-    kind, gpus, opts = ROWS[args.row]
+    kind, gpus, opts = _row(args.row)
     profile = Path(args.profile) if args.profile else None
+    host_profile = Path(args.host_profile) if args.host_profile else None
     if kind == "ours":
-        run_dir = Path(tempfile.gettempdir()) / f"bench-training-{args.shape}-{args.row}"
+        tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.row)
+        run_dir = Path(tempfile.gettempdir()) / f"bench-training-{args.shape}-{tag}"
         res = _worker_ours(shape, opts, _data_dir(Path(args.data), shape), args.steps,
-                           args.warmup, gpus, profile, run_dir)
+                           args.warmup, gpus, profile, run_dir, host_profile)
     elif kind == "plain":
         res = _worker_plain(shape, args.steps, args.warmup)
     else:
@@ -306,14 +389,16 @@ def _prepare(root: Path, shape: dict) -> None:
 
 
 def _run_row(args, shape_name: str, row: str, profile: str | None,
-             gpu: int | None = None) -> dict:
-    _, gpus, _ = ROWS[row]
+             gpu: int | None = None, host_profile: str | None = None) -> dict:
+    _, gpus, _ = _row(row)
     cmd = [str(Path(__file__).resolve()), "--worker", "--shape", shape_name, "--row", row,
            "--data", str(args.data), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.micro:
         cmd += ["--micro", str(args.micro)]
     if profile:
         cmd += ["--profile", profile]
+    if host_profile:
+        cmd += ["--host-profile", host_profile]
     if gpus > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={gpus}", *cmd]
@@ -357,7 +442,7 @@ def table(results: dict) -> str:
         mega = rows.get("megatron-mtp0", {}).get("tokens_per_s")
         single = rows.get("ours-none", {}).get("tokens_per_s")
         for row, r in rows.items():
-            gpus = ROWS[row][1]
+            gpus = _row(row)[1]
             if "error" in r:
                 lines.append(f"| {shape_name} | {row} | {gpus} | failed: {r['error'][:80]} | | | | | |")
                 continue
@@ -374,17 +459,20 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_shape(args, shape_name: str, rows: list[str], results: dict, prof_target: str | None,
-               prof_file: str | None) -> dict:
+def _run_shape(args, shape_name: str, rows: list[str], results: dict,
+               profiles: dict[str, tuple[str, str]]) -> dict:
     out = results[shape_name] = dict.fromkeys(rows)
 
     def run(row, gpu=None):
-        prof = prof_file if prof_target == f"{shape_name}:{row}" else None
-        out[row] = _run_row(args, shape_name, row, prof, gpu)
+        def target(option):
+            where, file = profiles.get(option, (None, None))
+            return file if where == f"{shape_name}:{row}" else None
+
+        out[row] = _run_row(args, shape_name, row, target("profile"), gpu, target("host_profile"))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
 
-    single = [r for r in rows if ROWS[r][1] == 1]
+    single = [r for r in rows if _row(r)[1] == 1]
     if args.concurrent > 1:
         # One single-GPU row per GPU at a time (each process sees one card).
         free: queue.Queue[int] = queue.Queue()
@@ -404,7 +492,7 @@ def _run_shape(args, shape_name: str, rows: list[str], results: dict, prof_targe
         for row in single:
             run(row)
     for row in rows:  # multi-GPU rows, one at a time on all their cards
-        if ROWS[row][1] > 1:
+        if _row(row)[1] > 1:
             run(row)
     return out
 
@@ -431,6 +519,9 @@ def main() -> None:
     p.add_argument("--row-timeout", type=int, default=300, help="seconds before a row is failed")
     p.add_argument("--profile", default=None, metavar="SHAPE:ROW=FILE",
                    help="also write a torch.profiler summary of two steps of this row")
+    p.add_argument("--host-profile", default=None, metavar="SHAPE:ROW=FILE",
+                   help="also write where the host spends this (our) row's steps: cProfile of "
+                        "four steps and the call stacks that wait for the GPU")
     p.add_argument("--logs", default=None, help="directory for each row's full output")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -445,15 +536,22 @@ def main() -> None:
     if accelerator.is_cpu() and args.shapes != "tiny":
         sys.exit("bench_training.py needs a GPU (bf16, torch.compile, NCCL); on CPU only the "
                  "smoke-test shape runs: --shapes tiny")
-    prof_target, prof_file = (args.profile.split("=", 1) if args.profile else (None, None))
+    profiles = {}
+    for option in ("profile", "host_profile"):
+        value = getattr(args, option)
+        if value is not None:
+            if "=" not in value or ":" not in value.split("=", 1)[0]:
+                sys.exit(f"--{option.replace('_', '-')} {value!r}: expected SHAPE:ROW=FILE, "
+                         "e.g. 110m:ours-none=/tmp/profile.txt")
+            profiles[option] = tuple(value.rsplit("=", 1))  # a row may hold "=" itself
     results: dict[str, dict] = {}
     for shape_name in args.shapes.split(","):
         shape = _shape(args, shape_name)
         rows = (args.rows.split(",") if args.rows else DEFAULT_SHAPE_ROWS[shape_name])
-        rows = [r for r in rows if ROWS[r][1] <= args.gpus]
-        if any(ROWS[r][0] == "ours" for r in rows):
+        rows = [r for r in rows if _row(r)[1] <= args.gpus]
+        if any(_row(r)[0] == "ours" for r in rows):
             _prepare(args.data, shape)
-        results[shape_name] = _run_shape(args, shape_name, rows, results, prof_target, prof_file)
+        results[shape_name] = _run_shape(args, shape_name, rows, results, profiles)
     print()
     print(table(results))
 

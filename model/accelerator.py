@@ -103,3 +103,12 @@ def graph_replayer(step: Callable[[], None]) -> Callable[[], None]:
 
     replay.graph = graph  # keeps the graph (and its memory pool) alive with the callable
     return replay
+
+
+def report_host_syncs(enabled: bool) -> None:
+    """Warn (UserWarning) at every operation that makes the host wait for the device, e.g.
+    `.item()` or a copy of a host list to the device (a diagnostic for step loops; no-op on
+    CPU)."""
+    if not is_cpu():
+        torch.get_device_module(current_device().type).set_sync_debug_mode(
+            "warn" if enabled else "default")

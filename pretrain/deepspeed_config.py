@@ -7,7 +7,8 @@ from pretrain.config import Layout, RunConfig
 
 def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool, on_gpu: bool) -> dict:
     zero: dict = {"stage": cfg.parallel.zero_stage}
-    if on_gpu:
+    overlap = cfg.parallel.overlap_comm
+    if overlap is True or (overlap == "auto" and on_gpu and layout.dp > 1):
         # Overlap the gradient reduction with the backward pass.
         zero.update(overlap_comm=True, contiguous_gradients=True,
                     reduce_bucket_size=50_000_000, allgather_bucket_size=50_000_000)

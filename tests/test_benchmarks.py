@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.train_fixtures import build_tiny_dataset
 
@@ -23,22 +25,37 @@ def test_bench_training_smoke(tmp_path):
     root.mkdir()
     (root / "stdlib-seq16").symlink_to(data)  # where the driver looks for the tiny shape's shards
     out = tmp_path / "train.json"
-    profile = tmp_path / "profile.txt"
+    profile, host_profile = tmp_path / "profile.txt", tmp_path / "host.txt"
+    chunked = "ours-deepseek1+model.loss_chunk_tokens=8"  # a row with a config override
     res = subprocess.run(
         [sys.executable, "benchmarks/bench_training.py", "--shapes", "tiny", "--rows",
-         "ours-none,ours-deepseek1,plain", "--data", str(root), "--steps", "2", "--warmup", "1",
-         "--json", str(out), "--profile", f"tiny:ours-none={profile}"],
+         f"ours-none,{chunked},plain", "--data", str(root), "--steps", "2", "--warmup", "1",
+         "--json", str(out), "--profile", f"tiny:ours-none={profile}",
+         "--host-profile", f"tiny:{chunked}={host_profile}"],
         capture_output=True, text=True, cwd=REPO, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     rows = json.loads(out.read_text())["tiny"]
-    assert set(rows) == {"ours-none", "ours-deepseek1", "plain"}
+    assert set(rows) == {"ours-none", chunked, "plain"}
     for name, r in rows.items():
         assert "error" not in r, (name, r)
         assert r["tokens_per_s"] > 0 and r["timed_steps"] == 2 and r["device"] == "cpu"
     assert rows["ours-none"]["compiled"] is False  # train.compile auto: off on CPU
     table = [ln for ln in res.stdout.splitlines() if ln.startswith("| tiny |")]
-    assert [ln.split("|")[2].strip() for ln in table] == ["ours-none", "ours-deepseek1", "plain"]
+    assert [ln.split("|")[2].strip() for ln in table] == ["ours-none", chunked, "plain"]
     assert "by GPU time" in profile.read_text()
+    host = host_profile.read_text()
+    assert "4 optimizer steps" in host and "by tottime" in host and "train_step" in host
+    run_config = Path(tempfile.gettempdir()) / (
+        "bench-training-tiny-ours-deepseek1_model.loss_chunk_tokens_8") / "config.yaml"
+    assert yaml.safe_load(run_config.read_text())["model"]["loss_chunk_tokens"] == 8
+
+    for bad, message in (("ours-none+nonsense", "not a key=value"),
+                         ("plain+train.compile=true", "our rows only"),
+                         ("ours-nothing", "unknown row")):
+        res = subprocess.run([sys.executable, "benchmarks/bench_training.py", "--shapes", "tiny",
+                              "--rows", bad, "--data", str(root)],
+                             capture_output=True, text=True, cwd=REPO)
+        assert res.returncode != 0 and message in res.stderr, (bad, res.stderr[-500:])
 
     res = subprocess.run([sys.executable, "benchmarks/bench_training.py", "--shapes", "110m",
                           "--data", str(root)], capture_output=True, text=True, cwd=REPO)

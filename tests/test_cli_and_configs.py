@@ -13,6 +13,7 @@ import pytest
 
 from pretrain.cli import main
 from pretrain.config import ConfigError, load_config, validate_layout
+from pretrain.deepspeed_config import deepspeed_config
 from tests import dist_train_cases as cases
 from tests.distributed import run_world
 from tests.train_fixtures import build_tiny_dataset
@@ -59,6 +60,12 @@ def test_help(command, capsys):
          "initialising from a model is supported with pp = 1 only"),
         (["--config", "configs/tiny-cpu.yaml", "train.compile=maybe"],
          "train.compile: 'maybe' is not a bool or 'auto'"),
+        (["--config", "configs/tiny-cpu.yaml", "train.cuda_graphs=true", "train.compile=false"],
+         "train.cuda_graphs = true replays compiled blocks, but train.compile = false"),
+        (["--config", "configs/tiny-cpu.yaml", "train.cuda_graphs=true", "parallel.tp=2"],
+         "train.cuda_graphs = true with parallel.tp = 2, pp = 1: supported with tp = 1 and pp = 1"),
+        (["--config", "configs/tiny-cpu.yaml", "train.cuda_graphs=true", "parallel.pp=2"],
+         "train.cuda_graphs = true with parallel.tp = 1, pp = 2"),
     ],
 )
 def test_bad_config_is_refused_before_any_work(args, message, capsys):
@@ -77,6 +84,22 @@ def test_layouts_that_do_not_fit_the_world_are_refused():
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", ["train.global_batch_size=20"])
     with pytest.raises(ConfigError, match=r"global_batch_size = 20 is not a multiple of .* 8 × 2 = 16"):
         validate_layout(cfg, 2)
+
+
+@pytest.mark.parametrize(("setting", "dp", "on_gpu", "overlap"), [
+    ("auto", 1, True, False),  # one replica: nothing to reduce, bucketing is host overhead
+    ("auto", 2, True, True),
+    ("auto", 2, False, False),  # CPU (gloo): off unless asked for
+    ("true", 1, True, True),
+    ("false", 2, True, False),
+])
+def test_deepspeed_config_overlaps_the_reduction_only_where_there_is_one(setting, dp, on_gpu,
+                                                                        overlap):
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"parallel.overlap_comm={setting}"])
+    zero = deepspeed_config(cfg, validate_layout(cfg, dp), bf16=on_gpu,
+                            on_gpu=on_gpu)["zero_optimization"]
+    assert zero.get("overlap_comm", False) is overlap
+    assert zero.get("contiguous_gradients", False) is overlap
 
 
 def test_print_config_shows_the_resolved_tree(capsys):
