@@ -26,13 +26,11 @@ class TransformerBlock(nn.Module):
         # plain attribute, not a submodule, so state dicts and parameters are unchanged.
         self._compiled_forward = None
 
-    def compile_training_forward(self, cuda_graphs: bool = False) -> None:
+    def compile_training_forward(self) -> None:
         """torch.compile the cache-free forward (RMSNorm, RoPE, SwiGLU become fused kernels
         around the matmuls and attention). Calls with a KV cache (generation) stay eager, so
-        their changing cache state never triggers recompilation. `cuda_graphs`: also record the
-        compiled forward and backward as CUDA graphs and replay them (mode 'reduce-overhead')."""
-        self._compiled_forward = torch.compile(
-            self._forward, mode="reduce-overhead" if cuda_graphs else None)
+        their changing cache state never triggers recompilation."""
+        self._compiled_forward = torch.compile(self._forward)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         if cache is None and self._compiled_forward is not None:

@@ -9,28 +9,20 @@ checkpoints, exports and DeepSpeed's hooks see the same model.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from model.block import TransformerBlock
 from model.embedding import SharedEmbedding
 
 
-def compile_for_training(model: nn.Module, cuda_graphs: bool = False) -> int:
+def compile_for_training(model: nn.Module) -> int:
     """Compile the hot path of every block and shared embedding/head inside `model` (any module
-    tree: the whole model or a pipeline stage). `cuda_graphs`: replay the blocks' compiled
-    forward and backward as CUDA graphs. Returns the number of blocks compiled."""
+    tree: the whole model or a pipeline stage). Returns the number of blocks compiled."""
     blocks = 0
     for module in model.modules():
         if isinstance(module, TransformerBlock):
-            module.compile_training_forward(cuda_graphs)
+            module.compile_training_forward()
             blocks += 1
         elif isinstance(module, SharedEmbedding) and module.loss_impl == "fused":
             module.compiled_loss = True
     return blocks
-
-
-def begin_graph_step() -> None:
-    """Tell CUDA-graph replay (cuda_graphs=True) that a new forward pass starts, so outputs of
-    the previous one may be overwritten. Call before each micro-batch's forward."""
-    torch.compiler.cudagraph_mark_step_begin()

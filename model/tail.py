@@ -92,7 +92,7 @@ class OutputTail(nn.Module):
         counts = row_mask.sum(dim=(1, 2))  # [n]
         # Each depth's loss is a mean over its own kept targets; extra depths share weight λ.
         scale = torch.full((len(depths),), mtp_weight / max(n_extra, 1), device=mask.device)
-        scale[0] = 1.0
+        scale[:1].fill_(1.0)  # not `scale[0] = 1.0`: that copies a host scalar and syncs
         row_weights = (row_mask * (scale / counts.clamp(min=1)).view(-1, 1, 1)).reshape(-1)
 
         head = shared.head_loss(hidden, targets, row_weights)

@@ -101,11 +101,6 @@ class TrainConfig:
     """torch.compile the transformer blocks and the fused loss kernels. 'auto': on with GPUs and
     ZeRO <= 2, off on CPU (compiling costs ~30 s per block shape there and gains little).
     ZeRO-3 gathers parameters in module hooks that compiled code would bypass: true is refused."""
-    cuda_graphs: bool = False
-    """Replay each compiled block's forward and backward as CUDA graphs (torch.compile mode
-    'reduce-overhead'): one launch per block instead of one per kernel. For small models whose
-    steps are bound by the host's kernel launches; costs a static memory pool per input shape.
-    Needs a GPU and compiled blocks, with parallel.tp = 1 and pp = 1."""
     nonfinite: Literal["skip", "stop"] = "stop"
     """On a non-finite loss or gradient: skip the step (weights unchanged) or stop the run."""
     max_skipped_steps: int = 20
@@ -198,18 +193,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.compile = true with parallel.zero_stage = 3: ZeRO-3 gathers "
                           "parameters in module hooks that compiled blocks bypass; use "
                           "zero_stage 1 or 2, or train.compile=false")
-    if t.cuda_graphs and t.compile is False:
-        raise ConfigError("train.cuda_graphs = true replays compiled blocks, but train.compile = "
-                          "false; set train.compile to 'auto' or true, or cuda_graphs=false")
-    if t.cuda_graphs and (p.tp > 1 or p.pp > 1):
-        # TP: the graphs would capture the blocks' collectives. PP: the pipeline runs several
-        # micro-batches' forwards before their backwards, and replaying a block's graph would
-        # overwrite activations that an earlier micro-batch still needs.
-        raise ConfigError(f"train.cuda_graphs = true with parallel.tp = {p.tp}, pp = {p.pp}: "
-                          "supported with tp = 1 and pp = 1 only; set cuda_graphs=false")
-    if t.cuda_graphs and p.zero_stage == 3:
-        raise ConfigError("train.cuda_graphs = true with parallel.zero_stage = 3: the blocks "
-                          "are not compiled under ZeRO-3; use zero_stage 1 or 2")
     for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
         _positive(f"train.{name}", getattr(t, name))
     if t.eval_acceptance_prompts:

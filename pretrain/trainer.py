@@ -17,7 +17,7 @@ from deepspeed.utils import logger as ds_logger
 
 from data_pipeline import ShardError, ShardLoader, load_manifest
 from model import ParallelContext, accelerator
-from model.compile import begin_graph_step, compile_for_training
+from model.compile import compile_for_training
 from model.sharding import load_full_state_dict
 from pretrain import checkpoint as ckpt
 from pretrain.acceptance_eval import acceptance_metrics
@@ -129,12 +129,8 @@ class Trainer:
             self._init_main_model(module, ctx, cfg.train.init_from)
         self.compiled = cfg.train.compile is True or (
             cfg.train.compile == "auto" and on_gpu and cfg.parallel.zero_stage <= 2)
-        if cfg.train.cuda_graphs and not (on_gpu and self.compiled):
-            raise ConfigError("train.cuda_graphs = true needs a GPU and compiled blocks "
-                              f"(train.compile = {cfg.train.compile!r} here, "
-                              f"{'GPU' if on_gpu else 'CPU'}); set train.cuda_graphs=false")
         if self.compiled:
-            compile_for_training(module, cuda_graphs=cfg.train.cuda_graphs)
+            compile_for_training(module)
         o = cfg.optim
         optimizer = torch.optim.AdamW(_param_groups(module, o.weight_decay), lr=o.lr,
                                       betas=(o.beta1, o.beta2), eps=o.eps, fused=on_gpu)
@@ -296,8 +292,6 @@ class Trainer:
         if self.tail_loss is None:
             for _ in range(self.layout.grad_accum):
                 b = self._to_device(next(train_iter))
-                if self.cfg.train.cuda_graphs:
-                    begin_graph_step()
                 out = self.engine(b["input_ids"], b["labels"], b["loss_mask"], mtp_weight=lam,
                                   step=self.step)
                 self.engine.backward(out.loss)
@@ -327,8 +321,6 @@ class Trainer:
                 if i >= n:
                     break
                 b = self._to_device(batch)
-                if self.cfg.train.cuda_graphs:
-                    begin_graph_step()
                 outputs.append(self.engine(b["input_ids"], b["labels"], b["loss_mask"],
                                            mtp_weight=lam, step=self.step))
         else:
