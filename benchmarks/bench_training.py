@@ -170,16 +170,48 @@ def _profile_steps(trainer, out: Path, warmup: int) -> None:
         trainer.train_step(it, 0.1)
     accelerator.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         for _ in range(2):
             trainer.train_step(it, 0.1)
         accelerator.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
     if trainer.rank == 0:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45,
                                           max_name_column_width=70)
         cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25,
                                         max_name_column_width=70)
-        out.write_text(f"# 2 optimizer steps\n\n## by GPU time\n{table}\n\n## by CPU time\n{cpu}\n")
+        out.write_text(f"# 2 optimizer steps\n\n{_kernel_summary(prof, wall_ms)}\n\n"
+                       f"## by GPU time\n{table}\n\n## by CPU time\n{cpu}\n")
     del torch
+
+
+KERNEL_KINDS = (  # first match wins; names of cuBLAS/CUTLASS, FlashAttention, Inductor kernels
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("compiled (Inductor)", ("triton_",)),
+    ("communication", ("nccl",)),
+    ("memcpy/memset", ("memcpy", "memset")),
+)
+
+
+def _kernel_summary(prof, wall_ms: float) -> str:
+    """GPU kernel time of the profiled steps by kind, against their wall time."""
+    from torch.autograd import DeviceType
+
+    kinds: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type != DeviceType.CUDA:
+            continue
+        name = ev.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(x in name for x in keys)),
+                    "other (eager elementwise, reductions, ...)")
+        kinds.setdefault(kind, []).append(ev.device_time_total / 1e3)
+    busy = sum(sum(v) for v in kinds.values())
+    lines = [f"wall {wall_ms:.1f} ms; GPU kernels {busy:.1f} ms ({busy / wall_ms:.0%} busy)",
+             "", "| kernels | count | ms | share |", "|---|---|---|---|"]
+    for kind, times in sorted(kinds.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"| {kind} | {len(times)} | {sum(times):.1f} | {sum(times) / busy:.0%} |")
+    return "\n".join(lines)
 
 
 def _profile_host(trainer, out: Path, warmup: int) -> None:

@@ -42,7 +42,7 @@ def test_bench_training_smoke(tmp_path):
     assert rows["ours-none"]["compiled"] is False  # train.compile auto: off on CPU
     table = [ln for ln in res.stdout.splitlines() if ln.startswith("| tiny |")]
     assert [ln.split("|")[2].strip() for ln in table] == ["ours-none", chunked, "plain"]
-    assert "by GPU time" in profile.read_text()
+    assert "by GPU time" in profile.read_text() and "GPU kernels" in profile.read_text()
     host = host_profile.read_text()
     assert "4 optimizer steps" in host and "by tottime" in host and "train_step" in host
     run_config = Path(tempfile.gettempdir()) / (
