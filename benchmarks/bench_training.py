@@ -6,8 +6,8 @@ megatron-core's GPTModel, same shape, same global batch, bf16, on the same card(
     python benchmarks/bench_training.py --rows ours-none,plain --shapes 110m
     python benchmarks/bench_training.py --rows ours-none,ours-none+model.loss_chunk_tokens=8192,plain
 
-A row name may carry config overrides for our pipeline after `+` (ROW+key=value+key=value), to
-compare a setting against the same baseline in one run.
+A row name may carry config overrides for our pipeline after `+` (ROW+key=value+key=value, values
+without commas or `+`), to compare a setting against the same baseline in one run.
 
 Every row runs in its own process (under torchrun for multi-GPU rows), so compile caches and peak
 memory do not leak between rows. Our rows run the real `Trainer.train()` loop (DeepSpeed engine,
@@ -533,7 +533,8 @@ def main() -> None:
                    "a toy shape for smoke tests)")
     p.add_argument("--rows", default=None,
                    help="comma-separated rows (default: the 1-GPU rows per shape, plus the "
-                        "multi-GPU rows that fit --gpus for 110m)")
+                        "multi-GPU rows that fit --gpus for 110m); ROW+key=value adds a config "
+                        "override to one of our rows")
     p.add_argument("--gpus", type=int, default=1, help="GPUs available for multi-GPU rows")
     p.add_argument("--data", type=Path, default=REPO / "bench-data",
                    help="where the stdlib shards live (built on first use)")

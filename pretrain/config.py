@@ -32,7 +32,8 @@ class ParallelConfig:
     overlap_comm: bool | Literal["auto"] = "auto"
     """Reduce gradients in buckets during the backward pass (DeepSpeed overlap_comm with
     contiguous gradient buckets). 'auto': on with GPUs when the data-parallel size is > 1; with
-    one replica there is nothing to reduce, and the per-parameter bucketing only costs host time."""
+    one replica there is nothing to reduce, and the per-parameter bucketing only costs host time
+    (110m benchmark, one GPU: off is 1.5-2 % faster and peaks 0.8 GiB higher)."""
 
 
 @dataclass
