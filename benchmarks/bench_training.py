@@ -156,11 +156,8 @@ def _peak_bytes(peaks_gib: list[float | None]) -> int | None:
     return int(max(known) * 2**30) if known else None  # None on CPU
 
 
-def _profile_steps(trainer, out: Path, warmup: int) -> None:
-    """Warm up, then profile two optimizer steps; writes the top kernels/ops by GPU time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
+def _warmed_up(trainer, warmup: int):
+    """The trainer's batch iterator after `warmup` optimizer steps (compilation done, device idle)."""
     from model import accelerator
 
     it = iter(trainer.train_loader)
@@ -169,6 +166,17 @@ def _profile_steps(trainer, out: Path, warmup: int) -> None:
     for _ in range(warmup):
         trainer.train_step(it, 0.1)
     accelerator.synchronize()
+    return it
+
+
+def _profile_steps(trainer, out: Path, warmup: int) -> None:
+    """Warm up, then profile two optimizer steps; writes the top kernels/ops by GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from model import accelerator
+
+    it = _warmed_up(trainer, warmup)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(2):
@@ -226,12 +234,7 @@ def _profile_host(trainer, out: Path, warmup: int) -> None:
 
     from model import accelerator
 
-    it = iter(trainer.train_loader)
-    if trainer.tail_loss is not None:
-        it = trainer._pipe_iter(it)
-    for _ in range(warmup):
-        trainer.train_step(it, 0.1)
-    accelerator.synchronize()
+    it = _warmed_up(trainer, warmup)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
