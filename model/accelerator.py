@@ -6,6 +6,7 @@ same code runs on CPU (DS_ACCELERATOR=cpu, fp32) and on GPUs (bf16).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,11 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     if "accelerator" in state and not is_cpu():
         get_accelerator().set_rng_state(state["accelerator"])
+
+
+def triton_supported() -> bool:
+    """Whether hand-written Triton kernels can run here (a GPU and the triton package)."""
+    return not is_cpu() and importlib.util.find_spec("triton") is not None
 
 
 def graphs_supported() -> bool:

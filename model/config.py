@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from model.loss_kernels import KERNEL_KINDS
+
 MTPKind = Literal["none", "deepseek", "parallel", "blockwise"]
 MTP_KINDS: tuple[str, ...] = ("none", "deepseek", "parallel", "blockwise")
 
@@ -46,6 +48,11 @@ class ModelConfig:
     """'fused': chunked head + cross-entropy computing gradients on the fly (low memory).
     'unfused': full logits per depth and megatron-core's vocab_parallel_cross_entropy
     (reference/baseline; holds every depth's logits)."""
+    loss_kernels: Literal["auto", "triton", "inductor", "eager"] = "auto"
+    """Which build runs the fused loss's per-chunk softmax work (model/loss_kernels.py): 'auto'
+    is 'triton' when the model is compiled for training on a GPU with Triton installed,
+    'inductor' when compiled elsewhere, 'eager' otherwise. All give the same values up to
+    rounding; the choice only changes speed and the memory of one chunk's gradient."""
 
     @property
     def kv_heads(self) -> int:
@@ -85,6 +92,9 @@ class ModelConfig:
                 f"{self.kv_heads}; each key/value head must serve a whole group of query heads")
         if self.loss_impl not in ("fused", "unfused"):
             raise ValueError(f"model.loss_impl = {self.loss_impl!r}; use 'fused' or 'unfused'")
+        if self.loss_kernels not in ("auto", *KERNEL_KINDS):
+            raise ValueError(f"model.loss_kernels = {self.loss_kernels!r}; use 'auto' or one of "
+                             f"{KERNEL_KINDS}")
         if tp_size < 1:
             raise ValueError(f"tensor-parallel size {tp_size} must be >= 1")
         for name, value in (("num_heads", self.num_heads), ("num_kv_heads", self.kv_heads),

@@ -27,9 +27,10 @@ class SharedEmbedding(nn.Module):
         self.tp_group = ctx.tp_group
         self.loss_impl = cfg.loss_impl
         self.chunk_rows = cfg.loss_chunk_tokens
-        self.compiled_loss = False
-        """Run the fused loss's per-chunk softmax math as compiled kernels (see
-        model.compile.compile_for_training)."""
+        self.loss_kernels_setting = cfg.loss_kernels
+        self.loss_kernels = "eager" if cfg.loss_kernels == "auto" else cfg.loss_kernels
+        """The build of the fused loss's per-chunk softmax work (model.loss_kernels); 'auto'
+        means 'eager' until model.compile.compile_for_training picks a compiled build."""
         v_local = cfg.vocab_size // ctx.tp_size
         self.vocab_start = ctx.tp_rank * v_local
         self.word_embeddings = VocabParallelEmbedding(
@@ -73,7 +74,7 @@ class SharedEmbedding(nn.Module):
         if self.loss_impl == "fused":
             res = fused_head_cross_entropy(
                 hidden, self.output_weight, targets, row_weights, self.tp_group,
-                self.vocab_start, self.chunk_rows, self.compiled_loss)
+                self.vocab_start, self.chunk_rows, self.loss_kernels)
         else:
             res = unfused_head_cross_entropy(
                 hidden, self.output_weight, targets, row_weights, self.tp_group, self.vocab_start)

@@ -23,6 +23,8 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 
+from model.loss_kernels import chunk_kernels
+
 
 @dataclass
 class HeadLoss:
@@ -36,47 +38,36 @@ class HeadLoss:
     """[N] bool: the target has the highest logit (teacher-forced top-1), detached."""
 
 
-def _chunk_softmax_stats(logits: torch.Tensor, local_t: torch.Tensor, on_rank: torch.Tensor):
-    """One pass over a chunk's logits [n, V/TP] (any float dtype): the row max m, Σ exp(l − m)
-    and the target's logit (0 where the target is on another rank's vocab slice), all fp32 [n].
-    The sum is relative to this rank's own max, so TP ranks combine them online-softmax style
-    after one max all-reduce and never need a second pass over the logits."""
-    lf = logits.float()
-    row_max = lf.amax(dim=-1)
-    sum_exp = (lf - row_max.unsqueeze(1)).exp().sum(dim=-1)
-    target_logit = lf.gather(1, local_t.unsqueeze(1)).squeeze(1) * on_rank
-    return row_max, sum_exp, target_logit
+_FP32_OUT_GEMM: dict[str, bool] = {}
+"""Per device type: whether addmm takes low-precision inputs with an fp32 output (CUDA does)."""
 
 
-def _chunk_logits_grad(logits: torch.Tensor, log_norm: torch.Tensor, local_t: torch.Tensor,
-                       on_rank: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
-    """d(Σ w·CE)/dlogits = w · (softmax − onehot), [n, V/TP] in the logits' dtype.
-    log_norm [n] is the global log Σ exp(logits) (the log-partition)."""
-    probs = (logits.float() - log_norm.unsqueeze(1)).exp()
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    onehot = (cols.unsqueeze(0) == local_t.unsqueeze(1)) & on_rank.unsqueeze(1)
-    return ((probs - onehot.float()) * row_weights.unsqueeze(1)).to(logits.dtype)
-
-
-# The same two functions compiled (GPU training): each becomes one fused kernel that reads the
-# chunk's logits once, instead of ~10 elementwise passes over fp32 copies. torch.compile is lazy:
-# nothing is compiled until a model opts in (`compile_for_training`) and calls them.
-_KERNELS = {
-    False: (_chunk_softmax_stats, _chunk_logits_grad),
-    True: (torch.compile(_chunk_softmax_stats, dynamic=True),
-           torch.compile(_chunk_logits_grad, dynamic=True)),
-}
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc [m, k] fp32 += a [m, n] @ b [n, k]. Where the backend allows, the GEMM adds its fp32
+    result into `acc` itself: no rounding of each chunk's product to bf16 and no temporaries
+    (otherwise three passes over a [V/TP, d] matrix per chunk)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    kind = acc.device.type
+    if _FP32_OUT_GEMM.get(kind, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _FP32_OUT_GEMM[kind] = True
+            return
+        except (RuntimeError, NotImplementedError, TypeError):
+            _FP32_OUT_GEMM[kind] = False
+    acc += (a @ b).float()
 
 
 class _FusedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, row_weights, tp_group, vocab_start, chunk_rows,
-                compiled):
+                kernels):
         # hidden [N, d] (replicated over TP), weight [V/TP, d] (this rank's vocab rows),
         # targets [N] global token ids, row_weights [N] fp32.
-        softmax_stats, logits_grad = _KERNELS[compiled]
+        kern = chunk_kernels(kernels)
         n_rows = hidden.shape[0]
-        v_local = weight.shape[0]
         tp_size = tp_group.size()
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
@@ -88,29 +79,33 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         for s in range(0, n_rows, chunk_rows):
             e = min(s + chunk_rows, n_rows)
             h = hidden[s:e]
+            t = targets[s:e]
             logits = h @ weight.t()  # [n, V/TP] in the compute dtype
-            local_t = targets[s:e] - vocab_start
-            on_rank = (local_t >= 0) & (local_t < v_local)
-            local_t = local_t.clamp(0, v_local - 1)
-            row_max, sum_exp, target_logit = softmax_stats(logits, local_t, on_rank)
-            if tp_size > 1:
-                local_max = row_max.clone()
-                dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-                sums = torch.stack((sum_exp * (local_max - row_max).exp(), target_logit))  # [2, n]
-                dist.all_reduce(sums, group=tp_group)
-                sum_exp, target_logit = sums[0], sums[1]
-            log_norm = row_max + sum_exp.log()
-            row_loss[s:e] = log_norm - target_logit
-            # The target wins when its logit is the (exact, all-reduced) row maximum.
-            row_correct[s:e] = target_logit == row_max
-            if need_h or need_w:
-                g = logits_grad(logits, log_norm, local_t, on_rank, row_weights[s:e])
+            g = None
+            if tp_size == 1 and (need_h or need_w):
+                g = kern.loss_and_grad(logits, t, vocab_start, row_weights[s:e],
+                                       row_loss[s:e], row_correct[s:e])
+            else:
+                row_max, sum_exp, target_logit = kern.stats(logits, t, vocab_start)
+                if tp_size > 1:
+                    local_max = row_max.clone()
+                    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+                    sums = torch.stack((sum_exp * (local_max - row_max).exp(), target_logit))  # [2, n]
+                    dist.all_reduce(sums, group=tp_group)
+                    sum_exp, target_logit = sums[0], sums[1]
+                log_norm = row_max + sum_exp.log()
+                row_loss[s:e] = log_norm - target_logit
+                # The target wins when its logit is the (exact, all-reduced) row maximum.
+                row_correct[s:e] = target_logit == row_max
+                if need_h or need_w:
+                    g = kern.grad(logits, log_norm, t, vocab_start, row_weights[s:e])
+            if g is not None:
                 if need_h:
                     # Partial over this rank's vocab rows; the TP all-reduce is done by the
                     # copy-to-TP-region that feeds `hidden` (its backward).
-                    grad_h[s:e] = g @ weight
+                    torch.mm(g, weight, out=grad_h[s:e])
                 if need_w:
-                    grad_w += (g.t() @ h).float()
+                    _accumulate_fp32(grad_w, g.t(), h)
 
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -134,13 +129,15 @@ def fused_head_cross_entropy(
     tp_group: dist.ProcessGroup,
     vocab_start: int,
     chunk_rows: int,
-    compiled: bool = False,
+    kernels: str = "eager",
 ) -> HeadLoss:
-    """hidden [N, d], weight [V/TP, d], targets [N] (global ids), row_weights [N]. `compiled`:
-    run the per-chunk softmax math as torch.compile'd kernels (same values, fewer passes)."""
+    """hidden [N, d], weight [V/TP, d], targets [N] (global ids), row_weights [N]. `kernels`:
+    which build of the per-chunk softmax work runs (model.loss_kernels.KERNEL_KINDS; the same
+    values up to rounding)."""
     hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
     total, row_loss, row_correct = _FusedHeadCrossEntropy.apply(
-        hidden, weight, targets, row_weights.float(), tp_group, vocab_start, chunk_rows, compiled)
+        hidden, weight, targets.contiguous(), row_weights.float().contiguous(), tp_group,
+        vocab_start, chunk_rows, kernels)
     return HeadLoss(total, row_loss, row_correct)
 
 

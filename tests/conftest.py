@@ -8,3 +8,6 @@ import tempfile
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(tempfile.gettempdir(), "mtp-torch-ext"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Hand-written Triton kernels (model/loss_kernels.py) run through Triton's interpreter on CPU
+# tensors; read when the kernels are defined, so it must be set before `model` is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
