@@ -26,11 +26,13 @@ class TransformerBlock(nn.Module):
         # plain attribute, not a submodule, so state dicts and parameters are unchanged.
         self._compiled_forward = None
 
-    def compile_training_forward(self) -> None:
+    def compile_training_forward(self) -> list[nn.Module]:
         """torch.compile the cache-free forward (RMSNorm, RoPE, SwiGLU become fused kernels
         around the matmuls and attention). Calls with a KV cache (generation) stay eager, so
-        their changing cache state never triggers recompilation."""
+        their changing cache state never triggers recompilation. Returns the modules the
+        compiled region covers (all of this block's)."""
         self._compiled_forward = torch.compile(self._forward)
+        return list(self.modules())
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         if cache is None and self._compiled_forward is not None:

@@ -11,8 +11,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self._compiled_forward = None  # see compile_training_forward; not a submodule
+
+    def compile_training_forward(self) -> list[nn.Module]:
+        """Compile the norm for training: one fused kernel each way instead of ~8 elementwise
+        passes over fp32 copies. Evaluation and generation (eval mode) stay eager."""
+        self._compiled_forward = torch.compile(self._forward)
+        return [self]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self._compiled_forward is not None:
+            return self._compiled_forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and cast back before the gain: the same order as Llama/HF, which keeps
         # exported models numerically identical.
         xf = x.float()

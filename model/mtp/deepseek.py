@@ -38,11 +38,23 @@ class DeepSeekModule(nn.Module):
             bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
         self.block = TransformerBlock(cfg, ctx)
         self.out_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
+        self._compiled_mix = None  # see compile_training_forward
+
+    def compile_training_forward(self) -> list[nn.Module]:
+        """Compile the input mix (both norms and the concat: one kernel each way). The block
+        and the output norm are compiled as regions of their own; the projection stays eager
+        because its TP collective is an autograd function outside the graph."""
+        self._compiled_mix = torch.compile(self._mix)
+        return [self.hidden_norm, self.embed_norm]
+
+    def _mix(self, h_prev: torch.Tensor, next_embed: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.hidden_norm(h_prev), self.embed_norm(next_embed)), dim=-1)
 
     def forward(self, h_prev: torch.Tensor, next_embed: torch.Tensor,
                 cache: LayerCache | None = None) -> torch.Tensor:
         """h_prev, next_embed [B, T, d] → hᵏ [B, T, d] (before the output norm)."""
-        x = torch.cat((self.hidden_norm(h_prev), self.embed_norm(next_embed)), dim=-1)  # [B,T,2d]
+        mix = self._compiled_mix if cache is None and self._compiled_mix is not None else self._mix
+        x = mix(h_prev, next_embed)  # [B, T, 2d]
         x = row_parallel(self.proj, scatter_to_tp_last_dim(x, self.tp_group))  # [B,T,2d/TP] → [B,T,d]
         return self.block(x, cache)
 
