@@ -167,7 +167,7 @@ def load_exported_model(
     if meta_path.is_file():
         # Training-only settings that a HF config has no field for.
         saved = _read_json(meta_path).get("model_config", {})
-        for name in ("loss_chunk_tokens", "loss_impl"):
+        for name in ("loss_chunk_tokens", "loss_impl", "loss_kernels"):
             if name in saved:
                 setattr(model_cfg, name, saved[name])
     model_cfg.validate()

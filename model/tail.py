@@ -85,7 +85,10 @@ class OutputTail(nn.Module):
         depths = [j for j, _ in depth_states]
         n_extra = len(depths) - 1
 
-        hidden = torch.stack([h for _, h in depth_states])  # [n, B, T, d]
+        if n_extra:
+            hidden = torch.stack([h for _, h in depth_states])  # [n, B, T, d]
+        else:  # one depth: a view, not a copy
+            hidden = main
         hidden = hidden.reshape(-1, hidden.shape[-1])  # [n·B·T, d]
         targets = _select_depths(labels, depths).transpose(0, 1).reshape(-1)  # [n·B·T]
         row_mask = _select_depths(mask, depths).transpose(0, 1)  # [n, B, T]
