@@ -60,3 +60,24 @@ def test_bench_training_smoke(tmp_path):
     res = subprocess.run([sys.executable, "benchmarks/bench_training.py", "--shapes", "110m",
                           "--data", str(root)], capture_output=True, text=True, cwd=REPO)
     assert res.returncode != 0 and "needs a GPU" in res.stderr
+
+
+def test_bench_loss_kernels_smoke(tmp_path):
+    """The loss-kernel benchmark on CPU (Triton through its interpreter): every build agrees
+    with the eager one, and bad arguments are refused."""
+    out = tmp_path / "loss.json"
+    res = subprocess.run(
+        [sys.executable, "benchmarks/bench_loss_kernels.py", "--cpu", "--rows", "48",
+         "--vocab", "96", "--dim", "16", "--chunk", "20", "--iters", "1", "--warmup", "0",
+         "--json", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [b["build"] for b in data["builds"]] == ["eager", "inductor", "triton"]
+    for b in data["builds"]:
+        assert b["max_diff_loss"] < 1e-5 and b["max_diff_grad_w"] < 1e-5, b
+        assert b["max_diff_tp_path"] < 1e-4, b
+    assert "| triton |" in res.stdout
+    bad = subprocess.run([sys.executable, "benchmarks/bench_loss_kernels.py", "--rows", "0"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "--rows must be >= 1" in bad.stderr
