@@ -72,20 +72,6 @@ def set_rng_state(state: dict) -> None:
         get_accelerator().set_rng_state(state["accelerator"])
 
 
-def pinned_empty_like(t: torch.Tensor) -> torch.Tensor:
-    """An uninitialised page-locked host tensor like `t` (for asynchronous copies to the
-    device)."""
-    return get_accelerator().pin_memory(torch.empty_like(t, device="cpu"))
-
-
-def record_event():
-    """An event recorded on the current stream now (`.synchronize()` waits for the work queued
-    before it)."""
-    event = get_accelerator().Event()
-    event.record()
-    return event
-
-
 def triton_supported() -> bool:
     """Whether hand-written Triton kernels can run here (a GPU and the triton package)."""
     return not is_cpu() and importlib.util.find_spec("triton") is not None

@@ -23,7 +23,6 @@ from pretrain import checkpoint as ckpt
 from pretrain.acceptance_eval import acceptance_metrics
 from pretrain.config import ConfigError, RunConfig, validate_layout
 from pretrain.deepspeed_config import deepspeed_config
-from pretrain.device_feed import DeviceFeeder
 from pretrain.distributed import MegatronMPU, build_topology, detect_launch_env, init_distributed
 from pretrain.metrics import MetricsLogger, format_line, forward_flops_per_token, peak_flops
 from pretrain.model_builder import build_pipeline, build_whole_model
@@ -95,7 +94,6 @@ class Trainer:
         self.layout = validate_layout(cfg, dist.get_world_size())
         self.topo = build_topology(self.layout, cfg.train.collective_timeout_s)
         self.device = accelerator.current_device()
-        self._feed = DeviceFeeder(self.device)  # pinned staging: the loader does not pin
         on_gpu = not accelerator.is_cpu()
         precision = cfg.train.precision
         self.bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
@@ -151,7 +149,7 @@ class Trainer:
             num_workers=cfg.data.num_workers, batch_size=cfg.train.micro_batch_size,
             seed=cfg.train.seed, depth=depth, mask_cross_document=cfg.data.mask_cross_document,
             skip_corrupt=cfg.data.skip_corrupt, shuffle_buffer=cfg.data.shuffle_buffer,
-            verify_checksums=cfg.data.verify_checksums,
+            pin_memory=on_gpu, verify_checksums=cfg.data.verify_checksums,
         ) if needs_data and train_loader is None else train_loader
         self._reported_corrupt: set[str] = set()
         self._report_skipped_data()
@@ -279,7 +277,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
     def _to_device(self, batch: dict) -> dict:
-        return self._feed(batch)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _pipe_iter(self, it):
         for batch in it:
