@@ -1,8 +1,9 @@
 """Output head + cross-entropy over a vocabulary split across tensor-parallel ranks.
 
 `fused_head_cross_entropy` never materialises the logits of all rows: it walks the rows in chunks,
-computes each chunk's logits [chunk, V/TP] in fp32, reduces them to losses across TP ranks and, in
-the same pass, the gradients w.r.t. the hidden states and the head weight (the softmax minus the
+computes each chunk's logits [chunk, V/TP] (in the compute dtype; the softmax math in fp32, by one
+of the builds in model/loss_kernels.py), reduces them to losses across TP ranks and, in the same
+pass, the gradients w.r.t. the hidden states and the head weight (the softmax minus the
 one-hot, times the row weight). Peak logits memory is one chunk, however many MTP depths are
 stacked into the rows; compute equals an ordinary head forward + backward (three matmuls). The
 gradients are kept for `backward`, which only scales them by the incoming gradient.

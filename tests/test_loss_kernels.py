@@ -104,3 +104,26 @@ def test_fused_head_cross_entropy_with_each_build(kind):
 def test_unknown_build_is_refused():
     with pytest.raises(ValueError, match="unknown loss kernels 'fast'"):
         chunk_kernels("fast")
+
+
+def test_bf16_weight_gradient_is_accumulated_in_fp32():
+    """bf16 inputs: the head's weight gradient sums the chunks in fp32 (through addmm with an
+    fp32 output where the backend has it, else a cast and add) and matches an fp32 reference
+    to bf16 input precision."""
+    g = torch.Generator().manual_seed(2)
+    n, d, v = 64, 16, 50
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) * 0.5
+    targets = torch.randint(0, v, (n,), generator=g)
+    row_weights = torch.full((n,), 1.0 / n)
+    group = single_process_context().tp_group
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        h = hidden.to(dtype, copy=True).requires_grad_()
+        w = weight.to(dtype, copy=True).requires_grad_()
+        out = fused_head_cross_entropy(h, w, targets, row_weights, group, 0, chunk_rows=8,
+                                       kernels="triton")
+        out.total.backward()
+        assert w.grad.dtype == dtype
+        grads[dtype] = w.grad.float()
+    torch.testing.assert_close(grads[torch.bfloat16], grads[torch.float32], rtol=2e-2, atol=2e-3)
