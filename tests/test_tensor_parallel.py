@@ -22,6 +22,9 @@ ALL_OBJECTIVES = [
     ("blockwise", 3, {}, {"sample_one_loss": True}),
     # megatron-core's vocab_parallel_cross_entropy path against our fused loss
     ("deepseek", 2, {"loss_impl": "unfused"}, {}),
+    # the Triton loss kernels (interpreted on CPU): split stats + gradient under TP, one fused
+    # kernel in the single-process reference
+    ("deepseek", 2, {"loss_kernels": "triton"}, {}),
 ]
 
 
