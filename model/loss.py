@@ -83,7 +83,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
             t = targets[s:e]
             logits = h @ weight.t()  # [n, V/TP] in the compute dtype
             g = None
-            if tp_size == 1 and (need_h or need_w):
+            if tp_size == 1 and (need_h or need_w) and kern.loss_and_grad is not None:
                 g = kern.loss_and_grad(logits, t, vocab_start, row_weights[s:e],
                                        row_loss[s:e], row_correct[s:e])
             else:

@@ -155,30 +155,19 @@ class ChunkKernels:
     grad: Callable
     """(logits, log_norm [n], targets, vocab_start, row_weights [n]) -> the logits' gradient
     [n, V/TP] in their dtype; may overwrite and return `logits`."""
-    loss_and_grad: Callable
-    """Without TP: (logits, targets, vocab_start, row_weights, row_loss out [n], row_correct out
-    [n] bool) -> the gradient, as `grad`; fills the two outputs."""
-
-
-def _composed_loss_and_grad(stats, grad):
-    def loss_and_grad(logits, targets, vocab_start, row_weights, row_loss, row_correct):
-        row_max, sum_exp, target_logit = stats(logits, targets, vocab_start)
-        log_norm = row_max + sum_exp.log()
-        row_loss.copy_(log_norm - target_logit)
-        row_correct.copy_(target_logit == row_max)
-        return grad(logits, log_norm, targets, vocab_start, row_weights)
-    return loss_and_grad
+    loss_and_grad: Callable | None = None
+    """Without TP, where a build fuses stats and gradient: (logits, targets, vocab_start,
+    row_weights, row_loss out [n], row_correct out [n] bool) -> the gradient, as `grad`; fills
+    the two outputs. None: the caller composes `stats` and `grad`."""
 
 
 def _build(kind: str) -> ChunkKernels:
     if kind == "eager":
-        return ChunkKernels(_torch_stats, _torch_grad,
-                            _composed_loss_and_grad(_torch_stats, _torch_grad))
+        return ChunkKernels(_torch_stats, _torch_grad)
     if kind == "inductor":
         # torch.compile is lazy: nothing compiles until the first call.
-        stats = torch.compile(_torch_stats, dynamic=True)
-        grad = torch.compile(_torch_grad, dynamic=True)
-        return ChunkKernels(stats, grad, _composed_loss_and_grad(stats, grad))
+        return ChunkKernels(torch.compile(_torch_stats, dynamic=True),
+                            torch.compile(_torch_grad, dynamic=True))
     if kind == "triton":
         if triton is None:
             raise RuntimeError("loss kernels 'triton' need the triton package (it ships with "
