@@ -70,3 +70,26 @@ def test_cached_forward_of_a_compiled_block_stays_eager(monkeypatch):
     assert calls == [] and h.abs().sum() > 0
     model.blocks[0](h)  # without a cache: the compiled forward
     assert calls == [1]
+
+
+@pytest.mark.parametrize("setting,gpu_with_triton,expected", [
+    ("auto", True, "triton"), ("auto", False, "inductor"), ("eager", True, "eager"),
+    ("inductor", True, "inductor")])
+def test_loss_kernel_choice(monkeypatch, setting, gpu_with_triton, expected):
+    """`model.loss_kernels: auto` becomes Triton only on a GPU with Triton, Inductor otherwise,
+    and only once the model is compiled; an explicit choice is kept."""
+    from model import accelerator
+    monkeypatch.setattr(accelerator, "triton_supported", lambda: gpu_with_triton)
+    model = MTPLanguageModel(tiny_config("deepseek", 1, loss_kernels=setting),
+                             single_process_context())
+    assert model.embedding.loss_kernels == ("eager" if setting == "auto" else setting)
+    compile_for_training(model)
+    assert model.embedding.loss_kernels == expected
+    # The DeepSeek input mix and the norms outside blocks are compiled regions of their own;
+    # the norms inside blocks and inside the mix are covered by those regions.
+    mtp = model.tail.objective.layers[0]
+    assert mtp._compiled_mix is not None and mtp.out_norm._compiled_forward is not None
+    assert model.tail.final_norm._compiled_forward is not None
+    assert mtp.hidden_norm._compiled_forward is None
+    assert all(b.attn_norm._compiled_forward is None
+               for b in model.modules() if isinstance(b, TransformerBlock))
