@@ -100,7 +100,8 @@ def measure(kind: str, depth: int, impl: str, args: argparse.Namespace) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", default="0,1,2,3,4", help="D values to measure (0 = next-token only)")
-    p.add_argument("--kind", default="deepseek", choices=["deepseek", "parallel", "blockwise"])
+    p.add_argument("--kind", default="deepseek",
+                   help="a registered MTP objective (model/mtp/), e.g. deepseek, parallel, blockwise")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)

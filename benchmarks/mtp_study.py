@@ -14,7 +14,9 @@ for every arm; only the MTP objective differs), exports it, evaluates the main h
 (in-distribution: DATA's val split; out-of-distribution: DATA2's, tokenized with DATA's tokenizer),
 per-depth teacher-forced accuracy, real draft acceptance and tokens per main-model forward, and
 times plain vs self-speculative greedy decoding at batch 1. Everything lands in STUDY/ARM/result.json.
-`blockwise4-frozen` trains BPD heads on the frozen trunk of the finished `none` arm (STUDY/none).
+An arm is `none` or KIND DEPTH for any registered objective (`deepseek1`, `parallel4`, …), with
+`-frozen` for objectives that can train on a frozen trunk: `blockwise4-frozen` trains BPD heads on
+the frozen trunk of the finished `none` arm (STUDY/none).
 
 `report` turns every STUDY/*/result.json into one Markdown page with the table, validation-loss
 curves and acceptance-by-depth plots (PNG, needs matplotlib).
@@ -27,6 +29,7 @@ import hashlib
 import io
 import json
 import lzma
+import re
 import statistics
 import subprocess
 import sys
@@ -39,15 +42,29 @@ sys.path.insert(0, str(REPO))
 
 import provenance  # noqa: E402  (benchmarks/, the script's own folder)
 
-ARMS = {
-    "none": ["mtp.kind=none", "mtp.depth=0"],
-    "deepseek1": ["mtp.kind=deepseek", "mtp.depth=1"],
-    "deepseek3": ["mtp.kind=deepseek", "mtp.depth=3"],
-    "parallel4": ["mtp.kind=parallel", "mtp.depth=4"],
-    "blockwise4": ["mtp.kind=blockwise", "mtp.depth=4"],
-    "blockwise4-frozen": ["mtp.kind=blockwise", "mtp.depth=4", "mtp.freeze_trunk=true"],
-}
+ARMS = ("none", "deepseek1", "deepseek3", "parallel4", "blockwise4", "blockwise4-frozen")
+"""The arms of docs/STUDY.md, in the report's order; any other `arm_overrides` accepts runs too."""
 BASELINE = "none"
+FROZEN = "freeze_trunk"  # the objective option that `-frozen` arms set
+
+
+def arm_overrides(arm: str) -> list[str]:
+    """Config overrides of an arm: `none`, or KIND DEPTH[-frozen] for a registered objective."""
+    from model.mtp import objective_class, objective_kinds
+
+    if arm == BASELINE:
+        return ["mtp.kind=none", "mtp.depth=0"]
+    match = re.fullmatch(r"(?P<kind>[A-Za-z_]\w*?)(?P<depth>\d+)(?P<frozen>-frozen)?", arm)
+    if match is None or match["kind"] not in objective_kinds():
+        raise SystemExit(f"mtp_study: arm {arm!r} is not 'none' or KIND DEPTH[-frozen] with KIND "
+                         f"one of {objective_kinds()} (e.g. deepseek1, blockwise4-frozen)")
+    out = [f"mtp.kind={match['kind']}", f"mtp.depth={match['depth']}"]
+    if match["frozen"]:
+        if FROZEN not in objective_class(match["kind"]).options:
+            raise SystemExit(f"mtp_study: arm {arm!r}: objective {match['kind']!r} has no "
+                             f"{FROZEN} option, so it cannot train on a frozen trunk")
+        out.append(f"mtp.options.{FROZEN}=true")
+    return out
 
 
 def _cli(argv: list[str]) -> None:
@@ -72,8 +89,8 @@ def run_arm(args: argparse.Namespace) -> dict:
                  f"train.seed={args.seed}",
                  # Warm up over a tenth of the budget: the configs' 500 steps are sized for
                  # full-length runs and would leave a short study arm below its peak rate.
-                 f"optim.warmup_steps={max(1, args.steps // 10)}", *ARMS[args.arm]]
-    if args.arm == "blockwise4-frozen":
+                 f"optim.warmup_steps={max(1, args.steps // 10)}", *arm_overrides(args.arm)]
+    if args.arm.endswith("-frozen"):
         base = args.out / BASELINE / "export"
         if not (base / "config.json").is_file():
             raise SystemExit(f"mtp_study: arm {args.arm} trains on the frozen trunk of arm "
@@ -280,7 +297,7 @@ def _plots(results: list[dict], out_dir: Path) -> list[str]:
 
 
 def _frozen(r: dict) -> bool:
-    return "mtp.freeze_trunk=true" in r["overrides"]
+    return f"mtp.options.{FROZEN}=true" in r["overrides"] or f"mtp.{FROZEN}=true" in r["overrides"]
 
 
 def _rel(path: str) -> str:
@@ -348,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train, export and evaluate one arm")
-    r.add_argument("arm", choices=list(ARMS))
+    r.add_argument("arm", help="none, or KIND DEPTH[-frozen] for a registered MTP objective, "
+                               f"e.g. {', '.join(ARMS[1:])}")
     r.add_argument("--data", type=Path, required=True, help="training dataset (mtp prepare)")
     r.add_argument("--ood-data", type=Path, help="out-of-distribution held-out dataset built "
                    "with the training data's tokenizer (mtp prepare --tokenizer)")

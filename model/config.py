@@ -6,13 +6,16 @@ only validates them. Every user mistake raises `ValueError` naming the field and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from model.loss_kernels import KERNEL_KINDS
 
-MTPKind = Literal["none", "deepseek", "parallel", "blockwise"]
-MTP_KINDS: tuple[str, ...] = ("none", "deepseek", "parallel", "blockwise")
+
+def require_positive(name: str, value: int | float, allow_zero: bool = False) -> None:
+    """ValueError naming the config key unless `value` > 0 (or >= 0 with `allow_zero`)."""
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} = {value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 @dataclass
@@ -70,14 +73,9 @@ class ModelConfig:
 
     def validate(self, tp_size: int = 1) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len",
-                     "loss_chunk_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"model.{name} = {getattr(self, name)} must be a positive integer")
-        if self.num_kv_heads is not None and self.num_kv_heads < 1:
-            raise ValueError(f"model.num_kv_heads = {self.num_kv_heads} must be positive or null")
-        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
-            raise ValueError(
-                f"model.ffn_hidden_size = {self.ffn_hidden_size} must be positive or null")
+                     "loss_chunk_tokens", "num_kv_heads", "ffn_hidden_size"):
+            if getattr(self, name) is not None:  # the two optional ones: None picks a default
+                require_positive(f"model.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size = {self.hidden_size} is not divisible by model.num_heads = "
@@ -95,8 +93,7 @@ class ModelConfig:
         if self.loss_kernels not in ("auto", *KERNEL_KINDS):
             raise ValueError(f"model.loss_kernels = {self.loss_kernels!r}; use 'auto' or one of "
                              f"{KERNEL_KINDS}")
-        if tp_size < 1:
-            raise ValueError(f"tensor-parallel size {tp_size} must be >= 1")
+        require_positive("parallel.tp", tp_size)
         for name, value in (("num_heads", self.num_heads), ("num_kv_heads", self.kv_heads),
                             ("vocab_size", self.vocab_size), ("ffn_hidden_size", self.ffn_size)):
             if value % tp_size:
@@ -109,44 +106,94 @@ class ModelConfig:
 
 @dataclass
 class MTPConfig:
-    """Which multi-token objective the tail trains (DESIGN.md §2).
+    """Which multi-token objective the tail trains (docs/DESIGN.md, "The MTP objectives").
 
-    `depth` D always counts the *extra* future tokens: labels have D+1 rows for every kind.
-    deepseek: D sequential modules; parallel: D extra transformer-block heads (n = D+1 with the main
-    head); blockwise: D extra residual FFN heads (k = D+1 with the base model's own head).
+    `depth` D always counts the *extra* future tokens: labels have D+1 rows for every kind. The
+    kinds are the objectives registered in `model.mtp` (each module there documents its own).
     """
 
-    kind: MTPKind = "deepseek"
-    """'none' (next-token only), 'deepseek', 'parallel' (Meta) or 'blockwise' (BPD)."""
+    kind: str = "deepseek"
+    """'none' (next-token only) or a registered objective: 'deepseek', 'parallel' (Meta's heads),
+    'blockwise' (BPD), or one registered by the user (model/mtp/objective.py)."""
     depth: int = 1
     """D, the number of extra predicted tokens; 0 exactly when kind is 'none'."""
-    detach_trunk: bool = False
-    """deepseek: stop MTP gradients at the main model's hidden state (the shared embedding and
-    head still learn from the MTP losses)."""
-    freeze_trunk: bool = False
-    """blockwise: freeze the base model (embedding, blocks, final norm, head); only the extra FFN
-    heads train (BPD's frozen-base setting)."""
-    sample_one_loss: bool = False
-    """blockwise: per step, train one extra head chosen from the step number instead of all D
-    (BPD's memory saving); the choice is identical on every rank."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Settings of the chosen objective, e.g. {detach_trunk: true} for 'deepseek'; each objective
+    declares its own (`mtp.options.NAME=value` on the command line; `mtp.NAME=value` is accepted
+    as a shorthand)."""
+
+    @classmethod
+    def fold_config_keys(cls, data: dict) -> dict:
+        """A config mapping with the objective's options given at the top of the section (the
+        shorthand, and the layout of configs written before options had their own mapping)
+        moved under `options`."""
+        names = {f.name for f in fields(cls)}
+        loose = {k: v for k, v in data.items() if k not in names}
+        if not loose:
+            return data
+        from model.mtp.objective import NO_MTP, objective_class
+
+        kind = data.get("kind", cls.kind)
+        declared = {} if kind == NO_MTP else objective_class(kind).options
+        folded = {k: v for k, v in data.items() if k not in loose or k not in declared}
+        options = dict(data.get("options") or {})
+        for key in loose.keys() & declared.keys():
+            if key in options and options[key] != loose[key]:
+                raise ValueError(f"mtp.{key} and mtp.options.{key} disagree "
+                                 f"({loose[key]!r} vs {options[key]!r}); give it once")
+            options[key] = loose[key]
+        if options:
+            folded["options"] = options
+        return folded
+
+    def option(self, name: str) -> Any:
+        """The value of one of the objective's options (its default when not given)."""
+        from model.mtp.objective import objective_class
+
+        spec = objective_class(self.kind).options[name]
+        return self.options.get(name, spec.default)
 
     def validate(self) -> None:
-        if self.kind not in MTP_KINDS:
-            raise ValueError(f"mtp.kind = {self.kind!r} is unknown; use one of {MTP_KINDS}")
-        if self.kind == "none" and self.depth != 0:
+        """Checks the kind, depth and options, and fills in the options' defaults."""
+        from model.mtp.objective import NO_MTP, mtp_kinds, objective_class
+
+        if self.kind not in mtp_kinds():
+            raise ValueError(f"mtp.kind = {self.kind!r} is unknown; use one of {mtp_kinds()}")
+        if self.kind == NO_MTP and self.depth != 0:
             raise ValueError(
                 f"mtp.depth = {self.depth} with mtp.kind = 'none'; set mtp.depth = 0 or choose an "
                 "MTP kind")
-        if self.kind != "none" and self.depth < 1:
+        if self.kind != NO_MTP and self.depth < 1:
             raise ValueError(
                 f"mtp.depth = {self.depth} with mtp.kind = {self.kind!r}; an MTP objective needs "
                 "mtp.depth >= 1 (or use mtp.kind = 'none')")
-        if self.detach_trunk and self.kind != "deepseek":
-            raise ValueError(
-                f"mtp.detach_trunk applies to kind 'deepseek' only (got {self.kind!r})")
-        if (self.freeze_trunk or self.sample_one_loss) and self.kind != "blockwise":
-            name = "freeze_trunk" if self.freeze_trunk else "sample_one_loss"
-            raise ValueError(f"mtp.{name} applies to kind 'blockwise' only (got {self.kind!r})")
+        declared = {} if self.kind == NO_MTP else objective_class(self.kind).options
+        for name, value in self.options.items():
+            owners = [k for k in mtp_kinds()[1:] if name in objective_class(k).options]
+            if name not in declared:
+                where = (f"it applies to kind {' / '.join(map(repr, owners))} only" if owners
+                         else f"kind {self.kind!r} has "
+                              f"{'the options ' + ', '.join(declared) if declared else 'no options'}")
+                raise ValueError(f"mtp.options.{name} = {value!r} with mtp.kind = "
+                                 f"{self.kind!r}: {where}")
+            default = declared[name].default
+            if type(value) is not type(default) and not (
+                    isinstance(default, float) and type(value) is int):
+                raise ValueError(f"mtp.options.{name} = {value!r} must be a "
+                                 f"{type(default).__name__} like its default {default!r}")
+        # Every option spelled out (defaults included), so that configs written by runs, exports
+        # and checkpoints compare equal however the options were given.
+        self.options = {name: self.options.get(name, spec.default)
+                        for name, spec in declared.items()}
+        if self.kind != NO_MTP:
+            objective_class(self.kind).check_options(self)
+
+    @property
+    def freezes_trunk(self) -> bool:
+        """The objective trains on a frozen main model."""
+        from model.mtp.objective import NO_MTP, objective_class
+
+        return self.kind != NO_MTP and objective_class(self.kind).freezes_trunk(self)
 
 
 @dataclass

@@ -51,3 +51,20 @@ def single_process_context(params_dtype: torch.dtype = torch.float32) -> Paralle
         return ParallelContext(dist.group.WORLD, params_dtype)
     groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
     return ParallelContext(groups[dist.get_rank()], params_dtype)
+
+
+class _NoGroup:
+    """Stands in for a TP group of one where no collective will ever run (see meta_context)."""
+
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
+
+def meta_context() -> ParallelContext:
+    """Context for building a TP = 1 model on the meta device, to read parameter names and shapes
+    (export layouts, the cost model). It needs no process group, so any process may use it at any
+    time, also one rank of a running world without the others."""
+    return ParallelContext(_NoGroup())  # type: ignore[arg-type]

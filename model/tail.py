@@ -17,13 +17,13 @@ from torch import nn
 
 from model.config import DecoderConfig
 from model.embedding import SharedEmbedding
-from model.mtp.blockwise import BlockwiseMTP
-from model.mtp.deepseek import DeepSeekMTP
-from model.mtp.parallel_heads import ParallelHeadsMTP
+from model.mtp.objective import NO_MTP, MTPObjective, TailInputs, objective_class
 from model.norm import RMSNorm
 from model.parallel import ParallelContext
 
-OBJECTIVES = {"deepseek": DeepSeekMTP, "parallel": ParallelHeadsMTP, "blockwise": BlockwiseMTP}
+TAIL_PREFIX = "tail.objective."
+"""Name prefix of the MTP objective's parameters in the model's state dict: everything under it
+is the MTP tail, everything else the main model."""
 
 
 @dataclass
@@ -46,7 +46,8 @@ class OutputTail(nn.Module):
         self.depth = dcfg.mtp.depth
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.params_dtype)
         kind = dcfg.mtp.kind
-        self.objective = OBJECTIVES[kind](dcfg, ctx) if kind != "none" else None
+        self.objective: MTPObjective | None = (
+            objective_class(kind)(dcfg, ctx) if kind != NO_MTP else None)
 
     def forward(
         self,
@@ -81,7 +82,7 @@ class OutputTail(nn.Module):
         depth_states = [(0, main)]
         if self.objective is not None:
             depth_states += self.objective.depth_hiddens(
-                trunk, main, labels, shared, self.final_norm, step)
+                TailInputs(trunk, main, labels, shared, self.final_norm, step))
         depths = [j for j, _ in depth_states]
         n_extra = len(depths) - 1
 

@@ -16,8 +16,8 @@ from torch import nn
 from model.block import TransformerBlock
 from model.config import DecoderConfig
 from model.embedding import SharedEmbedding
-from model.parallel import ParallelContext
-from model.tail import MTPOutput, OutputTail
+from model.parallel import ParallelContext, meta_context
+from model.tail import TAIL_PREFIX, MTPOutput, OutputTail
 
 
 def _frozen(module: nn.Module, frozen: bool) -> nn.Module:
@@ -37,18 +37,18 @@ def _layer_rng(seed: int, layer_index: int):
 
 def build_embedding(dcfg: DecoderConfig, ctx: ParallelContext, seed: int = 0) -> SharedEmbedding:
     with _layer_rng(seed, 0):
-        return _frozen(SharedEmbedding(dcfg.model, ctx), dcfg.mtp.freeze_trunk)
+        return _frozen(SharedEmbedding(dcfg.model, ctx), dcfg.mtp.freezes_trunk)
 
 
 def build_block(dcfg: DecoderConfig, ctx: ParallelContext, index: int, seed: int = 0) -> TransformerBlock:
     with _layer_rng(seed, 1 + index):
-        return _frozen(TransformerBlock(dcfg.model, ctx), dcfg.mtp.freeze_trunk)
+        return _frozen(TransformerBlock(dcfg.model, ctx), dcfg.mtp.freezes_trunk)
 
 
 def build_tail(dcfg: DecoderConfig, ctx: ParallelContext, seed: int = 0) -> OutputTail:
     with _layer_rng(seed, 1 + dcfg.model.num_layers):
         tail = OutputTail(dcfg, ctx)
-    _frozen(tail.final_norm, dcfg.mtp.freeze_trunk)
+    _frozen(tail.final_norm, dcfg.mtp.freezes_trunk)
     return tail
 
 
@@ -92,4 +92,12 @@ class MTPLanguageModel(nn.Module):
 
     def main_model_state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's parameters of the main model only (the MTP objective dropped)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("tail.objective.")}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(TAIL_PREFIX)}
+
+
+def meta_parameters(dcfg: DecoderConfig) -> dict[str, nn.Parameter]:
+    """The parameters of the TP = 1 model on the meta device (no memory, no init): the source
+    of truth for parameter names, shapes and TP split layouts (`model.sharding.tp_layout`)."""
+    with torch.device("meta"):
+        model = MTPLanguageModel(dcfg, meta_context())
+    return dict(model.named_parameters())

@@ -44,6 +44,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value not in get_args(tp):
             raise ConfigError(f"{path}: {value!r} is not one of {_type_name(tp)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_tp, item_tp = get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, path): _coerce(v, item_tp, f"{path}.{k}")
+                for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -77,7 +83,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 
 
 def from_dict(cls: type, data: dict, path: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, checking every key and type."""
+    """Build dataclass `cls` from a mapping, checking every key and type. A dataclass may
+    rearrange its mapping first (`fold_config_keys(data) -> data`, e.g. shorthand keys)."""
+    if hasattr(cls, "fold_config_keys"):
+        try:
+            data = cls.fold_config_keys(data)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))

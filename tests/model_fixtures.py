@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 from model import DecoderConfig, ModelConfig, MTPConfig
+from model.mtp import objective_kinds
+
+KINDS = objective_kinds()
+"""Every registered MTP objective: tests parametrized over objectives read the registry."""
 
 VOCAB = 96
 SEQ = 12

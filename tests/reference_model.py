@@ -1,6 +1,6 @@
 """A naive, independent forward of the whole model and its MTP losses, written from the formulas
-(DESIGN.md §2): plain tensor ops on a full (TP=1) parameter dict, explicit causal masks, repeated
-KV heads, full logits for every depth, a Python loop over depths. It shares no code with `model/`
+(docs/DESIGN.md, The MTP objectives): plain tensor ops on a full (TP=1) parameter dict, explicit
+causal masks, repeated KV heads, full logits for every depth, a Python loop over depths. It shares no code with `model/`
 except the parameter names and the two weight layouts it documents below."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def reference_losses(p, dcfg, input_ids, labels, loss_mask, mtp_weight, depths=N
 
     outs = {0: z}
     if mtp.kind == "deepseek":
-        prev = z.detach() if mtp.detach_trunk else z
+        prev = z.detach() if mtp.option("detach_trunk") else z
         for k in range(1, mtp.depth + 1):
             pre = f"tail.objective.layers.{k - 1}."
             e = emb[labels[:, k - 1]]

@@ -11,9 +11,7 @@ from model.generation.runner import main_forward, new_cache
 from model.generation.sampling import SamplingConfig
 from model.generation.speculative import SpeculativeDecoder
 from tests.generation_fixtures import prompts_from_chain, trained_model
-from tests.model_fixtures import randomize_, tiny_config
-
-KINDS = ("deepseek", "parallel", "blockwise")
+from tests.model_fixtures import KINDS, randomize_, tiny_config
 
 
 @pytest.mark.parametrize("kind", KINDS)

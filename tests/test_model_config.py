@@ -34,17 +34,36 @@ def test_bad_model_shape(overrides, tp, match):
         ("parallel", -1, {}, r"mtp\.depth = -1"),
         ("none", 2, {}, r"mtp\.depth = 2 with mtp\.kind = 'none'"),
         ("medusa", 1, {}, r"mtp\.kind = 'medusa' is unknown"),
-        ("parallel", 1, {"detach_trunk": True}, r"detach_trunk applies to kind 'deepseek'"),
-        ("deepseek", 1, {"freeze_trunk": True}, r"freeze_trunk applies to kind 'blockwise'"),
+        ("parallel", 1, {"detach_trunk": True}, r"detach_trunk = True .*applies to kind 'deepseek'"),
+        ("deepseek", 1, {"freeze_trunk": True}, r"freeze_trunk = True .*kind 'blockwise' only"),
+        ("deepseek", 1, {"detach": True}, r"options\.detach .*has the options detach_trunk"),
+        ("parallel", 1, {"detach": True}, r"kind 'parallel' has no options"),
+        ("deepseek", 1, {"detach_trunk": "yes"}, r"detach_trunk = 'yes' must be a bool"),
     ],
 )
 def test_bad_mtp_config(kind, depth, extra, match):
     dcfg = tiny_config("deepseek", 1)
     dcfg.mtp.kind, dcfg.mtp.depth = kind, depth
-    for k, v in extra.items():
-        setattr(dcfg.mtp, k, v)
+    dcfg.mtp.options.update(extra)
     with pytest.raises(ValueError, match=match):
         dcfg.validate(1)
+
+
+def test_mtp_options_shorthand_and_conflicts():
+    """`mtp.NAME` is folded into `mtp.options.NAME` (the shorthand, and the layout of configs
+    and checkpoints written before options had their own mapping)."""
+    from pretrain.config import ConfigError, load_config
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["mtp.kind=blockwise", "mtp.freeze_trunk=true"])
+    assert cfg.mtp.options == {"freeze_trunk": True, "sample_one_loss": False}
+    assert cfg.mtp.freezes_trunk
+    cfg = load_config("configs/tiny-cpu.yaml", ["mtp.options.detach_trunk=true"])
+    assert cfg.mtp.option("detach_trunk") is True
+    with pytest.raises(ConfigError, match=r"mtp\.detach_trunk and mtp\.options\.detach_trunk"):
+        load_config("configs/tiny-cpu.yaml",
+                    ["mtp.detach_trunk=true", "mtp.options.detach_trunk=false"])
+    with pytest.raises(ConfigError, match=r"unknown key 'freeze_trunk' in mtp"):
+        load_config("configs/tiny-cpu.yaml", ["mtp.freeze_trunk=true"])  # not a deepseek option
 
 
 def test_model_refuses_an_invalid_config_at_construction():

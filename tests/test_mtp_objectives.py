@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import MTPLanguageModel, single_process_context
-from tests.model_fixtures import make_batch, randomize_, tiny_config
+from tests.model_fixtures import KINDS, make_batch, randomize_, tiny_config
 from tests.reference_model import reference_losses
 
 CTX = None
@@ -28,16 +28,16 @@ def build(dcfg, seed=0):
     return model
 
 
-def compare_with_reference(dcfg, lam=0.3, step=0, depths=None, masked=True):
+def compare_with_reference(dcfg, mtp_weight=0.3, step=0, depths=None, masked=True):
     model = build(dcfg)
     ids, labels, mask = make_batch(dcfg.mtp.depth, masked=masked)
-    out = model(ids, labels, mask, mtp_weight=lam, step=step)
+    out = model(ids, labels, mask, mtp_weight=mtp_weight, step=step)
     out.loss.backward()
 
     ref_params = {n: p.detach().clone().requires_grad_(p.requires_grad)
                   for n, p in model.named_parameters()}
     full_mask = mask if mask is not None else torch.ones(labels.shape)
-    total, losses, accs = reference_losses(ref_params, dcfg, ids, labels, full_mask, lam, depths)
+    total, losses, accs = reference_losses(ref_params, dcfg, ids, labels, full_mask, mtp_weight, depths)
     total.backward()
 
     torch.testing.assert_close(out.loss, total.detach(), rtol=1e-5, atol=1e-6)
@@ -55,7 +55,7 @@ def compare_with_reference(dcfg, lam=0.3, step=0, depths=None, masked=True):
     return model, out
 
 
-@pytest.mark.parametrize("kind", ["deepseek", "parallel", "blockwise"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_objective_matches_naive_reference(kind, depth):
     _, out = compare_with_reference(tiny_config(kind, depth))
@@ -67,10 +67,10 @@ def test_next_token_baseline_matches_reference():
     compare_with_reference(tiny_config("none"))
 
 
-@pytest.mark.parametrize("kind", ["deepseek", "parallel", "blockwise"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_tied_embeddings_gqa_off_and_no_mask(kind):
     compare_with_reference(tiny_config(kind, 2, tie_embeddings=True, num_kv_heads=None),
-                           lam=0.7, masked=False)
+                           mtp_weight=0.7, masked=False)
 
 
 def test_chunk_size_does_not_change_results():
@@ -87,7 +87,7 @@ def test_chunk_size_does_not_change_results():
 
 def test_blockwise_frozen_trunk_trains_only_the_heads():
     dcfg = tiny_config("blockwise", 3)
-    dcfg.mtp.freeze_trunk = True
+    dcfg.mtp.options["freeze_trunk"] = True
     model, out = compare_with_reference(dcfg)
     for n, p in model.named_parameters():
         trainable = n.startswith("tail.objective.")
@@ -97,7 +97,7 @@ def test_blockwise_frozen_trunk_trains_only_the_heads():
 
 def test_blockwise_sampled_sub_loss_trains_one_head_per_step():
     dcfg = tiny_config("blockwise", 3)
-    dcfg.mtp.sample_one_loss = True
+    dcfg.mtp.options["sample_one_loss"] = True
     step = 11
     chosen = 1 + random.Random(step).randrange(3)
     model, out = compare_with_reference(dcfg, step=step, depths=[0, chosen])

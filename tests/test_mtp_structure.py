@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from model import MTPLanguageModel, single_process_context
-from tests.model_fixtures import VOCAB, make_batch, randomize_, tiny_config
+from tests.model_fixtures import KINDS, VOCAB, make_batch, randomize_, tiny_config
 
 
 def build(dcfg, seed=0):
@@ -15,14 +15,14 @@ def build(dcfg, seed=0):
     return model
 
 
-def grads(model, lam, batch):
+def grads(model, mtp_weight, batch):
     model.zero_grad(set_to_none=True)
-    model(*batch, mtp_weight=lam).loss.backward()
+    model(*batch, mtp_weight=mtp_weight).loss.backward()
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
 
 
 def test_tail_owns_no_vocabulary_matrix_and_uses_the_shared_one():
-    for kind in ("deepseek", "parallel", "blockwise"):
+    for kind in KINDS:
         model = build(tiny_config(kind, 2))
         for n, p in model.tail.named_parameters():
             assert VOCAB not in p.shape, f"{kind}: tail parameter {n} {tuple(p.shape)} looks like a vocab matrix"
@@ -62,7 +62,7 @@ def test_deepseek_chain_is_causal_and_parallel_heads_are_not():
 def test_deepseek_detach_stops_mtp_gradients_at_the_trunk():
     batch = make_batch(2)
     dcfg = tiny_config("deepseek", 2)
-    dcfg.mtp.detach_trunk = True
+    dcfg.mtp.options["detach_trunk"] = True
     model = build(dcfg)
     g0, g1 = grads(model, 0.0, batch), grads(model, 0.8, batch)
     for n in g0:

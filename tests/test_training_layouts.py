@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from pretrain.checkpoint import resolve_checkpoint
-from pretrain.checkpoint_export import full_state_dict_from_checkpoint
+from pretrain.export.from_checkpoint import full_state_dict_from_checkpoint
 from tests import dist_train_cases as cases
 from tests.distributed import run_world
+from tests.model_fixtures import KINDS
 from tests.train_fixtures import build_tiny_dataset
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-KINDS = ("deepseek", "parallel", "blockwise")
 
 LAYOUTS = [
     # name, world, dp, sections, kinds

@@ -1,4 +1,5 @@
-"""Draft proposals from the MTP tail for self-speculative decoding, one class per objective.
+"""Draft proposals from the MTP tail for self-speculative decoding: the base class that each
+objective's drafter (declared beside the objective in model/mtp/) builds on.
 
 State shared with the verifier (`speculative.py`), per sequence b:
 * `tokens[b, :m_b+1]` are final: m_b is the index of the newest token, which the main model has
@@ -16,23 +17,30 @@ state is updated in place for the same reason (a replay writes the addresses see
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from model.generation.sampling import SamplingConfig, probabilities, sample
 from model.kv_cache import KVCache
-from model.transformer import MTPLanguageModel
+
+if TYPE_CHECKING:
+    from model.transformer import MTPLanguageModel
 
 
-def _rows(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def rows_at(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """t [B, S, d] gathered at positions [B, W] → [B, W, d]."""
     return t.gather(1, positions[..., None].expand(-1, -1, t.shape[-1]))
 
 
-def _put_rows(t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+def put_rows(t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
     t.scatter_(1, positions[..., None].expand(-1, -1, t.shape[-1]), rows)
 
 
 class Drafter:
+    """Drafts for one batch. Subclasses implement `catch_up` (see the module docstring) and read
+    their objective's modules as `self.model.tail.objective`."""
+
     def __init__(self, model: MTPLanguageModel, batch: int, max_len: int, sampling: SamplingConfig,
                  generator: torch.Generator | None):
         self.model = model
@@ -77,80 +85,11 @@ class Drafter:
         last = m - 1 - start  # [B] index of position m_b - 1 in the window
         return positions, last, attend
 
+    def catch_up(self, tokens: torch.Tensor, trunk: torch.Tensor, normed: torch.Tensor,
+                 m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
 
-class DeepSeekDrafter(Drafter):
-    """Chains the D modules: module k at position i reads hᵏ⁻¹ᵢ and Emb(t_{i+k}). Entries whose
-    t_{i+k} is final are kept; the last k-1 entries of module k used drafts and are redone on the
-    next round (its cache length stops before them: that is the rollback)."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        mods = self.model.tail.objective.layers
-        d = self.model.config.model.hidden_size
-        self.caches = self._block_caches(m.block for m in mods)
-        self.hidden = [torch.zeros(self.batch, self.max_len, d, dtype=self.dtype,
-                                   device=self.device) for _ in mods]
-        self.valid = [torch.zeros(self.batch, dtype=torch.long, device=self.device) for _ in mods]
-
-    def catch_up(self, tokens, trunk, normed, m):
-        drafts, probs = [], []
-        prev_hidden = normed  # h⁰: the final-norm output
-        for k, module in enumerate(self.model.tail.objective.layers, start=1):
-            # Module k's cache stops k - 1 positions before the previous m, and a round moves m
-            # by at most D + 1: the window is at most D + k wide.
-            positions, last, attend = self._window(self.valid[k - 1], m, self.depth + k)
-            h_in = _rows(prev_hidden, positions)  # [B, W, d]
-            future = tokens.gather(1, (positions + k).clamp(max=tokens.shape[1] - 1))  # t_{i+k}
-            h = module(h_in, self.model.embedding(future),
-                       self.caches[k - 1].layer(0, positions, attend))  # [B, W, d]
-            _put_rows(self.hidden[k - 1], positions, h)
-            h_last = h[torch.arange(h.shape[0], device=self.device), last]  # [B, d]
-            tok, p = self._pick(self.model.embedding.logits(module.out_norm(h_last)))
-            tokens[torch.arange(tokens.shape[0], device=self.device), m + k] = tok
-            drafts.append(tok)
-            probs.append(p)
-            self.valid[k - 1].copy_((m - k + 1).clamp(min=0))
-            prev_hidden = self.hidden[k - 1]
+    @staticmethod
+    def _stacked(drafts: list[torch.Tensor], probs: list[torch.Tensor | None]):
+        """Per-depth picks → (drafts [B, D], draft probabilities [B, D, V] or None)."""
         return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs[0] is not None else None)
-
-
-class ParallelHeadsDrafter(Drafter):
-    """Meta's heads: head j (a transformer block with its own cache over the trunk outputs) at the
-    last position drafts t_{m+j}; no dependence on drafted tokens, so nothing to roll back."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.caches = self._block_caches(self.model.tail.objective.heads)
-        self.valid = torch.zeros(self.batch, dtype=torch.long, device=self.device)
-
-    def catch_up(self, tokens, trunk, normed, m):
-        positions, last, attend = self._window(self.valid, m, self.depth + 1)
-        h_in = _rows(trunk, positions)
-        rows = torch.arange(h_in.shape[0], device=self.device)
-        drafts, probs = [], []
-        for j, head in enumerate(self.model.tail.objective.heads):
-            h = head(h_in, self.caches[j].layer(0, positions, attend))
-            logits = self.model.embedding.logits(self.model.tail.final_norm(h[rows, last]))
-            tok, p = self._pick(logits)
-            drafts.append(tok)
-            probs.append(p)
-        self.valid.copy_(m)
-        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs[0] is not None else None)
-
-
-class BlockwiseDrafter(Drafter):
-    """BPD heads: hⱼ = z + FFNⱼ(z) at the last position; stateless."""
-
-    def catch_up(self, tokens, trunk, normed, m):
-        rows = torch.arange(normed.shape[0], device=self.device)
-        z = normed[rows, m - 1]  # [B, d]
-        drafts, probs = [], []
-        for head in self.model.tail.objective.heads:
-            tok, p = self._pick(self.model.embedding.logits(z + head(z)))
-            drafts.append(tok)
-            probs.append(p)
-        return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs[0] is not None else None)
-
-
-DRAFTERS = {"deepseek": DeepSeekDrafter, "parallel": ParallelHeadsDrafter,
-            "blockwise": BlockwiseDrafter}

@@ -19,10 +19,10 @@ import time
 import torch
 
 from model import accelerator
-from model.generation.drafters import DRAFTERS
 from model.generation.runner import done, finish, main_forward, new_cache, pad_prompts
 from model.generation.sampling import GREEDY, SamplingConfig, probabilities
 from model.generation.stats import GenerationResult, SpeculativeStats
+from model.mtp.objective import NO_MTP, objective_class
 from model.transformer import MTPLanguageModel
 
 
@@ -75,7 +75,7 @@ class SpeculativeDecoder:
         GPUs at TP = 1). `static`: run greedy rounds with the fixed shapes that capture needs
         even without graphs (how the CPU tests check the graphed path's arithmetic)."""
         kind, depth = model.config.mtp.kind, model.config.mtp.depth
-        if kind == "none":
+        if kind == NO_MTP:
             raise ValueError("self-speculative decoding needs an MTP tail; this model has "
                              "mtp.kind 'none' (use plain generation)")
         sampling.validate()
@@ -100,7 +100,7 @@ class SpeculativeDecoder:
                                  device=device)
         self.normed = torch.zeros_like(self.trunk)
         self.cache = new_cache(model, len(model.blocks), b, self.max_len, device)
-        self.drafter = DRAFTERS[kind](model, b, self.max_len, sampling, self.gen)
+        self.drafter = objective_class(kind).drafter(model, b, self.max_len, sampling, self.gen)
         self.rows = torch.arange(b, device=device)
         self.stats = SpeculativeStats(depth)
         self.generated: list[list[int]] = [[] for _ in range(b)]

@@ -12,17 +12,46 @@ import random
 import torch
 from torch import nn
 
-from model.config import DecoderConfig
-from model.embedding import SharedEmbedding
+from model.config import DecoderConfig, MTPConfig
+from model.generation.drafters import Drafter
 from model.init import zero_init
 from model.mlp import SwiGLU
+from model.mtp.objective import MTPObjective, Option, TailInputs
 from model.parallel import ParallelContext
 
 
-class BlockwiseMTP(nn.Module):
+class BlockwiseDrafter(Drafter):
+    """hⱼ = z + FFNⱼ(z) at the last position; stateless."""
+
+    def catch_up(self, tokens, trunk, normed, m):
+        rows = torch.arange(normed.shape[0], device=self.device)
+        z = normed[rows, m - 1]  # [B, d]
+        drafts, probs = [], []
+        for head in self.model.tail.objective.heads:
+            tok, p = self._pick(self.model.embedding.logits(z + head(z)))
+            drafts.append(tok)
+            probs.append(p)
+        return self._stacked(drafts, probs)
+
+
+class BlockwiseMTP(MTPObjective, kind="blockwise"):
+    options = {
+        "freeze_trunk": Option(False, "freeze the base model (embedding, blocks, final norm, "
+                                      "head); only the extra FFN heads train (BPD's frozen-base "
+                                      "setting)"),
+        "sample_one_loss": Option(False, "per step, train one extra head chosen from the step "
+                                         "number instead of all D (BPD's memory saving); the "
+                                         "choice is identical on every rank"),
+    }
+    drafter = BlockwiseDrafter
+
+    @classmethod
+    def freezes_trunk(cls, mtp: MTPConfig) -> bool:
+        return mtp.option("freeze_trunk")
+
     def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext):
-        super().__init__()
-        self.sample_one_loss = dcfg.mtp.sample_one_loss
+        super().__init__(dcfg, ctx)
+        self.sample_one_loss = dcfg.mtp.option("sample_one_loss")
         self.heads = nn.ModuleList(
             SwiGLU(dcfg.model, ctx, out_init=zero_init) for _ in range(dcfg.mtp.depth))
 
@@ -33,8 +62,5 @@ class BlockwiseMTP(nn.Module):
             return list(range(1, len(self.heads) + 1))
         return [1 + random.Random(step).randrange(len(self.heads))]
 
-    def depth_hiddens(
-        self, trunk: torch.Tensor, main: torch.Tensor, labels: torch.Tensor,
-        shared: SharedEmbedding, final_norm: nn.Module, step: int,
-    ) -> list[tuple[int, torch.Tensor]]:
-        return [(j, main + self.heads[j - 1](main)) for j in self.trained_depths(step)]
+    def depth_hiddens(self, x: TailInputs) -> list[tuple[int, torch.Tensor]]:
+        return [(j, x.main + self.heads[j - 1](x.main)) for j in self.trained_depths(x.step)]

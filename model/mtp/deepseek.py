@@ -13,9 +13,10 @@ from torch import nn
 
 from model.block import TransformerBlock
 from model.config import DecoderConfig
-from model.embedding import SharedEmbedding
+from model.generation.drafters import Drafter, put_rows, rows_at
 from model.init import normal_init
 from model.kv_cache import LayerCache
+from model.mtp.objective import MTPObjective, Option, TailInputs
 from model.norm import RMSNorm
 from model.parallel import ParallelContext
 from model.tp_regions import row_parallel, scatter_to_tp_last_dim
@@ -59,19 +60,60 @@ class DeepSeekModule(nn.Module):
         return self.block(x, cache)
 
 
-class DeepSeekMTP(nn.Module):
+class DeepSeekDrafter(Drafter):
+    """Chains the D modules: module k at position i reads hᵏ⁻¹ᵢ and Emb(t_{i+k}). Entries whose
+    t_{i+k} is final are kept; the last k-1 entries of module k used drafts and are redone on the
+    next round (its cache length stops before them: that is the rollback)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        mods = self.model.tail.objective.layers
+        d = self.model.config.model.hidden_size
+        self.caches = self._block_caches(m.block for m in mods)
+        self.hidden = [torch.zeros(self.batch, self.max_len, d, dtype=self.dtype,
+                                   device=self.device) for _ in mods]
+        self.valid = [torch.zeros(self.batch, dtype=torch.long, device=self.device) for _ in mods]
+
+    def catch_up(self, tokens, trunk, normed, m):
+        drafts, probs = [], []
+        prev_hidden = normed  # h⁰: the final-norm output
+        for k, module in enumerate(self.model.tail.objective.layers, start=1):
+            # Module k's cache stops k - 1 positions before the previous m, and a round moves m
+            # by at most D + 1: the window is at most D + k wide.
+            positions, last, attend = self._window(self.valid[k - 1], m, self.depth + k)
+            h_in = rows_at(prev_hidden, positions)  # [B, W, d]
+            future = tokens.gather(1, (positions + k).clamp(max=tokens.shape[1] - 1))  # t_{i+k}
+            h = module(h_in, self.model.embedding(future),
+                       self.caches[k - 1].layer(0, positions, attend))  # [B, W, d]
+            put_rows(self.hidden[k - 1], positions, h)
+            h_last = h[torch.arange(h.shape[0], device=self.device), last]  # [B, d]
+            tok, p = self._pick(self.model.embedding.logits(module.out_norm(h_last)))
+            tokens[torch.arange(tokens.shape[0], device=self.device), m + k] = tok
+            drafts.append(tok)
+            probs.append(p)
+            self.valid[k - 1].copy_((m - k + 1).clamp(min=0))
+            prev_hidden = self.hidden[k - 1]
+        return self._stacked(drafts, probs)
+
+
+class DeepSeekMTP(MTPObjective, kind="deepseek"):
+    options = {"detach_trunk": Option(
+        False, "stop MTP gradients at the main model's hidden state (the shared embedding and "
+               "head still learn from the MTP losses)")}
+    reads_future_tokens = True
+    shares_with_main_model = ("model.embed_tokens (future-token embeddings)",
+                              "lm_head (shared head)")
+    drafter = DeepSeekDrafter
+
     def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext):
-        super().__init__()
-        self.detach_trunk = dcfg.mtp.detach_trunk
+        super().__init__(dcfg, ctx)
+        self.detach_trunk = dcfg.mtp.option("detach_trunk")
         self.layers = nn.ModuleList(DeepSeekModule(dcfg, ctx) for _ in range(dcfg.mtp.depth))
 
-    def depth_hiddens(
-        self, trunk: torch.Tensor, main: torch.Tensor, labels: torch.Tensor,
-        shared: SharedEmbedding, final_norm: nn.Module, step: int,
-    ) -> list[tuple[int, torch.Tensor]]:
-        h = main.detach() if self.detach_trunk else main
+    def depth_hiddens(self, x: TailInputs) -> list[tuple[int, torch.Tensor]]:
+        h = x.main.detach() if self.detach_trunk else x.main
         out = []
         for k, layer in enumerate(self.layers, start=1):
-            h = layer(h, shared(labels[:, k - 1]))  # Emb(t_{i+k}): labels[k-1] [B, T]
+            h = layer(h, x.shared(x.labels[:, k - 1]))  # Emb(t_{i+k}): labels[k-1] [B, T]
             out.append((k, layer.out_norm(h)))
         return out

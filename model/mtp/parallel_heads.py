@@ -9,19 +9,44 @@ from torch import nn
 
 from model.block import TransformerBlock
 from model.config import DecoderConfig
-from model.embedding import SharedEmbedding
+from model.generation.drafters import Drafter, rows_at
+from model.mtp.objective import MTPObjective, TailInputs
 from model.parallel import ParallelContext
 
 
-class ParallelHeadsMTP(nn.Module):
+class ParallelHeadsDrafter(Drafter):
+    """Head j (a transformer block with its own cache over the trunk outputs) at the last
+    position drafts t_{m+j}; no dependence on drafted tokens, so nothing to roll back."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.caches = self._block_caches(self.model.tail.objective.heads)
+        self.valid = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+
+    def catch_up(self, tokens, trunk, normed, m):
+        positions, last, attend = self._window(self.valid, m, self.depth + 1)
+        h_in = rows_at(trunk, positions)
+        rows = torch.arange(h_in.shape[0], device=self.device)
+        drafts, probs = [], []
+        for j, head in enumerate(self.model.tail.objective.heads):
+            h = head(h_in, self.caches[j].layer(0, positions, attend))
+            logits = self.model.embedding.logits(self.model.tail.final_norm(h[rows, last]))
+            tok, p = self._pick(logits)
+            drafts.append(tok)
+            probs.append(p)
+        self.valid.copy_(m)
+        return self._stacked(drafts, probs)
+
+
+class ParallelHeadsMTP(MTPObjective, kind="parallel"):
+    shares_with_main_model = ("model.norm (shared final norm)", "lm_head (shared head)")
+    drafter = ParallelHeadsDrafter
+
     def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext):
-        super().__init__()
+        super().__init__(dcfg, ctx)
         self.heads = nn.ModuleList(
             TransformerBlock(dcfg.model, ctx) for _ in range(dcfg.mtp.depth))
 
-    def depth_hiddens(
-        self, trunk: torch.Tensor, main: torch.Tensor, labels: torch.Tensor,
-        shared: SharedEmbedding, final_norm: nn.Module, step: int,
-    ) -> list[tuple[int, torch.Tensor]]:
+    def depth_hiddens(self, x: TailInputs) -> list[tuple[int, torch.Tensor]]:
         # Heads read the trunk's residual stream (before the final norm), as the main path does.
-        return [(j, final_norm(head(trunk))) for j, head in enumerate(self.heads, start=1)]
+        return [(j, x.final_norm(head(x.trunk))) for j, head in enumerate(self.heads, start=1)]
