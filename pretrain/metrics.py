@@ -5,26 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from model.config import DecoderConfig
-
-# Dense bf16 peak per device (no sparsity), by a substring of the device name.
+# Dense bf16 peak per device (no sparsity), by a substring of the device name. FLOPs per token
+# come from the one cost model, model/cost.py.
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
-
-
-def forward_flops_per_token(dcfg: DecoderConfig, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs per input token of the main model and of the MTP tail (matmuls plus
-    attention scores over the full window, the PaLM convention). Training = 3 × forward."""
-    m, mtp = dcfg.model, dcfg.mtp
-    d, f, v, hd = m.hidden_size, m.ffn_size, m.vocab_size, m.head_dim
-    q, kv = m.num_heads * hd, m.kv_heads * hd
-    attn = 2 * d * (q + 2 * kv) + 2 * q * d + 4 * seq_len * q
-    mlp = 6 * d * f
-    block = attn + mlp
-    head = 2 * d * v
-    main = m.num_layers * block + head
-    per_depth = {"none": 0.0, "deepseek": 2 * 2 * d * d + block + head,
-                 "parallel": block + head, "blockwise": mlp + head}[mtp.kind]
-    return {"main": float(main), "mtp": float(per_depth * mtp.depth)}
 
 
 def peak_flops(device_name: str, override_tflops: float) -> float | None:
@@ -71,8 +54,8 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
     if depth_losses:
         parts.append("mtp " + " ".join(f"{x:.3f}" for x in depth_losses))
     parts.append("acc " + "/".join(f"{x:.2f}" for x in accs))
-    if "mtp/lambda" in m:
-        parts.append(f"λ {m['mtp/lambda']:.2f}")
+    if "mtp/weight" in m:
+        parts.append(f"λ {m['mtp/weight']:.2f}")
     parts += [f"lr {m['optim/lr']:.2e}", f"gnorm {m['optim/grad_norm']:.3f}",
               f"{m['perf/tokens_per_s'] / 1e3:.1f}k tok/s"]
     if m.get("perf/mfu") is not None:

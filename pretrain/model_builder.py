@@ -15,7 +15,7 @@ from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSp
 from torch import nn
 
 from model import DecoderConfig, MTPLanguageModel, MTPOutput, ParallelContext
-from model.mtp.deepseek import DeepSeekMTP
+from model.cost import layer_costs
 from model.tail import OutputTail
 from model.transformer import build_block, build_embedding, build_tail
 from pretrain.distributed import Topology
@@ -73,8 +73,8 @@ def _pass_through(_module, x):
 class TailLoss:
     """`loss_fn` of the pipeline: runs the output tail on the last stage with the labels.
 
-    The trainer sets `mtp_weight` and `step` before each optimizer step and collects `outputs`
-    (one `MTPOutput` per micro-batch) for logging.
+    Its step runner (pretrain/step_runner.py) sets `mtp_weight` and `step` before each optimizer
+    step and collects `outputs` (one `MTPOutput` per micro-batch) after it.
     """
 
     def __init__(self):
@@ -95,28 +95,31 @@ class TailLoss:
         labels, loss_mask = targets
         out = self.tail(hidden, labels, loss_mask, self.shared, self.mtp_weight, self.step)
         self.outputs.append(out)
-        if self.tail.objective is None or not isinstance(self.tail.objective, DeepSeekMTP):
+        objective = self.tail.objective
+        if objective is None or not objective.reads_future_tokens:
             if self.shared.head_weight is not None:  # the input embedding is unused here
                 return _touch(out.loss, self.shared.word_embeddings.weight)
         return out.loss
 
 
-def _stage_parts(dcfg: DecoderConfig, num_stages: int, method: str) -> list[int]:
+def _stage_parts(dcfg: DecoderConfig, seq_len: int, num_stages: int, method: str) -> list[int]:
     """Layer boundaries of the stages. Units are [embedding, each block, tail + tied copy]; the
-    embedding always starts stage 0 and the tail group always ends the last stage."""
-    m = dcfg.model
-    d, v, f = m.hidden_size, m.vocab_size, m.ffn_size
-    block = 4 * d * d + 3 * d * f  # attention + SwiGLU matmul weights (GQA ignored: a balance weight)
+    embedding always starts stage 0 and the tail group always ends the last stage. 'compute'
+    balances forward FLOPs (model/cost.py: the tail runs the head once per depth), 'parameters'
+    the weights each unit holds (the tail unit also holds the tied embedding's copy)."""
+    costs = layer_costs(dcfg, seq_len)
     if method == "uniform":
-        weights = [1] * (m.num_layers + 2)
+        weights = [1] * len(costs)
+    elif method == "compute":
+        weights = [c.flops for c in costs]
     else:
-        extra = {"none": 0, "deepseek": block + 2 * d * d, "parallel": block,
-                 "blockwise": 3 * d * f}[dcfg.mtp.kind] * dcfg.mtp.depth
-        # The embedding is a lookup (its cost is memory); the tail runs the head for every depth.
-        weights = [v * d // 4] + [block] * m.num_layers + [v * d * (dcfg.mtp.depth + 1) + extra]
+        assert method == "parameters", method
+        weights = [c.params for c in costs]
+        weights[-1] += costs[0].params
     unit_parts = ds_utils.partition_balanced(weights=weights, num_parts=num_stages)
     # unit index → layer index: units 0..L map 1:1, the last unit (tail group) spans 2 layers.
-    return [p if p <= m.num_layers + 1 else p + 1 for p in unit_parts]
+    n = dcfg.model.num_layers
+    return [p if p <= n + 1 else p + 1 for p in unit_parts]
 
 
 class MTPPipelineModule(PipelineModule):
@@ -135,7 +138,7 @@ def build_whole_model(dcfg: DecoderConfig, ctx: ParallelContext, seed: int) -> M
 
 
 def build_pipeline(dcfg: DecoderConfig, ctx: ParallelContext, seed: int, topo: Topology,
-                   partition_method: str) -> tuple[MTPPipelineModule, TailLoss]:
+                   partition_method: str, seq_len: int) -> tuple[MTPPipelineModule, TailLoss]:
     dcfg.validate(ctx.tp_size)
     tied = ["embedding.word_embeddings.weight"] + (
         [] if dcfg.model.tie_embeddings else ["embedding.head_weight"])
@@ -147,7 +150,7 @@ def build_pipeline(dcfg: DecoderConfig, ctx: ParallelContext, seed: int, topo: T
     loss = TailLoss()
     pipe = MTPPipelineModule(
         layers=specs, loss_fn=loss, topology=topo.ds_topology,
-        stage_parts=_stage_parts(dcfg, topo.layout.pp, partition_method),
+        stage_parts=_stage_parts(dcfg, seq_len, topo.layout.pp, partition_method),
         activation_checkpoint_interval=0)
     loss.bind(pipe)
     return pipe, loss
