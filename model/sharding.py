@@ -29,6 +29,12 @@ def shard_tensor(full: torch.Tensor, dim: int, stride: int, rank: int, size: int
     return torch.cat(parts[rank::size], dim=dim).contiguous()
 
 
+def concat_shards(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """The full tensor from every rank's shard, in rank order (inverse of `shard_tensor`)."""
+    per_rank = [s.chunk(stride, dim=dim) for s in shards]  # [rank][block]
+    return torch.cat([per_rank[r][b] for b in range(stride) for r in range(len(shards))], dim=dim)
+
+
 def gather_tensor(local: torch.Tensor, dim: int, stride: int, group: dist.ProcessGroup) -> torch.Tensor:
     """The full tensor from every rank's shard (a collective over `group`)."""
     size = group.size()
@@ -36,8 +42,7 @@ def gather_tensor(local: torch.Tensor, dim: int, stride: int, group: dist.Proces
         return local.clone()
     shards = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(shards, local.contiguous(), group=group)
-    per_rank = [s.chunk(stride, dim=dim) for s in shards]  # [rank][block]
-    return torch.cat([per_rank[r][b] for b in range(stride) for r in range(size)], dim=dim)
+    return concat_shards(shards, dim, stride)
 
 
 def full_state_dict(model: nn.Module, group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
@@ -65,7 +70,7 @@ def full_grads(model: nn.Module, group: dist.ProcessGroup) -> dict[str, torch.Te
 def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], group: dist.ProcessGroup,
                          prefix_excluded: str | None = None) -> None:
     """Copy full (TP=1) tensors into this rank's shards. Every parameter must be present, except
-    those under `prefix_excluded` (neither copied nor expected, e.g. "tail.objective.")."""
+    those under `prefix_excluded` (neither copied nor expected, e.g. model.tail.TAIL_PREFIX)."""
     params = dict(model.named_parameters())
     if prefix_excluded is not None:
         params = {k: v for k, v in params.items() if not k.startswith(prefix_excluded)}

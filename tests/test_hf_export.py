@@ -1,4 +1,4 @@
-"""Export to Hugging Face Llama + MTP tail, and loading back (model/hf_export.py).
+"""Export to Hugging Face Llama + MTP tail, and loading back (pretrain/export/).
 
 transformers must load the export and give our logits; loading back must rebuild the identical
 model (main + MTP tail) with identical losses; every failure mode gets a clear ValueError and a
@@ -16,17 +16,16 @@ import safetensors.torch
 import torch
 
 from model import MTPLanguageModel, single_process_context
-from model.hf_export import export_main_model, export_mtp_tail, load_exported_model
-from model.hf_llama import main_shapes, tail_shapes
 from model.sharding import load_full_state_dict
-from tests.model_fixtures import make_batch, randomize_, tiny_config
+from pretrain.export.files import export_main_model, export_mtp_tail, load_exported_model
+from pretrain.export.hf_llama import hf_shapes, main_shapes, to_hf_tensors
+from tests.model_fixtures import KINDS, make_batch, randomize_, tiny_config
 
 # The export is meant for machines without network: nothing here may reach the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
-KINDS = ("deepseek", "parallel", "blockwise")
 
 
 def build(dcfg, seed=0):
@@ -92,8 +91,8 @@ def test_bfloat16_export_keeps_values_and_dtype(tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_rebuilds_identical_model_and_losses(tmp_path, kind):
     dcfg = tiny_config(kind, 2)
-    dcfg.mtp.detach_trunk = kind == "deepseek"
-    dcfg.mtp.sample_one_loss = kind == "blockwise"
+    dcfg.mtp.options = ({"detach_trunk": True} if kind == "deepseek" else
+                        {"sample_one_loss": True} if kind == "blockwise" else {})
     model = build(dcfg)
     sd = full_sd(model)
     main_dir = tmp_path / "main"
@@ -129,16 +128,15 @@ def test_main_only_export_loads_without_tail(tmp_path):
     export_main_model(tmp_path / "m", sd, dcfg)
     loaded_cfg, loaded = load_exported_model(tmp_path / "m")
     assert loaded_cfg.mtp.kind == "none" and loaded_cfg.mtp.depth == 0
-    assert set(loaded) == set(main_shapes(dcfg.model))
+    assert set(loaded) == set(main_shapes(dcfg))
 
 
-@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tied", [False, True])
-def test_expected_shapes_match_the_real_model(kind, tied):
-    """The shape tables the export validates against must follow model changes."""
-    dcfg = tiny_config(kind, 2, tie_embeddings=tied)
-    real = {n: tuple(p.shape) for n, p in build(dcfg).named_parameters()}
-    assert real == {**main_shapes(dcfg.model), **tail_shapes(dcfg.model, kind, 2)}
+def test_hf_shape_table_matches_the_conversion(tied):
+    """The HF shape table that loading validates against is what the conversion writes."""
+    dcfg = tiny_config("none", 0, tie_embeddings=tied, num_kv_heads=1)
+    hf = to_hf_tensors(full_sd(build(dcfg)), dcfg.model)
+    assert {n: tuple(t.shape) for n, t in hf.items()} == hf_shapes(dcfg.model)
 
 
 # --- what the files hold ----------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pretrain import exit_codes
+
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -34,32 +36,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from data_pipeline import load_manifest
-    from model.hf_export import export_main_model
     from pretrain.checkpoint import CheckpointError, resolve_checkpoint
-    from pretrain.checkpoint_export import full_state_dict_from_checkpoint
+    from pretrain.export.from_checkpoint import export_checkpoint
+
+    def warn(text: str) -> None:
+        print(f"mtp export: warning: {text}", file=sys.stderr)
 
     try:
         ref = resolve_checkpoint(args.checkpoint)
         print(f"mtp export: reading {ref.path}", file=sys.stderr)
-        cfg, full = full_state_dict_from_checkpoint(ref)
-        if args.with_mtp and cfg.mtp.kind == "none":
-            raise ValueError("--with-mtp: this run trained no MTP tail (mtp.kind = 'none')")
-        tokenizer, special = None, None
-        marker = ref.marker()
-        try:
-            manifest = load_manifest(marker["manifest"], check_files=False)
-            tokenizer, special = manifest.tokenizer_path, manifest.special_ids
-        except (OSError, ValueError) as err:
-            print(f"mtp export: warning: dataset manifest unavailable ({err}); exporting without "
-                  "a tokenizer", file=sys.stderr)
         dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
-        out = export_main_model(
-            args.out, full, cfg.decoder, tokenizer_model_path=tokenizer, dtype=dtype,
-            special_token_ids=special, overwrite=args.overwrite, include_mtp=args.with_mtp,
-            metadata={"checkpoint": str(ref.path), "step": ref.step, "run_dir": cfg.run_dir})
+        out = export_checkpoint(ref, args.out, with_mtp=args.with_mtp, dtype=dtype,
+                                overwrite=args.overwrite, warn=warn)
     except (CheckpointError, ValueError, FileExistsError) as err:
         print(f"mtp export: error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     print(f"exported step {ref.step} to {out}" + (" (with the MTP tail)" if args.with_mtp else ""))
     return 0

@@ -10,8 +10,8 @@
 
 Inputs are *full* (TP=1) state dicts named as `MTPLanguageModel.named_parameters()`. Every export
 is written into a temporary directory next to `out_dir` and renamed into place, so a crash never
-leaves a half-written export behind. Layout conversions live in model/hf_llama.py, the tail's
-format in model/mtp_export.py.
+leaves a half-written export behind. Layout conversions live in pretrain/export/hf_llama.py, the
+tail's format in pretrain/export/mtp_tail.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import sentencepiece as spm
 import torch
 
 from model.config import DecoderConfig, ModelConfig, MTPConfig
-from model.hf_llama import (
+from model.mtp.objective import NO_MTP
+from model.tail import TAIL_PREFIX
+from pretrain.export.hf_llama import (
     check_shapes,
     from_hf_tensors,
     hf_config,
@@ -39,7 +41,7 @@ from model.hf_llama import (
     model_config_from_hf,
     to_hf_tensors,
 )
-from model.mtp_export import (
+from pretrain.export.mtp_tail import (
     TAIL_CONFIG,
     TAIL_WEIGHTS,
     check_tail_tensors,
@@ -81,7 +83,7 @@ def export_main_model(
     include_mtp: also write the MTP tail (as `export_mtp_tail`) into the same directory, atomically.
     """
     dcfg.validate()
-    check_shapes(_main_part(full_state_dict), main_shapes(dcfg.model), "the state dict")
+    check_shapes(_main_part(full_state_dict), main_shapes(dcfg), "the state dict")
     dtype = _target_dtype(full_state_dict, dtype)
     source = _json_ready(metadata, "metadata")
     tokenizer = _tokenizer_files(tokenizer_model_path, dcfg) if tokenizer_model_path else None
@@ -178,7 +180,7 @@ def load_exported_model(
     if mtp_dir is not None and not has_tail:
         raise ValueError(f"{tail_root} holds no MTP tail ({TAIL_CONFIG}, {TAIL_WEIGHTS}); pass "
                          "the directory written by export_mtp_tail")
-    mtp = MTPConfig(kind="none", depth=0)
+    mtp = MTPConfig(kind=NO_MTP, depth=0)
     if has_tail:
         mtp, tail = _read_tail(tail_root, model_cfg)
         full.update(tail)
@@ -277,7 +279,7 @@ def _special_ids(
 # --- files ------------------------------------------------------------------------------------
 
 def _main_part(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {n: t for n, t in full.items() if not n.startswith("tail.objective.")}
+    return {n: t for n, t in full.items() if not n.startswith(TAIL_PREFIX)}
 
 
 def _target_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> torch.dtype:

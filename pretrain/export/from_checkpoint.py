@@ -17,17 +17,12 @@ from pathlib import Path
 
 import torch
 
-from model import MTPLanguageModel, single_process_context
-from model.sharding import tp_layout
+from model.mtp.objective import NO_MTP
+from model.sharding import concat_shards, tp_layout
+from model.transformer import meta_parameters
 from pretrain.checkpoint import CheckpointError, CheckpointRef
 from pretrain.config import RunConfig, config_from_dict
 from pretrain.model_builder import pipeline_layer_names
-
-
-def _meta_params(cfg: RunConfig) -> dict[str, torch.Tensor]:
-    with torch.device("meta"):
-        model = MTPLanguageModel(cfg.decoder, single_process_context())
-    return dict(model.named_parameters())
 
 
 def _load(path: Path) -> dict:
@@ -77,7 +72,7 @@ def full_state_dict_from_checkpoint(ref: CheckpointRef) -> tuple[RunConfig, dict
     marker = ref.marker()
     cfg = config_from_dict(marker["config"])
     tp, pp = marker["layout"]["tp"], marker["layout"]["pp"]
-    meta = _meta_params(cfg)
+    meta = meta_parameters(cfg.decoder)
     shards = _tp_shards(ref, cfg, tp, pp)
     full: dict[str, torch.Tensor] = {}
     problems = []
@@ -87,12 +82,7 @@ def full_state_dict_from_checkpoint(ref: CheckpointRef) -> tuple[RunConfig, dict
             problems.append(f"{name} missing for TP ranks {[i for i, t in enumerate(parts) if t is None]}")
             continue
         layout = tp_layout(p)
-        if layout is None:
-            full[name] = parts[0]
-        else:
-            dim, stride = layout
-            blocks = [t.chunk(stride, dim=dim) for t in parts]  # [rank][block]
-            full[name] = torch.cat([blocks[r][b] for b in range(stride) for r in range(tp)], dim=dim)
+        full[name] = parts[0] if layout is None else concat_shards(parts, *layout)
         if tuple(full[name].shape) != tuple(p.shape):
             problems.append(f"{name}: shape {tuple(full[name].shape)} but the config implies "
                             f"{tuple(p.shape)}")
@@ -105,3 +95,34 @@ def full_state_dict_from_checkpoint(ref: CheckpointRef) -> tuple[RunConfig, dict
             f"{ref.path} does not match the model its own config describes (wrong or mixed "
             "files?):\n  " + "\n  ".join(problems[:10]))
     return cfg, full
+
+
+def checkpoint_tokenizer(ref: CheckpointRef) -> tuple[Path | None, dict[str, int], str | None]:
+    """(tokenizer model, special ids, why there is none) of the dataset a checkpoint trained on,
+    read from the dataset manifest the checkpoint names."""
+    from data_pipeline import load_manifest
+
+    try:
+        manifest = load_manifest(ref.marker()["manifest"], check_files=False)
+    except (OSError, ValueError, KeyError) as err:
+        return None, {}, f"dataset manifest unavailable ({err})"
+    return manifest.tokenizer_path, manifest.special_ids, None
+
+
+def export_checkpoint(ref: CheckpointRef, out_dir: str | os.PathLike, *, with_mtp: bool,
+                      dtype: torch.dtype | None, overwrite: bool, warn=print) -> Path:
+    """A checkpoint → an export directory (the main model as HF Llama, plus the MTP tail with
+    `with_mtp`), with the tokenizer of its dataset when that is still there."""
+    from pretrain.export.files import export_main_model
+
+    cfg, full = full_state_dict_from_checkpoint(ref)
+    if with_mtp and cfg.mtp.kind == NO_MTP:
+        raise ValueError("this run trained no MTP tail (mtp.kind = 'none'): export the main "
+                         "model alone (without --with-mtp)")
+    tokenizer, special, missing = checkpoint_tokenizer(ref)
+    if missing:
+        warn(f"{missing}; exporting without a tokenizer")
+    return export_main_model(
+        out_dir, full, cfg.decoder, tokenizer_model_path=tokenizer, dtype=dtype,
+        special_token_ids=special or None, overwrite=overwrite, include_mtp=with_mtp,
+        metadata={"checkpoint": str(ref.path), "step": ref.step, "run_dir": cfg.run_dir})

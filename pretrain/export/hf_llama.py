@@ -8,7 +8,7 @@ renaming plus two re-layouts:
 RoPE already uses HF's rotate-half layout and RMSNorm HF's order (fp32 normalise, cast, gain), so no
 q/k permutation or norm change is needed (tests/test_hf_export.py checks logits against transformers).
 
-Only plain Python, torch and dicts here: no file I/O (model/hf_export.py owns the files).
+Only plain Python, torch and dicts here: no file I/O (pretrain/export/files.py owns the files).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any, NoReturn
 
 import torch
 
-from model.config import ModelConfig
+from model.config import DecoderConfig, ModelConfig
+from model.tail import TAIL_PREFIX
+from model.transformer import meta_parameters
 
 # Our block parameter suffix → HF's suffix under `model.layers.{i}.` (q/k/v and gate/up are split).
 _BLOCK_RENAMES = {
@@ -33,56 +35,19 @@ _HF_GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
 # Non-parameter entries some transformers versions saved; they carry nothing we need.
 _HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-TAIL_PREFIX = "tail.objective."
-
 
 # --- expected parameter shapes (TP=1) ---------------------------------------------------------
 
-def block_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of one TransformerBlock, by our suffix."""
-    d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_size
-    return {
-        "attn_norm.weight": (d,),
-        _QKV: ((cfg.num_heads + 2 * cfg.kv_heads) * hd, d),
-        "attn.proj.weight": (d, cfg.num_heads * hd),
-        "mlp_norm.weight": (d,),
-        _GATE_UP: (2 * f, d),
-        "mlp.down.weight": (d, f),
-    }
-
-
-def main_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+def main_shapes(dcfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """Every main-model parameter of MTPLanguageModel at TP=1, by name."""
-    v, d = cfg.vocab_size, cfg.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (v, d)}
-    if not cfg.tie_embeddings:
-        shapes["embedding.head_weight"] = (v, d)
-    for i in range(cfg.num_layers):
-        shapes.update({f"blocks.{i}.{k}": s for k, s in block_shapes(cfg).items()})
-    shapes["tail.final_norm.weight"] = (d,)
-    return shapes
+    return {n: tuple(p.shape) for n, p in meta_parameters(dcfg).items()
+            if not n.startswith(TAIL_PREFIX)}
 
 
-def tail_shapes(cfg: ModelConfig, kind: str, depth: int) -> dict[str, tuple[int, ...]]:
-    """Every `tail.objective.*` parameter of the MTP objective `kind` with `depth` modules/heads."""
-    d, f = cfg.hidden_size, cfg.ffn_size
-    block = block_shapes(cfg)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for j in range(depth):
-        if kind == "deepseek":
-            p = f"{TAIL_PREFIX}layers.{j}."
-            shapes.update({p + n: (d,) for n in ("hidden_norm.weight", "embed_norm.weight",
-                                                 "out_norm.weight")})
-            shapes[p + "proj.weight"] = (d, 2 * d)
-            shapes.update({f"{p}block.{k}": s for k, s in block.items()})
-        elif kind == "parallel":
-            shapes.update({f"{TAIL_PREFIX}heads.{j}.{k}": s for k, s in block.items()})
-        elif kind == "blockwise":
-            p = f"{TAIL_PREFIX}heads.{j}."
-            shapes.update({p + "gate_up.weight": (2 * f, d), p + "down.weight": (d, f)})
-        else:
-            raise AssertionError(f"no MTP tail for kind {kind!r}")
-    return shapes
+def tail_shapes(dcfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the MTP objective at TP=1, by name (`tail.objective.*`)."""
+    return {n: tuple(p.shape) for n, p in meta_parameters(dcfg).items()
+            if n.startswith(TAIL_PREFIX)}
 
 
 def check_shapes(

@@ -26,23 +26,20 @@ def read_full_state_dict(path: str | Path):
     of an export directory or a training checkpoint / run directory."""
     path = Path(path)
     if (path / "config.json").is_file():
-        from model.hf_export import load_exported_model
+        from pretrain.export.files import load_exported_model
 
         dcfg, full = load_exported_model(path)
         tokenizer = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
         return dcfg, full, tokenizer, _specials_from_tokenizer_config(path), f"export {path}"
-    from data_pipeline import load_manifest
     from pretrain.checkpoint import resolve_checkpoint
-    from pretrain.checkpoint_export import full_state_dict_from_checkpoint
+    from pretrain.export.from_checkpoint import (
+        checkpoint_tokenizer,
+        full_state_dict_from_checkpoint,
+    )
 
     ref = resolve_checkpoint(path)
     cfg, full = full_state_dict_from_checkpoint(ref)
-    tokenizer, specials = None, {}
-    try:
-        manifest = load_manifest(ref.marker()["manifest"], check_files=False)
-        tokenizer, specials = manifest.tokenizer_path, manifest.special_ids
-    except (OSError, ValueError):
-        pass
+    tokenizer, specials, _ = checkpoint_tokenizer(ref)
     return cfg.decoder, full, tokenizer, specials, f"checkpoint {ref.path}"
 
 

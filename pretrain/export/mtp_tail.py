@@ -3,7 +3,8 @@
 The tail file holds only `tail.objective.*` tensors under our own names. At load time it reuses
 the main model's shared parts (embedding, head, final norm), so it is valid only next to the main
 model it was trained with: `mtp_config.json` records that model's shape, and loading refuses a
-main model of another shape. No file I/O here (model/hf_export.py owns the files).
+main model of another shape. What the tail holds and shares is declared by its objective
+(model/mtp/). No file I/O here (pretrain/export/files.py owns the files).
 """
 
 from __future__ import annotations
@@ -13,19 +14,14 @@ from typing import Any
 import torch
 
 from model.config import DecoderConfig, ModelConfig, MTPConfig
-from model.hf_llama import TAIL_PREFIX, check_shapes, tail_shapes
+from model.mtp.objective import NO_MTP, objective_class
+from model.tail import TAIL_PREFIX
+from pretrain.export.hf_llama import check_shapes, tail_shapes
 
 TAIL_FORMAT = "mtp-pretrain/mtp-tail"
-TAIL_FORMAT_VERSION = 1
+TAIL_FORMAT_VERSION = 2  # 2: the objective's options under "options" (1: flat keys)
 TAIL_WEIGHTS = "mtp.safetensors"
 TAIL_CONFIG = "mtp_config.json"
-
-# Which main-model parts (HF names) each objective reads at inference, for the inference side.
-_SHARED = {
-    "deepseek": ["model.embed_tokens (future-token embeddings)", "lm_head (shared head)"],
-    "parallel": ["model.norm (shared final norm)", "lm_head (shared head)"],
-    "blockwise": ["lm_head (shared head)"],
-}
 
 
 def model_signature(cfg: ModelConfig) -> dict[str, Any]:
@@ -41,12 +37,11 @@ def model_signature(cfg: ModelConfig) -> dict[str, Any]:
 
 def tail_tensors(full: dict[str, torch.Tensor], dcfg: DecoderConfig) -> dict[str, torch.Tensor]:
     """The objective's tensors out of a full state dict (names kept), checked against `dcfg`."""
-    if dcfg.mtp.kind == "none":
+    if dcfg.mtp.kind == NO_MTP:
         raise ValueError("mtp.kind = 'none': this model has no MTP tail to export; export the "
                          "main model only")
     tail = {n: t for n, t in full.items() if n.startswith(TAIL_PREFIX)}
-    check_shapes(tail, tail_shapes(dcfg.model, dcfg.mtp.kind, dcfg.mtp.depth),
-                 "the MTP tail in the state dict")
+    check_shapes(tail, tail_shapes(dcfg), "the MTP tail in the state dict")
     return tail
 
 
@@ -58,13 +53,11 @@ def tail_config(dcfg: DecoderConfig, dtype: torch.dtype, source: dict[str, Any])
         "format_version": TAIL_FORMAT_VERSION,
         "kind": mtp.kind,
         "depth": mtp.depth,
-        "detach_trunk": mtp.detach_trunk,
-        "freeze_trunk": mtp.freeze_trunk,
-        "sample_one_loss": mtp.sample_one_loss,
+        "options": {name: mtp.option(name) for name in objective_class(mtp.kind).options},
         "weights": TAIL_WEIGHTS,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "model": model_signature(dcfg.model),
-        "shares_with_main_model": _SHARED[mtp.kind],
+        "shares_with_main_model": list(objective_class(mtp.kind).shares_with_main_model),
         "source": source,
     }
 
@@ -84,15 +77,16 @@ def mtp_config_from_tail(cfg_json: dict[str, Any], main: ModelConfig, where: str
         detail = ", ".join(f"{k}: tail {a!r} vs model {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{where} was exported for a different model shape ({detail}); use the "
                          "tail exported from the same checkpoint as the main model")
-    try:
-        mtp = MTPConfig(kind=cfg_json["kind"], depth=cfg_json["depth"],
-                        detach_trunk=cfg_json.get("detach_trunk", False),
-                        freeze_trunk=cfg_json.get("freeze_trunk", False),
-                        sample_one_loss=cfg_json.get("sample_one_loss", False))
-    except KeyError as exc:
-        raise ValueError(f"{where} lacks the field {exc}; re-export the tail") from None
+    missing = [k for k in ("kind", "depth") if k not in cfg_json]
+    if missing:
+        raise ValueError(f"{where} lacks the fields {missing}; re-export the tail")
+    section = {k: cfg_json[k] for k in ("kind", "depth", "options") if k in cfg_json}
+    if version == 1:  # the three built-in options were flat keys, each written for every kind
+        options = {} if section["kind"] == NO_MTP else objective_class(section["kind"]).options
+        section["options"] = {k: v for k, v in cfg_json.items() if k in options}
+    mtp = MTPConfig(**section)
     mtp.validate()
-    if mtp.kind == "none":
+    if mtp.kind == NO_MTP:
         raise ValueError(f"{where}: kind 'none' has no tail; remove the file")
     return mtp
 
@@ -103,4 +97,4 @@ def check_tail_tensors(tensors: dict[str, torch.Tensor], dcfg: DecoderConfig, wh
     if foreign:
         raise ValueError(f"{where} holds tensors outside the MTP tail ({foreign[:5]}); an MTP "
                          "tail file must hold only tail.objective.* tensors")
-    check_shapes(tensors, tail_shapes(dcfg.model, dcfg.mtp.kind, dcfg.mtp.depth), where)
+    check_shapes(tensors, tail_shapes(dcfg), where)
