@@ -69,7 +69,7 @@ def main() -> int:
     from data_pipeline import ShardLoader
     from model import accelerator
     from model.generation import generate, generate_speculative
-    from pretrain.inference_loading import load_for_inference
+    from pretrain.export.loading import load_for_inference
 
     loaded = load_for_inference(args.model, {"auto": None, "fp32": torch.float32,
                                              "bf16": torch.bfloat16}[args.dtype])

@@ -14,10 +14,10 @@ memory do not leak between rows. Our rows run the real `Trainer.train()` loop (D
 ZeRO, our shard loader on real shards, logging every step) and report the median of the per-step
 tokens/s after the warm-up steps. The baselines (benchmarks/training_baselines.py) time their own
 optimizer steps the same way. MFU = tokens/s × 3 × forward FLOPs per token / (GPUs × peak), with
-forward FLOPs from `pretrain.metrics.forward_flops_per_token` (all matmuls, head and MTP tail
-included, attention scores over the full window) and the dense bf16 peak of the card
-(989.4 TFLOP/s for H100/H200 SXM). Data: `mtp prepare --source stdlib` shards, built on first use
-into --data.
+forward FLOPs from the project's cost model, `model.cost.forward_flops_per_token` (all matmuls,
+head and MTP tail included, attention scores over the full window) and the dense bf16 peak of the
+card (`pretrain.metrics.PEAK_TFLOPS`: 989.4 TFLOP/s for H100/H200 SXM). Data: `mtp prepare
+--source stdlib` shards, built on first use into --data.
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ DEFAULT_SHAPE_ROWS = {
     "350m": ["ours-none", "ours-deepseek1", "plain", "megatron-mtp0"],
     "tiny": ["ours-none", "ours-deepseek1", "plain"],
 }
-PEAK_TFLOPS = 989.4
 
 
 def _row(row: str) -> tuple[str, int, list]:
@@ -104,7 +103,7 @@ def _decoder_config(shape: dict, kind: str, depth: int):
 
 
 def _train_flops_per_token(shape: dict, kind: str, depth: int) -> float:
-    from pretrain.metrics import forward_flops_per_token
+    from model.cost import forward_flops_per_token
 
     f = forward_flops_per_token(_decoder_config(shape, kind, depth), shape["seq"])
     return 3 * (f["main"] + f["mtp"])
@@ -112,8 +111,11 @@ def _train_flops_per_token(shape: dict, kind: str, depth: int) -> float:
 
 def _result(tokens_per_s: list[float], flops_per_token: float, gpus: int,
             peak_bytes: int | None, **extra) -> dict:
+    from pretrain.metrics import PEAK_TFLOPS
+
     tps = statistics.median(tokens_per_s)
-    return {"tokens_per_s": tps, "mfu": tps * flops_per_token / (gpus * PEAK_TFLOPS * 1e12),
+    peak = PEAK_TFLOPS["H200"]  # H100 and H200 SXM alike
+    return {"tokens_per_s": tps, "mfu": tps * flops_per_token / (gpus * peak * 1e12),
             "peak_gib": None if peak_bytes is None else peak_bytes / 2**30, "timed_steps": len(tokens_per_s), **extra}
 
 
@@ -148,7 +150,7 @@ def _worker_ours(shape: dict, overrides: list[str], data: Path, steps: int, warm
     return _result([r["perf/tokens_per_s"] for r in timed],
                    trainer.train_flops_per_token, gpus,
                    _peak_bytes([r["memory/peak_gib"] for r in timed]),
-                   compiled=trainer.compiled, device=accelerator.device_name())
+                   compiled=trainer.policy.compile, device=accelerator.device_name())
 
 
 def _peak_bytes(peaks_gib: list[float | None]) -> int | None:
@@ -160,9 +162,7 @@ def _warmed_up(trainer, warmup: int):
     """The trainer's batch iterator after `warmup` optimizer steps (compilation done, device idle)."""
     from model import accelerator
 
-    it = iter(trainer.train_loader)
-    if trainer.tail_loss is not None:
-        it = trainer._pipe_iter(it)
+    it = iter(trainer.train_loader) if trainer.train_loader is not None else None
     for _ in range(warmup):
         trainer.train_step(it, 0.1)
     accelerator.synchronize()
@@ -349,9 +349,10 @@ def _worker_megatron(shape: dict, mtp_layers: int, steps: int, warmup: int) -> d
 
     from benchmarks.training_baselines import megatron_gpt
     from model import accelerator
+    from pretrain.distributed import free_port
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group(accelerator.communication_backend(), rank=0, world_size=1)
     dev = accelerator.current_device()
     model = megatron_gpt(shape, mtp_layers)
@@ -364,14 +365,6 @@ def _worker_megatron(shape: dict, mtp_layers: int, steps: int, warmup: int) -> d
 
     kind, depth = ("deepseek", 1) if mtp_layers else ("none", 0)
     return _torch_loop(shape, model, micro_loss, steps, warmup, kind, depth)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _shape(args: argparse.Namespace, name: str) -> dict:

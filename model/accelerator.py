@@ -52,7 +52,8 @@ def set_device(local_rank: int) -> None:
 
 
 def communication_backend() -> str:
-    return get_accelerator().communication_backend_name()
+    """The torch.distributed backend: gloo on the CPU, the accelerator's own (NCCL) otherwise."""
+    return "gloo" if is_cpu() else get_accelerator().communication_backend_name()
 
 
 def device_name() -> str:

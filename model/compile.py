@@ -1,9 +1,10 @@
 """Opt-in torch.compile of the training hot path.
 
 Compiled: every transformer block's cache-free forward (the trunk's and the MTP modules'), the
-DeepSeek modules' input mix (two RMSNorms and the concat), every other RMSNorm (the final norm,
-the MTP output norms) and the fused head + cross-entropy's per-chunk softmax work (Triton kernels
-on a GPU, Inductor elsewhere). Left eager: the embedding lookup, the matmuls of the loss (already
+DeepSeek modules' input mix (two RMSNorms and the concat) and every other RMSNorm (the final
+norm, the MTP output norms). The fused head + cross-entropy's per-chunk softmax work has builds of
+its own (`use_loss_kernels`; pretrain/runtime.py picks Triton or Inductor for compiled runs).
+Left eager: the embedding lookup, the matmuls of the loss (already
 single cuBLAS calls), the MTP projection (a row-parallel linear with its TP collective) and
 everything that runs with a KV cache. The module tree, parameter names and values are unchanged,
 so checkpoints, exports and DeepSpeed's hooks see the same model.
@@ -13,9 +14,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from model import accelerator
 from model.block import TransformerBlock
 from model.embedding import SharedEmbedding
+from model.loss_kernels import KERNEL_KINDS
+
+
+def use_loss_kernels(model: nn.Module, kind: str) -> None:
+    """Run the fused loss's softmax work of every shared embedding in `model` with the build
+    `kind` (model/loss_kernels.py); which one suits the device is the caller's choice."""
+    assert kind in KERNEL_KINDS, kind
+    for module in model.modules():
+        if isinstance(module, SharedEmbedding):
+            module.loss_kernels = kind
 
 
 def compile_for_training(model: nn.Module) -> int:
@@ -29,6 +39,4 @@ def compile_for_training(model: nn.Module) -> int:
         if hasattr(module, "compile_training_forward"):
             covered.update(id(m) for m in module.compile_training_forward())
             blocks += isinstance(module, TransformerBlock)
-        elif isinstance(module, SharedEmbedding) and module.loss_kernels_setting == "auto":
-            module.loss_kernels = "triton" if accelerator.triton_supported() else "inductor"
     return blocks

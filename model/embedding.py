@@ -27,10 +27,9 @@ class SharedEmbedding(nn.Module):
         self.tp_group = ctx.tp_group
         self.loss_impl = cfg.loss_impl
         self.chunk_rows = cfg.loss_chunk_tokens
-        self.loss_kernels_setting = cfg.loss_kernels
         self.loss_kernels = "eager" if cfg.loss_kernels == "auto" else cfg.loss_kernels
         """The build of the fused loss's per-chunk softmax work (model.loss_kernels); 'auto'
-        means 'eager' until model.compile.compile_for_training picks a compiled build."""
+        means 'eager' until the caller picks one (model.compile.use_loss_kernels)."""
         v_local = cfg.vocab_size // ctx.tp_size
         self.vocab_start = ctx.tp_rank * v_local
         self.word_embeddings = VocabParallelEmbedding(

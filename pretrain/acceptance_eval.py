@@ -11,7 +11,7 @@ from model.generation.acceptance import real_acceptance
 
 
 def acceptance_metrics(model, val_batches, num_prompts: int, prompt_len: int, new_tokens: int,
-                       dp_group) -> dict[str, float]:
+                       dp_group, graphs: bool) -> dict[str, float]:
     """Greedy self-speculative decoding from this DP rank's held-out prompts; statistics summed
     over data-parallel ranks (TP peers hold the same prompts and run the same loop)."""
     prompts: list[list[int]] = []
@@ -19,7 +19,7 @@ def acceptance_metrics(model, val_batches, num_prompts: int, prompt_len: int, ne
         prompts += [row[:prompt_len].tolist() for row in batch["input_ids"]]
         if len(prompts) >= num_prompts:
             break
-    st = real_acceptance(model, prompts[:num_prompts], new_tokens)
+    st = real_acceptance(model, prompts[:num_prompts], new_tokens, graphs=graphs)
     vec = torch.tensor([st.main_forwards, st.tokens, *st.proposed, *st.accepted],
                        dtype=torch.float64, device=accelerator.current_device())
     dist.all_reduce(vec, group=dp_group)

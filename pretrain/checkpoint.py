@@ -254,3 +254,27 @@ def load_checkpoint(engine, ref: CheckpointRef) -> tuple[dict, dict]:
         raise CheckpointError(f"DeepSpeed could not load {ref.path}")
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     return client["trainer"], rank_state
+
+
+def resume_differences(marker: dict, cfg, layout) -> list[str]:
+    """What differs between a checkpoint (its COMPLETE.json) and the run about to resume from it,
+    in ways a resume cannot bridge; empty when it can resume."""
+    now, saved = cfg.to_dict(), marker["config"]
+    diffs = []
+    for section in ("model", "mtp"):
+        for key, value in now[section].items():
+            old = saved[section].get(key)
+            if old != value:
+                diffs.append(f"{section}.{key}: checkpoint {old!r}, now {value!r}")
+    for key in ("tp", "pp", "zero_stage"):
+        old = saved["parallel"][key]
+        if old != now["parallel"][key]:
+            diffs.append(f"parallel.{key}: checkpoint {old}, now {now['parallel'][key]}")
+    if marker["layout"]["dp"] != layout.dp:
+        diffs.append(f"data-parallel size: checkpoint {marker['layout']['dp']}, now {layout.dp} "
+                     "(ZeRO optimizer shards are per data-parallel rank)")
+    for key in ("micro_batch_size", "global_batch_size", "seed"):
+        old = saved["train"][key]
+        if old != now["train"][key]:
+            diffs.append(f"train.{key}: checkpoint {old}, now {now['train'][key]}")
+    return diffs

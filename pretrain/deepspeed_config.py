@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pretrain.config import Layout, RunConfig
+from pretrain.runtime import RuntimePolicy
 
 
-def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool, on_gpu: bool) -> dict:
+def deepspeed_config(cfg: RunConfig, layout: Layout, policy: RuntimePolicy) -> dict:
     zero: dict = {"stage": cfg.parallel.zero_stage}
-    overlap = cfg.parallel.overlap_comm
-    if overlap is True or (overlap == "auto" and on_gpu and layout.dp > 1):
+    if policy.overlap_comm:
         # Overlap the gradient reduction with the backward pass.
         zero.update(overlap_comm=True, contiguous_gradients=True,
                     reduce_bucket_size=50_000_000, allgather_bucket_size=50_000_000)
@@ -20,7 +20,7 @@ def deepspeed_config(cfg: RunConfig, layout: Layout, bf16: bool, on_gpu: bool) -
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         # With bf16 the ZeRO optimizers check gradients for inf/NaN and skip such a step.
-        "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        "bf16": {"enabled": policy.bf16, "check_grad_overflow": True},
         "fp16": {"enabled": False},
         # The optimizer is our torch AdamW (no JIT-built kernels); ZeRO wraps it.
         "zero_allow_untested_optimizer": True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 KEYS = ("loss/total", "loss/main", "loss/depth_1", "loss/depth_2", "accuracy/depth_0",
-        "optim/grad_norm", "optim/lr", "mtp/lambda")
+        "optim/grad_norm", "optim/lr", "mtp/weight")
 
 
 def _curve(result) -> list[dict]:
@@ -159,7 +159,7 @@ def behaviours(rank, world, data, tmp):
     out["refusals"] = errors
 
     # 5. λ follows consumed tokens (boundary after 3 steps of 4 × 16 tokens) and is saved.
-    out["lambda"] = [m["mtp/lambda"] for m in clean.losses]
+    out["mtp_weight"] = [m["mtp/weight"] for m in clean.losses]
     state = torch.load(tmp / "clean" / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt",
                        weights_only=False)
     out["lambda_saved"] = state["trainer"]["mtp_weight"]

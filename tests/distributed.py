@@ -13,7 +13,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -22,12 +21,6 @@ from typing import Any
 
 class DistributedTestError(AssertionError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(fn, rank, world_size, port, timeout_s, args, results) -> None:
@@ -56,7 +49,9 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
     """Run `fn(rank, world_size, *args)` on a fresh gloo world; return results by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    from pretrain.distributed import free_port
+
+    port = free_port()
     # Collectives time out a little before the harness does, so a stuck rank usually explains
     # itself with gloo's own error before it is killed.
     coll_timeout = max(10.0, timeout_s - 15)

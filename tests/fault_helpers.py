@@ -292,17 +292,11 @@ def finished_reference(tmp_path_factory, world: int) -> Path:
     return run_dir
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_ranks(argv: list[str], world: int, log_dir: Path, name: str) -> list[Job]:
     """`world` ranks started directly with RANK/WORLD_SIZE/MASTER_* (as srun's tasks are): no
     agent watches them, so a dead peer must be noticed by the survivors themselves."""
+    from pretrain.distributed import free_port
+
     port = str(free_port())
     return [Job(argv, log_dir / f"{name}-rank{r}.log",
                 env=job_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
@@ -381,7 +375,7 @@ def nonfinite_gradient_runs(rank, world, data, tmp, name, sections):
         except NonFiniteError as err:
             error, losses = str(err), []
         finite = all(torch.isfinite(p).all().item() for p in tr.engine.module.parameters())
-        out[policy] = {"param": pname, "skipped": tr.skipped_total, "error": error,
+        out[policy] = {"param": pname, "skipped": tr.progress.skipped_steps, "error": error,
                        "finite": finite, "losses": losses,
                        "ckpts": [r.step for r in ckpt.complete_checkpoints(run_dir / "checkpoints")],
                        "run_dir": str(run_dir)}

@@ -87,18 +87,33 @@ def test_layouts_that_do_not_fit_the_world_are_refused():
     ("true", 1, True, True),
     ("false", 2, True, False),
 ])
-def test_deepspeed_config_overlaps_the_reduction_only_where_there_is_one(setting, dp, on_gpu,
-                                                                        overlap):
+def test_deepspeed_config_overlaps_the_reduction_only_where_there_is_one(
+        setting, dp, on_gpu, overlap, monkeypatch):
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"parallel.overlap_comm={setting}"])
-    zero = deepspeed_config(cfg, validate_layout(cfg, dp), bf16=on_gpu,
-                            on_gpu=on_gpu)["zero_optimization"]
+    layout = validate_layout(cfg, dp)
+    zero = deepspeed_config(cfg, layout, _policy(cfg, layout, on_gpu, monkeypatch))
+    zero = zero["zero_optimization"]
     assert zero.get("overlap_comm", False) is overlap
     assert zero.get("contiguous_gradients", False) is overlap
 
 
-def test_deepspeed_config_keeps_the_step_free_of_timer_syncs():
+def _policy(cfg, layout, on_gpu: bool, monkeypatch):
+    """The runtime policy as a GPU machine (or the CPU) would resolve it."""
+    from model import accelerator
+    from pretrain.runtime import resolve_runtime
+
+    if on_gpu:
+        for name, value in (("is_cpu", False), ("triton_supported", True),
+                            ("device_name", "NVIDIA H200"), ("communication_backend", "nccl"),
+                            ("graphs_supported", True)):
+            monkeypatch.setattr(accelerator, name, lambda v=value: v)
+    return resolve_runtime(cfg, layout)
+
+
+def test_deepspeed_config_keeps_the_step_free_of_timer_syncs(monkeypatch):
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml")
-    ds = deepspeed_config(cfg, validate_layout(cfg, 1), bf16=True, on_gpu=True)
+    layout = validate_layout(cfg, 1)
+    ds = deepspeed_config(cfg, layout, _policy(cfg, layout, True, monkeypatch))
     # DeepSpeed's default throughput timer synchronises the device at every micro-batch.
     assert ds["timers"] == {"throughput": {"enabled": False}}
     from deepspeed.runtime.config import DeepSpeedConfig
@@ -149,7 +164,7 @@ import torch, transformers
 from model import MTPLanguageModel, single_process_context
 from model.sharding import load_full_state_dict
 from pretrain.checkpoint import resolve_checkpoint
-from pretrain.checkpoint_export import full_state_dict_from_checkpoint
+from pretrain.export.from_checkpoint import full_state_dict_from_checkpoint
 cfg, full = full_state_dict_from_checkpoint(resolve_checkpoint({str(run)!r}))
 ctx = single_process_context()
 ours = MTPLanguageModel(cfg.decoder, ctx)
@@ -187,3 +202,18 @@ print("max logit difference", diff)
     assert res.returncode == 0, res.stderr[-3000:]
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert len(ev["loss_per_depth"]) == 3 and len(ev["acceptance"]["acceptance_rate"]) == 2
+
+
+def test_exit_codes_are_stated_once_and_restated_consistently():
+    """pretrain/exit_codes.py is the source; the SLURM script and its README restate them."""
+    import re
+
+    from pretrain import exit_codes
+
+    sbatch = (REPO / "scripts/slurm/train.sbatch").read_text()
+    assert re.search(rf"^EXIT_PREEMPTED={exit_codes.PREEMPTED}\b", sbatch, re.M)
+    assert not re.search(r"\bexit 75\b|^\s*75\)", sbatch, re.M)  # only through the variable
+    readme = (REPO / "scripts/slurm/README.md").read_text()
+    for code in (exit_codes.USAGE, exit_codes.NONFINITE, exit_codes.SAVE_FAILED,
+                 exit_codes.PEER_LOST, exit_codes.PREEMPTED):
+        assert f" {code} " in readme.split("pretrain/exit_codes.py")[1][:400]

@@ -7,7 +7,7 @@ import torch
 
 from model import MTPLanguageModel, single_process_context
 from model.block import TransformerBlock
-from model.compile import compile_for_training
+from model.compile import compile_for_training, use_loss_kernels
 from model.kv_cache import KVCache
 from tests.model_fixtures import make_batch, randomize_, tiny_config
 
@@ -30,7 +30,7 @@ def test_compiled_blocks_and_loss_kernels_match_eager(kind, depth):
     # DeepSeek modules and parallel heads are transformer blocks; BPD heads are single FFNs (eager).
     extra_blocks = 0 if kind == "blockwise" else depth
     assert compile_for_training(compiled) == dcfg.model.num_layers + extra_blocks
-    assert compiled.embedding.loss_kernels == "inductor" and eager.embedding.loss_kernels == "eager"
+    use_loss_kernels(compiled, "inductor")
     # Same module tree: checkpoints and exports do not see the compilation.
     assert list(compiled.state_dict()) == list(eager.state_dict())
 
@@ -72,19 +72,39 @@ def test_cached_forward_of_a_compiled_block_stays_eager(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("setting,gpu_with_triton,expected", [
-    ("auto", True, "triton"), ("auto", False, "inductor"), ("eager", True, "eager"),
-    ("inductor", True, "inductor")])
-def test_loss_kernel_choice(monkeypatch, setting, gpu_with_triton, expected):
-    """`model.loss_kernels: auto` becomes Triton only on a GPU with Triton, Inductor otherwise,
-    and only once the model is compiled; an explicit choice is kept."""
+@pytest.mark.parametrize("setting,compile,gpu_with_triton,expected", [
+    ("auto", "auto", True, "triton"), ("auto", "auto", False, "inductor"),
+    ("auto", False, True, "eager"), ("eager", "auto", True, "eager"),
+    ("inductor", "auto", True, "inductor")])
+def test_runtime_policy_resolves_loss_kernels(monkeypatch, setting, compile, gpu_with_triton,
+                                              expected):
+    """`model.loss_kernels: auto` becomes Triton only for a compiled run on a GPU with Triton,
+    Inductor for other compiled runs, eager otherwise; an explicit choice is kept. The policy
+    is what the model is then given."""
     from model import accelerator
-    monkeypatch.setattr(accelerator, "triton_supported", lambda: gpu_with_triton)
+    from model.compile import use_loss_kernels
+    from pretrain.config import Layout, load_config
+    from pretrain.runtime import resolve_runtime
+
+    for name, value in (("is_cpu", False), ("triton_supported", gpu_with_triton),
+                        ("device_name", "NVIDIA H200"), ("communication_backend", "nccl"),
+                        ("graphs_supported", True)):
+        monkeypatch.setattr(accelerator, name, lambda v=value: v)
+    cfg = load_config("configs/tiny-cpu.yaml", [f"model.loss_kernels={setting}",
+                                                f"train.compile={str(compile).lower()}"])
+    policy = resolve_runtime(cfg, Layout(world=2, tp=1, pp=1, dp=2, grad_accum=1))
+    assert policy.loss_kernels == expected and policy.compile == (compile == "auto")
+    assert policy.bf16 and policy.fused_adam and policy.overlap_comm and policy.device_graphs
     model = MTPLanguageModel(tiny_config("deepseek", 1, loss_kernels=setting),
                              single_process_context())
     assert model.embedding.loss_kernels == ("eager" if setting == "auto" else setting)
-    compile_for_training(model)
+    use_loss_kernels(model, policy.loss_kernels)
     assert model.embedding.loss_kernels == expected
+
+
+def test_compiled_regions_of_the_mtp_tail():
+    model = MTPLanguageModel(tiny_config("deepseek", 1), single_process_context())
+    compile_for_training(model)
     # The DeepSeek input mix and the norms outside blocks are compiled regions of their own;
     # the norms inside blocks and inside the mix are covered by those regions.
     mtp = model.tail.objective.layers[0]

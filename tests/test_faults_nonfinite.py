@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint import complete_checkpoints
-from pretrain.checkpoint_export import full_state_dict_from_checkpoint
+from pretrain.export.from_checkpoint import full_state_dict_from_checkpoint
 from tests.distributed import run_world
 from tests.fault_helpers import fault_dataset, nonfinite_gradient_runs, record
 

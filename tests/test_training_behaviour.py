@@ -56,10 +56,10 @@ def test_incompatible_resume_is_refused_with_the_differences(outcome):
 
 def test_mtp_weight_schedule_follows_tokens_and_is_saved(outcome):
     # boundary at 3 steps × 4 sequences × 16 tokens = 192 tokens: λ 0.5 for steps 1–3, then 0.2
-    assert outcome["lambda"] == [0.5, 0.5, 0.5, 0.2, 0.2, 0.2]
+    assert outcome["mtp_weight"] == [0.5, 0.5, 0.5, 0.2, 0.2, 0.2]
     assert outcome["lambda_saved"] == {"values": [0.5, 0.2], "boundaries_tokens": [192]}
     assert outcome["consumed_saved"] == 6 * 4 * 16
-    assert not math.isnan(outcome["lambda"][0])
+    assert not math.isnan(outcome["mtp_weight"][0])
 
 
 def test_validation_reports_real_draft_acceptance(tmp_path):

@@ -12,13 +12,15 @@ from model.transformer import MTPLanguageModel
 
 @torch.no_grad()
 def real_acceptance(model: MTPLanguageModel, prompts: list[list[int]], new_tokens: int,
-                    batch_size: int = 16) -> SpeculativeStats:
-    """Greedy speculative decoding of `new_tokens` after each prompt; the summed statistics."""
+                    batch_size: int = 16, graphs: bool | None = None) -> SpeculativeStats:
+    """Greedy speculative decoding of `new_tokens` after each prompt; the summed statistics.
+    `graphs`: replay rounds as captured device graphs (None: where supported)."""
     was_training = model.training
     model.eval()
     total = SpeculativeStats(model.config.mtp.depth)
     for i in range(0, len(prompts), batch_size):
-        st = generate_speculative(model, prompts[i : i + batch_size], new_tokens).stats
+        st = generate_speculative(model, prompts[i : i + batch_size], new_tokens,
+                                  graphs=graphs).stats
         total.main_forwards += st.main_forwards
         total.tokens += st.tokens
         total.proposed = [a + b for a, b in zip(total.proposed, st.proposed)]

@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from pretrain import exit_codes
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -32,21 +34,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from data_pipeline import ShardLoader, load_manifest
+    from data_pipeline import load_manifest
     from model.generation.acceptance import real_acceptance
-    from pretrain.inference_loading import load_for_inference
+    from pretrain.config import DataConfig
+    from pretrain.data_loading import make_loader
+    from pretrain.export.loading import load_for_inference
 
     try:
         loaded = load_for_inference(args.model)
         model = loaded.model
         depth = model.config.mtp.depth
         manifest = load_manifest(args.data)
-        loader = ShardLoader(args.data, args.split, dp_rank=0, dp_size=1, num_workers=0,
-                             batch_size=args.batch_size, seed=0, depth=depth,
-                             mask_cross_document=True, infinite=False, shuffle=False)
+        loader = make_loader(DataConfig(path=args.data), "validation", dp_rank=0, dp_size=1,
+                             batch_size=args.batch_size, seed=0, depth=depth, split=args.split,
+                             shuffle=False)
     except (ValueError, OSError) as err:
         print(f"mtp eval: error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     device = model.embedding.output_weight.device
     sums = torch.zeros(2, depth + 1, dtype=torch.float64)
     prompts: list[list[int]] = []

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from pretrain import exit_codes
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.generation import generate, generate_speculative
     from model.generation.sampling import SamplingConfig
-    from pretrain.inference_loading import load_for_inference
+    from pretrain.export.loading import load_for_inference
 
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             prompts += [line.rstrip("\n").replace("\\n", "\n") for line in fh if line.strip()]
     if not prompts:
         print("mtp generate: error: give --prompt TEXT or --prompt-file FILE", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     try:
         loaded = load_for_inference(args.model, dtype)
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                               loaded.pad_id, graphs)
     except (ValueError, OSError) as err:
         print(f"mtp generate: error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     texts = [sp.decode(t) for t in result.tokens]
     for prompt, text in zip(prompts, texts):
         print(f"--- {prompt!r}\n{prompt}{text}")

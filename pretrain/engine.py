@@ -1,0 +1,84 @@
+"""Builds what a training step runs on: the model (whole, or cut into pipeline stages), its
+optimizer, the DeepSpeed engine, and the step runner for that kind of engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+from torch import nn
+
+from model import MTPLanguageModel, ParallelContext
+from model.compile import compile_for_training, use_loss_kernels
+from model.sharding import load_full_state_dict
+from model.tail import TAIL_PREFIX
+from pretrain.config import ConfigError, Layout, RunConfig
+from pretrain.deepspeed_config import deepspeed_config
+from pretrain.distributed import MegatronMPU, Topology
+from pretrain.model_builder import build_pipeline
+from pretrain.runtime import RuntimePolicy
+from pretrain.step_runner import PipelineRunner, StepRunner, WholeModelRunner
+from pretrain.zero_overflow import use_fused_overflow_check
+
+
+@dataclass
+class TrainingEngine:
+    engine: deepspeed.DeepSpeedEngine
+    runner: StepRunner
+    init_source: str | None
+    """Where train.init_from took the main model's weights from (None: random init)."""
+    fused_overflow_check: bool
+    """ZeRO's inf/NaN check runs as one fused kernel (pretrain/zero_overflow.py)."""
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norm gains)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _init_main_model(module: nn.Module, ctx: ParallelContext, path: str) -> str:
+    """train.init_from: the main model's weights from an export or a checkpoint."""
+    from pretrain.export.loading import read_full_state_dict
+
+    try:
+        _, full, _, _, source = read_full_state_dict(path)
+        load_full_state_dict(module, full, ctx.tp_group, prefix_excluded=TAIL_PREFIX)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"train.init_from = {path!r}: {err}") from None
+    return source
+
+
+def build_engine(cfg: RunConfig, layout: Layout, topo: Topology, policy: RuntimePolicy,
+                 device: torch.device, seq_len: int) -> TrainingEngine:
+    dcfg = cfg.decoder
+    ctx = ParallelContext(topo.tp_group, params_dtype=torch.float32)
+    if layout.pp == 1:
+        module, loss_fn, mpu = MTPLanguageModel(dcfg, ctx, cfg.train.seed), None, MegatronMPU(topo)
+    else:
+        module, loss_fn = build_pipeline(dcfg, ctx, cfg.train.seed, topo,
+                                         cfg.parallel.partition_method, seq_len)
+        mpu = None  # the pipeline engine takes its groups from the topology
+    source = None
+    if cfg.train.init_from is not None:  # a resume later overwrites every weight
+        source = _init_main_model(module, ctx, cfg.train.init_from)
+    use_loss_kernels(module, policy.loss_kernels)
+    if policy.compile:
+        compile_for_training(module)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(_param_groups(module, o.weight_decay), lr=o.lr,
+                                  betas=(o.beta1, o.beta2), eps=o.eps, fused=policy.fused_adam)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, layout, policy), mpu=mpu)
+    runner = (WholeModelRunner(engine, device, layout.grad_accum) if loss_fn is None
+              else PipelineRunner(engine, device, layout.grad_accum, loss_fn))
+    return TrainingEngine(engine, runner, source, use_fused_overflow_check(engine.optimizer))
