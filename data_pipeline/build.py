@@ -49,7 +49,7 @@ def resolve_source(config: BuildConfig) -> tuple[list[DocRef], dict]:
     if path.is_file() and path.suffix == ".jsonl":
         return list_jsonl(path), {"kind": "jsonl", "path": str(path.resolve()),
                                   "field": config.jsonl_field}
-    raise ValueError(f"BuildConfig.source={src!r} is neither '{STDLIB_SOURCE}', "
+    raise ValueError(f"BuildConfig.source = {src!r} is neither '{STDLIB_SOURCE}', "
                      f"'{PINNED_CODE_SOURCE}', an existing directory nor an existing .jsonl file")
 
 
@@ -66,7 +66,7 @@ def split_validation(refs: list[DocRef], fraction: float, seed: int) -> set[str]
         return set()
     n_val = max(1, round(fraction * len(refs)))
     if n_val >= len(refs):
-        raise ValueError(f"BuildConfig.val_fraction={fraction} leaves no training documents out of "
+        raise ValueError(f"BuildConfig.val_fraction = {fraction} leaves no training documents out of "
                          f"{len(refs)}; lower it or add documents")
     ranked = sorted(refs, key=lambda r: _rank_key(seed, "val", r.name))
     return {r.name for r in ranked[:n_val]}
@@ -113,7 +113,7 @@ def _check_out_dir(config: BuildConfig, fingerprint: str) -> Manifest | None:
     if not out.exists():
         return None
     if not out.is_dir():
-        raise ValueError(f"BuildConfig.out_dir={str(out)!r} exists and is not a directory")
+        raise ValueError(f"BuildConfig.out_dir = {str(out)!r} exists and is not a directory")
     existing = None
     if (out / MANIFEST_NAME).exists():
         try:

@@ -84,7 +84,7 @@ class BuildConfig:
 
     def validate(self) -> None:
         def bad(name: str, value: object, fix: str) -> ValueError:
-            return ValueError(f"BuildConfig.{name}={value!r} is invalid: {fix}")
+            return ValueError(f"BuildConfig.{name} = {value!r} is invalid; {fix}")
 
         if not isinstance(self.source, str) or not self.source:
             raise bad("source", self.source, f"give '{STDLIB_SOURCE}', '{PINNED_CODE_SOURCE}', a directory or a .jsonl file")

@@ -1,4 +1,5 @@
-"""Multi-token labels from packed windows (DESIGN §2): labels[j] = w[1+j : T+1+j], j = 0..D."""
+"""Multi-token labels from packed windows (docs/DESIGN.md, The MTP objectives): labels[j] =
+w[1+j : T+1+j], j = 0..D."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def make_mtp_labels(windows: torch.Tensor, depth: int, eos_id: int, mask_cross_d
     if windows.dim() != 2:
         raise ValueError(f"windows must be [B, L], got shape {tuple(windows.shape)}")
     if depth < 0:
-        raise ValueError(f"depth={depth} is invalid: use 0 or more")
+        raise ValueError(f"depth = {depth} is invalid; use 0 or more")
     length = windows.shape[1]
     t = length - depth - 1 if seq_len is None else seq_len
     if t < 1 or t + depth + 1 > length:

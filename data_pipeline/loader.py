@@ -196,9 +196,11 @@ class ShardLoader:
                                  ("shuffle_buffer", shuffle_buffer, 1),
                                  ("prefetch_factor", prefetch_factor, 1)):
             if not isinstance(value, int) or value < low:
-                raise ValueError(f"ShardLoader {name}={value!r} is invalid: use an integer >= {low}")
+                raise ValueError(f"ShardLoader.{name} = {value!r} is invalid; use an integer >= "
+                                 f"{low}")
         if dp_rank >= dp_size:
-            raise ValueError(f"ShardLoader dp_rank={dp_rank} is invalid: must be < dp_size={dp_size}")
+            raise ValueError(f"ShardLoader.dp_rank = {dp_rank} is invalid; it must be < "
+                             f"dp_size = {dp_size}")
         self.manifest = load_manifest(manifest_path, check_files=False)
         m = self.manifest
         if depth > m.max_depth:

@@ -89,7 +89,7 @@ class Manifest:
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in SPLITS:
-            raise ValueError(f"split={split!r} is invalid: use one of {SPLITS}")
+            raise ValueError(f"split = {split!r} is invalid; use one of {SPLITS}")
         return [ShardInfo(name=s["name"], path=self.root / s["name"], split=split,
                           first_index=int(s["first_index"]), num_samples=int(s["num_samples"]),
                           size=int(s["size"]), sha256=s["sha256"])

@@ -50,11 +50,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> bytes:
         msg = " ".join(str(exc).split())
         small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
         if small:
-            raise ValueError(f"BuildConfig.vocab_size={vocab_size} is too small: the corpus needs "
+            raise ValueError(f"BuildConfig.vocab_size = {vocab_size} is too small: the corpus needs "
                              f"{small.group(2)} base pieces (specials, 256 byte-fallback bytes and "
                              f"its characters); raise --vocab-size above {small.group(2)}") from exc
         if "Vocabulary size" in msg or "vocab_size" in msg:
-            raise ValueError(f"BuildConfig.vocab_size={vocab_size} is too large for this corpus "
+            raise ValueError(f"BuildConfig.vocab_size = {vocab_size} is too large for this corpus "
                              f"sample (sentencepiece: {msg}); lower --vocab-size or add data") from exc
         raise ValueError(f"sentencepiece training failed: {msg}") from exc
     return out.getvalue()

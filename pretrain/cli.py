@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from pretrain import exit_codes
+
 # Subcommand modules under pretrain.commands, in the order `--help` lists them.
 COMMANDS = ("prepare", "train", "export", "generate", "eval")
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("mtp: interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
 
 
 def _release_process_groups() -> None:
@@ -62,7 +64,7 @@ def entry() -> None:
     They are released after a clean finish (0) or a checkpointed stop (75) only: after a failed
     collective (exit 5) the peers are gone and a shutdown could block."""
     code = main()
-    if code in (0, 75):
+    if code in (exit_codes.OK, exit_codes.PREEMPTED):
         _release_process_groups()
     raise SystemExit(code)
 

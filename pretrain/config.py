@@ -14,7 +14,8 @@ from typing import Literal
 
 import yaml
 
-from model.config import DecoderConfig, ModelConfig, MTPConfig
+from model.config import DecoderConfig, ModelConfig, MTPConfig, require_positive
+from model.mtp.objective import NO_MTP
 from pretrain.config_loader import ConfigError, apply_override, from_dict, load_yaml
 
 
@@ -27,13 +28,25 @@ class ParallelConfig:
     zero_stage: int = 1
     """DeepSpeed ZeRO stage over the data-parallel ranks: 1–3 without PP, 1 with PP. (ZeRO's
     optimizers are what skip a step with non-finite gradients, so stage 0 is not offered.)"""
-    partition_method: Literal["parameters", "uniform"] = "parameters"
-    """How DeepSpeed balances layers over pipeline stages."""
+    partition_method: Literal["compute", "parameters", "uniform"] = "compute"
+    """How layers are balanced over pipeline stages: by forward FLOPs (the head and MTP tail
+    included), by the parameters each holds, or by count."""
     overlap_comm: bool | Literal["auto"] = "auto"
     """Reduce gradients in buckets during the backward pass (DeepSpeed overlap_comm with
     contiguous gradient buckets). 'auto': on with GPUs when the data-parallel size is > 1; with
     one replica there is nothing to reduce, and the per-parameter bucketing only costs host time
     (110m benchmark, one GPU: off is 1.5-2 % faster and peaks 0.8 GiB higher)."""
+
+    def validate(self) -> None:
+        require_positive("parallel.tp", self.tp)
+        require_positive("parallel.pp", self.pp)
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.zero_stage = {self.zero_stage}; use 1, 2 or 3")
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ValueError(
+                f"parallel.zero_stage = {self.zero_stage} with parallel.pp = {self.pp}: "
+                "DeepSpeed's pipeline engine supports ZeRO stage 1 only; set "
+                "parallel.zero_stage=1")
 
 
 @dataclass
@@ -44,6 +57,20 @@ class MTPWeightConfig:
     """λ for each phase (DeepSeek-V3: [0.3, 0.1])."""
     boundaries_tokens: list[int] = field(default_factory=list)
     """Token counts at which the next value starts; one fewer than `values`, increasing."""
+
+    def validate(self) -> None:
+        if not self.values:
+            raise ValueError("mtp_weight.values is empty; give at least one λ (e.g. [0.3])")
+        if any(v < 0 for v in self.values):
+            raise ValueError(f"mtp_weight.values = {self.values} must be >= 0")
+        b = self.boundaries_tokens
+        if len(b) != len(self.values) - 1:
+            raise ValueError(
+                f"mtp_weight.boundaries_tokens has {len(b)} entries for {len(self.values)} "
+                "values; it needs exactly one fewer (the switch points)")
+        if any(y <= x for x, y in zip(b, b[1:])) or any(x <= 0 for x in b):
+            raise ValueError(
+                f"mtp_weight.boundaries_tokens = {b} must be positive and increasing")
 
 
 @dataclass
@@ -63,6 +90,14 @@ class DataConfig:
     shuffle_buffer: int = 8192
     """Samples shuffled together within the seeded epoch order."""
 
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError(
+                "data.path is empty; point it at a dataset built by `mtp prepare` "
+                "(e.g. data.path=data/stdlib)")
+        require_positive("data.num_workers", self.num_workers, allow_zero=True)
+        require_positive("data.shuffle_buffer", self.shuffle_buffer)
+
 
 @dataclass
 class OptimConfig:
@@ -79,6 +114,15 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables. Set explicitly (DeepSpeed's own default is 1.0)."""
+
+    def validate(self) -> None:
+        require_positive("optim.lr", self.lr)
+        require_positive("optim.min_lr", self.min_lr, allow_zero=True)
+        require_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        require_positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr = {self.min_lr} exceeds optim.lr = {self.lr}; "
+                             "lower optim.min_lr")
 
 
 @dataclass
@@ -123,6 +167,14 @@ class TrainConfig:
     collective_timeout_s: int = 600
     """Timeout of collectives: a dead peer makes the others fail after this, not hang."""
 
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval",
+                     "collective_timeout_s"):
+            require_positive(f"train.{name}", getattr(self, name))
+        for name in ("eval_interval", "eval_batches", "max_skipped_steps",
+                     "eval_acceptance_prompts", "eval_acceptance_tokens"):
+            require_positive(f"train.{name}", getattr(self, name), allow_zero=True)
+
 
 @dataclass
 class CheckpointConfig:
@@ -136,6 +188,10 @@ class CheckpointConfig:
     """A save that fails (disk full, write error): 'stop' the run (exit 4), or 'continue'
     training after logging the error and removing the partial directory. Either way the previous
     complete checkpoint stays the one that resume picks."""
+
+    def validate(self) -> None:
+        require_positive("checkpoint.interval", self.interval, allow_zero=True)
+        require_positive("checkpoint.keep_last", self.keep_last)
 
 
 @dataclass
@@ -161,85 +217,47 @@ class RunConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def validate(self) -> None:
+        """Every check that needs no world size (those are in `validate_layout`): each section's
+        own, then those across sections. Raises ConfigError naming the key and the fix."""
+        try:
+            self.decoder.validate(self.parallel.tp)
+            for section in (self.mtp_weight, self.parallel, self.data, self.optim, self.train,
+                            self.checkpoint):
+                section.validate()
+            self._validate_across_sections()
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
-def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name} = {value} must be {bound}")
-
-
-def validate(cfg: RunConfig) -> None:
-    """Checks that need no world size (those come in `validate_layout`)."""
-    try:
-        cfg.decoder.validate(cfg.parallel.tp)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    p, t, o, w = cfg.parallel, cfg.train, cfg.optim, cfg.mtp_weight
-    _positive("parallel.tp", p.tp)
-    _positive("parallel.pp", p.pp)
-    if p.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage = {p.zero_stage}; use 1, 2 or 3")
-    if p.pp > 1 and p.zero_stage > 1:
-        raise ConfigError(
-            f"parallel.zero_stage = {p.zero_stage} with parallel.pp = {p.pp}: DeepSpeed's pipeline "
-            "engine supports ZeRO stage 1 only; set parallel.zero_stage=1")
-    if p.pp > cfg.model.num_layers + 2:
-        raise ConfigError(
-            f"parallel.pp = {p.pp} exceeds the {cfg.model.num_layers + 2} pipeline layers "
-            "(embedding, blocks, tail); use fewer stages")
-    if t.init_from is not None and p.pp > 1:
-        raise ConfigError(f"train.init_from = {t.init_from!r} with parallel.pp = {p.pp}: "
-                          "initialising from a model is supported with pp = 1 only")
-    if t.compile is True and p.zero_stage == 3:
-        raise ConfigError("train.compile = true with parallel.zero_stage = 3: ZeRO-3 gathers "
-                          "parameters in module hooks that compiled blocks bypass; use "
-                          "zero_stage 1 or 2, or train.compile=false")
-    for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
-        _positive(f"train.{name}", getattr(t, name))
-    if t.eval_acceptance_prompts:
-        if cfg.mtp.kind == "none":
-            raise ConfigError("train.eval_acceptance_prompts needs an MTP objective (mtp.kind is "
-                              "'none'); set it to 0")
-        if p.pp > 1 or p.zero_stage == 3:
-            raise ConfigError(
-                "train.eval_acceptance_prompts works with parallel.pp = 1 and zero_stage <= 2 "
-                "(decoding needs the whole, unpartitioned model on each rank); set it to 0 and "
-                "run `mtp eval` on a checkpoint instead")
-        room = cfg.model.max_seq_len - t.eval_acceptance_tokens - 2 * cfg.mtp.depth - 2
-        if room < 1:
-            raise ConfigError(
-                f"train.eval_acceptance_tokens = {t.eval_acceptance_tokens} leaves no room for a "
-                f"prompt within model.max_seq_len = {cfg.model.max_seq_len}; lower it")
-    for name in ("eval_interval", "eval_batches", "max_skipped_steps", "eval_acceptance_prompts",
-                 "eval_acceptance_tokens"):
-        _positive(f"train.{name}", getattr(t, name), allow_zero=True)
-    _positive("train.collective_timeout_s", t.collective_timeout_s)
-    _positive("optim.lr", o.lr)
-    _positive("optim.min_lr", o.min_lr, allow_zero=True)
-    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
-    if o.min_lr > o.lr:
-        raise ConfigError(f"optim.min_lr = {o.min_lr} exceeds optim.lr = {o.lr}")
-    if not w.values:
-        raise ConfigError("mtp_weight.values is empty; give at least one λ (e.g. [0.3])")
-    if any(v < 0 for v in w.values):
-        raise ConfigError(f"mtp_weight.values = {w.values} must be >= 0")
-    if len(w.boundaries_tokens) != len(w.values) - 1:
-        raise ConfigError(
-            f"mtp_weight.boundaries_tokens has {len(w.boundaries_tokens)} entries for "
-            f"{len(w.values)} values; it needs exactly one fewer (the switch points)")
-    if any(b <= a for a, b in zip(w.boundaries_tokens, w.boundaries_tokens[1:])) or any(
-            b <= 0 for b in w.boundaries_tokens):
-        raise ConfigError(
-            f"mtp_weight.boundaries_tokens = {w.boundaries_tokens} must be positive and increasing")
-    if not cfg.data.path:
-        raise ConfigError(
-            "data.path is empty; point it at a dataset built by `mtp prepare` "
-            "(e.g. data.path=data/stdlib)")
-    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
-    _positive("data.shuffle_buffer", cfg.data.shuffle_buffer)
-    _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)
-    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    def _validate_across_sections(self) -> None:
+        p, t = self.parallel, self.train
+        if p.pp > self.model.num_layers + 2:
+            raise ValueError(
+                f"parallel.pp = {p.pp} exceeds the {self.model.num_layers + 2} pipeline layers "
+                "(embedding, blocks, tail); use fewer stages")
+        if t.init_from is not None and p.pp > 1:
+            raise ValueError(f"train.init_from = {t.init_from!r} with parallel.pp = {p.pp}: "
+                             "initialising from a model is supported with pp = 1 only")
+        if t.compile is True and p.zero_stage == 3:
+            raise ValueError("train.compile = true with parallel.zero_stage = 3: ZeRO-3 gathers "
+                             "parameters in module hooks that compiled blocks bypass; use "
+                             "zero_stage 1 or 2, or train.compile=false")
+        if t.eval_acceptance_prompts:
+            if self.mtp.kind == NO_MTP:
+                raise ValueError("train.eval_acceptance_prompts needs an MTP objective (mtp.kind "
+                                 "is 'none'); set it to 0")
+            if p.pp > 1 or p.zero_stage == 3:
+                raise ValueError(
+                    "train.eval_acceptance_prompts works with parallel.pp = 1 and zero_stage <= "
+                    "2 (decoding needs the whole, unpartitioned model on each rank); set it to 0 "
+                    "and run `mtp eval` on a checkpoint instead")
+            room = self.model.max_seq_len - t.eval_acceptance_tokens - 2 * self.mtp.depth - 2
+            if room < 1:
+                raise ValueError(
+                    f"train.eval_acceptance_tokens = {t.eval_acceptance_tokens} leaves no room "
+                    f"for a prompt within model.max_seq_len = {self.model.max_seq_len}; lower it")
 
 
 @dataclass(frozen=True)
@@ -273,12 +291,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     data = load_yaml(path) if path else {}
     for assignment in overrides:
         apply_override(data, assignment)
-    cfg = from_dict(RunConfig, data)
-    validate(cfg)
-    return cfg
+    return config_from_dict(data)
 
 
 def config_from_dict(data: dict) -> RunConfig:
     cfg = from_dict(RunConfig, data)
-    validate(cfg)
+    cfg.validate()
     return cfg

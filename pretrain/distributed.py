@@ -28,7 +28,8 @@ class LaunchEnv:
     launcher: str  # "single", "torchrun" (also the deepspeed launcher) or "slurm"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on (for a rendezvous of one host)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -53,7 +54,7 @@ def detect_launch_env() -> LaunchEnv:
     else:
         launch = LaunchEnv(0, 1, 0, "single")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     env.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
                LOCAL_RANK=str(launch.local_rank))
     env.setdefault("MASTER_PORT", "29500")
@@ -64,7 +65,7 @@ def init_distributed(launch: LaunchEnv, timeout_s: int) -> None:
     """Initialise torch.distributed (gloo on CPU, the accelerator's backend on GPUs)."""
     if not accelerator.is_cpu():
         accelerator.set_device(launch.local_rank)
-    backend = "gloo" if accelerator.is_cpu() else accelerator.communication_backend()
+    backend = accelerator.communication_backend()
     if accelerator.is_cpu():
         # DeepSpeed would JIT-compile a shared-memory all-reduce for CPU worlds on first use
         # (~90 s, cached per user); gloo is all the CPU path needs.

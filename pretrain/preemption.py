@@ -1,13 +1,11 @@
 """SIGTERM / SIGUSR1 (SLURM's pre-timeout signal, preemption) → checkpoint at the next step
-boundary and exit with EXIT_PREEMPTED. Kept free of heavy imports so the handler is installed
+boundary and exit with exit_codes.PREEMPTED. Kept free of heavy imports so the handler is installed
 before the minutes of start-up (imports, model build, checkpoint load) during which the default
 action would kill the process."""
 
 from __future__ import annotations
 
 import signal
-
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved (or nothing to save); requeue and resume
 
 
 class PreemptionFlag:

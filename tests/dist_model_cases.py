@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 
-def _compare_one(dcfg, tp_ctx, single_ctx, lam=0.3, step=5):
+def _compare_one(dcfg, tp_ctx, single_ctx, mtp_weight=0.3, step=5):
     from model import MTPLanguageModel
     from model.sharding import full_grads, full_state_dict, load_full_state_dict
     from tests.model_fixtures import make_batch, randomize_
@@ -23,9 +23,9 @@ def _compare_one(dcfg, tp_ctx, single_ctx, lam=0.3, step=5):
     randomize_(ref)
     load_full_state_dict(tp, {n: p.detach() for n, p in ref.named_parameters()}, tp_ctx.tp_group)
     batch = make_batch(dcfg.mtp.depth)
-    out_ref = ref(*batch, mtp_weight=lam, step=step)
+    out_ref = ref(*batch, mtp_weight=mtp_weight, step=step)
     out_ref.loss.backward()
-    out_tp = tp(*batch, mtp_weight=lam, step=step)
+    out_tp = tp(*batch, mtp_weight=mtp_weight, step=step)
     out_tp.loss.backward()
 
     torch.testing.assert_close(out_tp.loss, out_ref.loss, rtol=1e-5, atol=1e-6)

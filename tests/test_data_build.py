@@ -174,13 +174,13 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     (tmp_path / "o6" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"already holds other files \(notes.txt"):
         build_dataset(tiny_config(corpus, tmp_path / "o6"))
-    with pytest.raises(ValueError, match="BuildConfig.val_fraction=1.5 is invalid"):
+    with pytest.raises(ValueError, match="BuildConfig.val_fraction = 1.5 is invalid"):
         tiny_config(corpus, tmp_path / "o7", val_fraction=1.5)
-    with pytest.raises(ValueError, match="BuildConfig.vocab_size=10 is invalid"):
+    with pytest.raises(ValueError, match="BuildConfig.vocab_size = 10 is invalid"):
         tiny_config(corpus, tmp_path / "o7", vocab_size=10)
-    with pytest.raises(ValueError, match=r"vocab_size=301 is too small: the corpus needs \d+ base"):
+    with pytest.raises(ValueError, match=r"vocab_size = 301 is too small: the corpus needs \d+ base"):
         build_dataset(tiny_config(corpus, tmp_path / "o8", vocab_size=301))
-    with pytest.raises(ValueError, match="vocab_size=5000 is too large for this corpus"):
+    with pytest.raises(ValueError, match="vocab_size = 5000 is too large for this corpus"):
         build_dataset(tiny_config(corpus, tmp_path / "o8", vocab_size=5000))
 
 

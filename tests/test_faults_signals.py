@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from pretrain.exit_codes import PREEMPTED as EXIT_PREEMPTED
 from tests.fault_helpers import (
     STEPS,
     TORCHRUN_SIGNALS,
@@ -37,8 +38,6 @@ from tests.fault_helpers import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-EXIT_PREEMPTED = 75
 
 
 def _interrupt(job: Job, after_step: int, send) -> tuple[int, int, float, str]:

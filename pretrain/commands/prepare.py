@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pretrain import exit_codes
+
 DESCRIPTION = """\
 Build a training dataset: train a sentencepiece BPE tokenizer (or reuse one), tokenize the corpus
 in parallel, pack documents (separated by EOS) into windows of SEQ_LEN + MAX_DEPTH + 1 tokens and
@@ -101,6 +103,6 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         msg = " ".join(str(exc).split())
         print(f"mtp prepare: error: {msg}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     print(_summary(manifest))
     return 0

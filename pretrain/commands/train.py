@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-EPILOG = """\
+from pretrain import exit_codes
+
+EPILOG = f"""\
 Launch it as one process (CPU demo), under torchrun / the deepspeed launcher, or with srun (one task
 per GPU; see scripts/slurm/). The world size must be a multiple of parallel.tp × parallel.pp.
 
@@ -15,15 +17,7 @@ examples:
   torchrun --nproc-per-node 8 -m pretrain train --config configs/gpt-350m.yaml parallel.tp=2 \\
       parallel.pp=2 --resume auto
 
-exit codes: 0 done; 2 bad config or input (nothing was trained); 3 non-finite loss with
-train.nonfinite=stop; 4 a checkpoint could not be written (disk full, write error; the previous
-complete checkpoint is kept); 5 a peer process died or a collective timed out
-(train.collective_timeout_s); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue
-and resume with --resume auto). Under torchrun, whose exit code is 1 whenever a worker fails,
-read the workers' codes in its failure report."""
-
-EXIT_SAVE_FAILED = 4  # also pretrain.trainer.EXIT_SAVE_FAILED (final save failed, on_save_error=continue)
-EXIT_PEER_LOST = 5
+{exit_codes.TRAIN_EPILOG}"""
 
 # What gloo / NCCL / c10d say when a peer is gone or a collective timed out.
 _COLLECTIVE_FAILURE = ("gloo", "nccl", "connection reset by peer", "connection closed by peer",
@@ -70,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"mtp train: config error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
@@ -83,16 +77,16 @@ def run(args: argparse.Namespace) -> int:
         return trainer.train().exit_code
     except CheckpointSaveError as err:
         print(f"mtp train: checkpoint save failed: {err}", file=sys.stderr)
-        return EXIT_SAVE_FAILED
+        return exit_codes.SAVE_FAILED
     except (ConfigError, CheckpointError) as err:
         print(f"mtp train: error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     except ShardError as err:
         print(f"mtp train: data error: {err}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     except NonFiniteError as err:
         print(f"mtp train: {err}", file=sys.stderr)
-        return 3
+        return exit_codes.NONFINITE
     except RuntimeError as err:
         if not _collective_failure(err):
             raise
@@ -107,4 +101,4 @@ def run(args: argparse.Namespace) -> int:
               f"train.collective_timeout_s = {cfg.train.collective_timeout_s} s. Nothing after "
               "the newest complete checkpoint is kept: restart the job with --resume auto.",
               file=sys.stderr, flush=True)
-        return EXIT_PEER_LOST
+        return exit_codes.PEER_LOST

@@ -18,8 +18,8 @@
 #   MTP_SLURMCTLD_PORT    slurmctld port (default 6817); MTP_SLURMD_PORT slurmd port (default 6818)
 #   MTP_SLURM_NO_INSTALL  1: never run apt-get; fail if the binaries are missing
 #
-# Settings that matter (measured, see DESIGN.md §4): proctrack/linuxproc + task/none (no cgroups),
-# no accounting (so no sacct: use `scontrol show job`), cred_expire=5 (else a requeued job waits
+# Settings that matter (measured on these machines; docs/DESIGN.md, Tests): proctrack/linuxproc +
+# task/none (no cgroups), no accounting (so no sacct: use `scontrol show job`), cred_expire=5 (else a requeued job waits
 # 120 s before it may run again), batch_sched_delay=0,sched_interval=2 (reruns start at once),
 # ReturnToService=2 (the node comes back by itself after a restart).
 set -euo pipefail
