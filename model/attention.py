@@ -16,14 +16,21 @@ from model.config import ModelConfig
 from model.init import normal_init, scaled_output_init
 from model.kv_cache import LayerCache
 from model.parallel import ParallelContext
+from model.recompute import recompute
 from model.rotary import RotaryEmbedding
 from model.tp_regions import column_parallel, row_parallel
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, num_layers_for_init: int):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, num_layers_for_init: int,
+                 recompute_core: bool = False):
+        """`recompute_core`: keep only the QKV projection's output for the backward and run
+        RoPE and attention again there (selective recomputation: saves the rotated q and k, the
+        attention output and its softmax statistics)."""
         super().__init__()
         tp = ctx.tp_size
+        self.sequence_parallel = ctx.sp_group is not None
+        self.recompute_core = recompute_core
         self.head_dim = cfg.head_dim
         self.groups = cfg.kv_heads // tp  # kv heads on this rank
         self.q_per_group = cfg.num_heads // cfg.kv_heads
@@ -39,23 +46,40 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """x [B, T, d]. Without a cache: causal attention over positions 0..T-1. With one: the
+        """x [B, T, d] ([B, T/TP, d] under sequence parallelism). Without a cache: causal
+        attention over positions 0..T-1. With one (generation, never sequence-parallel): the
         tokens sit at `cache.positions` and attend to everything cached up to their position."""
-        b, t, _ = x.shape
-        qkv = column_parallel(self.qkv, x)  # [B, T, groups·(q_per_group+2)·hd]
+        sp = self.sequence_parallel
+        assert cache is None or not sp, "decoding runs without sequence parallelism"
+        qkv = column_parallel(self.qkv, x, sp)  # [B, T, groups·(q_per_group+2)·hd]
+        if cache is not None:
+            out = self._cached_core(qkv, cache)
+        elif self.recompute_core and torch.is_grad_enabled():
+            out = recompute(self._core, qkv)
+        else:
+            out = self._core(qkv)
+        return row_parallel(self.proj, out, sp)
+
+    def _split_heads(self, qkv: torch.Tensor):
+        b, t, _ = qkv.shape
         qkv = qkv.view(b, t, self.groups, self.q_per_group + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_group].reshape(b, t, -1, self.head_dim)  # [B, T, Hq, hd]
         k = qkv[:, :, :, self.q_per_group]  # [B, T, Hkv, hd]
         v = qkv[:, :, :, self.q_per_group + 1]
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
-        if cache is None:
-            q, k = self.rotary(q, k)
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)  # [B, Hq, T, hd]
-        else:
-            q, k = self.rotary(q, k, positions=cache.positions)
-            k_all, v_all = cache.write(k, v)  # [B, Hkv, S, hd]
-            out = F.scaled_dot_product_attention(
-                q, k_all, v_all, attn_mask=cache.mask(), enable_gqa=self.q_per_group > 1)
-        out = out.transpose(1, 2).reshape(b, t, -1)  # [B, T, Hq·hd]
-        return row_parallel(self.proj, out)
+        return (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
+
+    def _core(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The attention core between the projections: [B, T, qkv/TP] → [B, T, Hq·hd/TP]."""
+        q, k, v = self._split_heads(qkv)
+        q, k = self.rotary(q, k)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)  # [B, Hq, T, hd]
+        return out.transpose(1, 2).flatten(2)  # [B, T, Hq·hd]
+
+    def _cached_core(self, qkv: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        q, k, v = self._split_heads(qkv)
+        q, k = self.rotary(q, k, positions=cache.positions)
+        k_all, v_all = cache.write(k, v)  # [B, Hkv, S, hd]
+        out = F.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=cache.mask(), enable_gqa=self.q_per_group > 1)
+        return out.transpose(1, 2).flatten(2)  # [B, T, Hq·hd]

@@ -10,34 +10,50 @@ from model.config import ModelConfig
 from model.init import scaled_output_init
 from model.kv_cache import LayerCache
 from model.mlp import SwiGLU
-from model.norm import RMSNorm
+from model.norm import make_norm
 from model.parallel import ParallelContext
+from model.recompute import recompute
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, num_layers_for_init: int | None = None):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext,
+                 num_layers_for_init: int | None = None, recompute: str | None = None):
+        """`recompute`: 'none', 'selective' or 'full' for this block (default:
+        model.recompute)."""
         super().__init__()
         n = num_layers_for_init or cfg.num_layers
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.params_dtype)
-        self.attn = Attention(cfg, ctx, n)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.params_dtype)
-        self.mlp = SwiGLU(cfg, ctx, scaled_output_init(cfg.init_std, n))
+        mode = cfg.recompute if recompute is None else recompute
+        self.recompute_whole = mode == "full"
+        self.attn_norm = make_norm(cfg.hidden_size, cfg.norm_eps, ctx)
+        self.attn = Attention(cfg, ctx, n, recompute_core=mode == "selective")
+        self.mlp_norm = make_norm(cfg.hidden_size, cfg.norm_eps, ctx)
+        self.mlp = SwiGLU(cfg, ctx, scaled_output_init(cfg.init_std, n),
+                          recompute_activation=mode == "selective")
         # The cache-free (training/scoring) forward compiled by `compile_training_forward`; a
         # plain attribute, not a submodule, so state dicts and parameters are unchanged.
         self._compiled_forward = None
 
     def compile_training_forward(self) -> list[nn.Module]:
         """torch.compile the cache-free forward (RMSNorm, RoPE, SwiGLU become fused kernels
-        around the matmuls and attention). Calls with a KV cache (generation) stay eager, so
-        their changing cache state never triggers recompilation. Returns the modules the
-        compiled region covers (all of this block's)."""
-        self._compiled_forward = torch.compile(self._forward)
+        around the matmuls and attention; recomputed regions are partitioned by Inductor).
+        Calls with a KV cache (generation) stay eager, so their changing cache state never
+        triggers recompilation. Returns the modules the compiled region covers (all of this
+        block's)."""
+        self._compiled_forward = torch.compile(self._training_forward)
         return list(self.modules())
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        if cache is None and self._compiled_forward is not None:
+        """x [B, T, d] ([B, T/TP, d] under sequence parallelism) → the same shape."""
+        if cache is not None:
+            return self._forward(x, cache)
+        if self._compiled_forward is not None:
             return self._compiled_forward(x)
-        return self._forward(x, cache)
+        return self._training_forward(x)
+
+    def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute_whole and torch.is_grad_enabled():
+            return recompute(self._forward, x)
+        return self._forward(x)
 
     def _forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cache)

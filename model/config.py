@@ -7,7 +7,7 @@ only validates them. Every user mistake raises `ValueError` naming the field and
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from model.loss_kernels import KERNEL_KINDS
 
@@ -56,6 +56,20 @@ class ModelConfig:
     is 'triton' when the model is compiled for training on a GPU with Triton installed,
     'inductor' when compiled elsewhere, 'eager' otherwise. All give the same values up to
     rounding; the choice only changes speed and the memory of one chunk's gradient."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation in the backward pass, for the trunk's and the MTP modules'
+    blocks. 'selective': the attention core (RoPE and attention between the QKV and output
+    projections) and the SwiGLU activation are recomputed instead of stored (cheap to redo,
+    costly to keep); 'full': each block keeps only its input and is run again in the
+    backward (about a third more compute). Values and gradients are unchanged."""
+    recompute_num_layers: int | None = None
+    """With recompute 'full': recompute only the first N trunk blocks (the first pipeline
+    stages hold the most in-flight micro-batches); null recomputes every block."""
+
+    EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = (
+        "loss_chunk_tokens", "loss_impl", "loss_kernels", "recompute", "recompute_num_layers")
+    """Fields that change how the model runs, not the function it computes or its weights: a
+    checkpoint resumes under other values of these."""
 
     @property
     def kv_heads(self) -> int:
@@ -90,6 +104,15 @@ class ModelConfig:
                 f"{self.kv_heads}; each key/value head must serve a whole group of query heads")
         if self.loss_impl not in ("fused", "unfused"):
             raise ValueError(f"model.loss_impl = {self.loss_impl!r}; use 'fused' or 'unfused'")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"model.recompute = {self.recompute!r}; use 'none', 'selective' or "
+                             "'full'")
+        if self.recompute_num_layers is not None:
+            require_positive("model.recompute_num_layers", self.recompute_num_layers)
+            if self.recompute != "full":
+                raise ValueError(
+                    f"model.recompute_num_layers = {self.recompute_num_layers} applies to "
+                    f"model.recompute = 'full' (it is {self.recompute!r}); set it to null")
         if self.loss_kernels not in ("auto", *KERNEL_KINDS):
             raise ValueError(f"model.loss_kernels = {self.loss_kernels!r}; use 'auto' or one of "
                              f"{KERNEL_KINDS}")

@@ -8,6 +8,7 @@ parallelism it is the tied layer of the first and the last stage.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core.tensor_parallel import (
     VocabParallelEmbedding,
 )
@@ -19,12 +20,14 @@ from model.init import normal_init
 from model.loss import HeadLoss, fused_head_cross_entropy, unfused_head_cross_entropy
 from model.parallel import ParallelContext
 from model.sharding import gather_tensor
+from model.tp_regions import reduce_scatter_sequence
 
 
 class SharedEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
         self.tp_group = ctx.tp_group
+        self.sp_group = ctx.sp_group
         self.loss_impl = cfg.loss_impl
         self.chunk_rows = cfg.loss_chunk_tokens
         self.loss_kernels = "eager" if cfg.loss_kernels == "auto" else cfg.loss_kernels
@@ -58,32 +61,50 @@ class SharedEmbedding(nn.Module):
         hidden: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         row_weights: torch.Tensor | None = None,
+        rows_gathered: bool = False,
     ):
-        """Either the embedding lookup, input_ids [B, T] → [B, T, d], or the head's
-        cross-entropy over rows (hidden [N, d], targets [N], row_weights [N]) returned as the
-        tensors (total, row_loss, row_correct).
+        """Either the embedding lookup, input_ids [B, T] → [B, T, d] (this rank's sequence shard
+        [B, T/TP, d] under sequence parallelism), or the head's cross-entropy over rows
+        (hidden [N, d], targets [N], row_weights [N]; see model.loss for `rows_gathered`)
+        returned as the tensors (total, row_loss, row_correct).
 
         Both uses go through `forward`, not a separate method, so that whatever wraps module
         calls sees every use of these weights (DeepSpeed ZeRO-3 gathers the partitioned weights
         around forward and, through hooks on the returned tensors, around backward).
         """
         if input_ids is not None:
+            if self.sp_group is not None:
+                return self._embed_sequence_shard(input_ids)
             return self.word_embeddings(input_ids)
         assert hidden is not None and targets is not None and row_weights is not None
         if self.loss_impl == "fused":
             res = fused_head_cross_entropy(
                 hidden, self.output_weight, targets, row_weights, self.tp_group,
-                self.vocab_start, self.chunk_rows, self.loss_kernels)
+                self.vocab_start, self.chunk_rows, self.loss_kernels, rows_gathered)
         else:
             res = unfused_head_cross_entropy(
-                hidden, self.output_weight, targets, row_weights, self.tp_group, self.vocab_start)
+                hidden, self.output_weight, targets, row_weights, self.tp_group, self.vocab_start,
+                rows_gathered)
         return res.total, res.row_loss, res.row_correct
 
+    def _embed_sequence_shard(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] → this rank's [B, T/TP, d]: the lookup in this rank's vocabulary
+        rows (zero for the others' tokens), then the sum over ranks scattered by sequence —
+        megatron's VocabParallelEmbedding with a reduce-scatter over our [B, T, d] layout."""
+        weight = self.word_embeddings.weight  # [V/TP, d]
+        local = input_ids - self.vocab_start
+        elsewhere = (local < 0) | (local >= weight.shape[0])
+        emb = F.embedding(local.masked_fill(elsewhere, 0), weight)  # [B, T, d]
+        emb = emb.masked_fill(elsewhere.unsqueeze(-1), 0.0)
+        return reduce_scatter_sequence(emb, self.sp_group)
+
     def head_loss(
-        self, hidden: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor
+        self, hidden: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor,
+        rows_gathered: bool = False,
     ) -> HeadLoss:
         """Cross-entropy of the head over rows: hidden [N, d], targets [N], row_weights [N]."""
-        return HeadLoss(*self(hidden=hidden, targets=targets, row_weights=row_weights))
+        return HeadLoss(*self(hidden=hidden, targets=targets, row_weights=row_weights,
+                              rows_gathered=rows_gathered))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [..., V] (gathered over TP; no autograd) for inference."""

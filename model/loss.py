@@ -131,11 +131,14 @@ def fused_head_cross_entropy(
     vocab_start: int,
     chunk_rows: int,
     kernels: str = "eager",
+    rows_gathered: bool = False,
 ) -> HeadLoss:
     """hidden [N, d], weight [V/TP, d], targets [N] (global ids), row_weights [N]. `kernels`:
     which build of the per-chunk softmax work runs (model.loss_kernels.KERNEL_KINDS; the same
-    values up to rounding)."""
-    hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    values up to rounding). `rows_gathered`: the caller gathered the rows from sequence shards
+    (model.tp_regions.gather_rows), whose backward already sums the ranks' partial gradients."""
+    if not rows_gathered:
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
     total, row_loss, row_correct = _FusedHeadCrossEntropy.apply(
         hidden, weight, targets.contiguous(), row_weights.float().contiguous(), tp_group,
         vocab_start, chunk_rows, kernels)
@@ -149,6 +152,7 @@ def unfused_head_cross_entropy(
     row_weights: torch.Tensor,
     tp_group: dist.ProcessGroup,
     vocab_start: int,
+    rows_gathered: bool = False,
 ) -> HeadLoss:
     """Reference path: full logits for all N rows, megatron-core's vocab-parallel CE.
 
@@ -161,7 +165,8 @@ def unfused_head_cross_entropy(
             "needs megatron.core.parallel_state.initialize_model_parallel(...) first; use "
             "loss_impl 'fused' or initialise parallel_state")
     assert parallel_state.get_tensor_model_parallel_world_size() == tp_group.size()
-    hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    if not rows_gathered:
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
     logits = hidden @ weight.t()  # [N, V/TP]
     row_loss = vocab_parallel_cross_entropy(logits.float(), targets)
     with torch.no_grad():

@@ -14,12 +14,23 @@ from torch import nn
 from model.config import ModelConfig
 from model.init import InitMethod, normal_init
 from model.parallel import ParallelContext
+from model.recompute import recompute
 from model.tp_regions import column_parallel, row_parallel
 
 
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)  # [B, T, 2·ffn/TP] = [gate_r | up_r]
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, out_init: InitMethod):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, out_init: InitMethod,
+                 recompute_activation: bool = False):
+        """`recompute_activation`: keep only the gate/up product for the backward and compute
+        silu(gate)·up again there (selective recomputation: saves ffn/TP values a token)."""
         super().__init__()
+        self.sequence_parallel = ctx.sp_group is not None
+        self.recompute_activation = recompute_activation
         mp = ctx.megatron_config()
         self.gate_up = ColumnParallelLinear(
             cfg.hidden_size, 2 * cfg.ffn_size, config=mp, init_method=normal_init(cfg.init_std),
@@ -29,6 +40,11 @@ class SwiGLU(nn.Module):
             input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = column_parallel(self.gate_up, x)  # [B, T, 2·ffn/TP] = [gate_r | up_r]
-        gate, up = gu.chunk(2, dim=-1)
-        return row_parallel(self.down, F.silu(gate) * up)
+        """x [B, T, d] ([B, T/TP, d] under sequence parallelism) → the same shape."""
+        sp = self.sequence_parallel
+        gu = column_parallel(self.gate_up, x, sp)  # [B, T, 2·ffn/TP]
+        if self.recompute_activation and torch.is_grad_enabled():
+            act = recompute(_swiglu, gu)
+        else:
+            act = _swiglu(gu)
+        return row_parallel(self.down, act, sp)

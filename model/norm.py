@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from model.tp_regions import sum_grad_over_tp
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5, dtype: torch.dtype = torch.float32):
+    def __init__(self, dim: int, eps: float = 1e-5, dtype: torch.dtype = torch.float32,
+                 sp_group: dist.ProcessGroup | None = None):
+        """`sp_group`: with sequence parallelism, the norm sees 1/TP of the tokens and its
+        gain's gradient is summed over this (TP) group."""
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.sp_group = sp_group
+        if sp_group is not None:
+            self.weight.sequence_parallel_grad = True
         self._compiled_forward = None  # see compile_training_forward; not a submodule
 
     def compile_training_forward(self) -> list[nn.Module]:
@@ -29,4 +38,10 @@ class RMSNorm(nn.Module):
         # exported models numerically identical.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return sum_grad_over_tp(self.weight, self.sp_group) * xf.to(x.dtype)
+
+
+def make_norm(dim: int, eps: float, ctx) -> RMSNorm:
+    """An RMSNorm in the context's parameter dtype, on sequence shards under sequence
+    parallelism (`ctx`: model.parallel.ParallelContext)."""
+    return RMSNorm(dim, eps, ctx.params_dtype, ctx.sp_group)

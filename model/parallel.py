@@ -11,10 +11,18 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """The tensor-parallel group this rank belongs to and the dtype parameters are created in."""
+    """The tensor-parallel group this rank belongs to, whether activations between the TP matmuls
+    are split along the sequence (model/tp_regions.py), and the dtype parameters are created in."""
 
     tp_group: dist.ProcessGroup
     params_dtype: torch.dtype = torch.float32
+    sequence_parallel: bool = False
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        """The group the sequence is split over: the TP group with sequence parallelism at
+        TP > 1, else None (the layers then see whole sequences)."""
+        return self.tp_group if self.sequence_parallel and self.tp_size > 1 else None
 
     @property
     def tp_size(self) -> int:

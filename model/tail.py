@@ -18,8 +18,9 @@ from torch import nn
 from model.config import DecoderConfig
 from model.embedding import SharedEmbedding
 from model.mtp.objective import NO_MTP, MTPObjective, TailInputs, objective_class
-from model.norm import RMSNorm
+from model.norm import make_norm
 from model.parallel import ParallelContext
+from model.tp_regions import all_gather_rows, gather_rows, split_dim
 
 TAIL_PREFIX = "tail.objective."
 """Name prefix of the MTP objective's parameters in the model's state dict: everything under it
@@ -44,7 +45,8 @@ class OutputTail(nn.Module):
         super().__init__()
         cfg = dcfg.model
         self.depth = dcfg.mtp.depth
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, ctx.params_dtype)
+        self.sp_group = ctx.sp_group
+        self.final_norm = make_norm(cfg.hidden_size, cfg.norm_eps, ctx)
         kind = dcfg.mtp.kind
         self.objective: MTPObjective | None = (
             objective_class(kind)(dcfg, ctx) if kind != NO_MTP else None)
@@ -58,10 +60,13 @@ class OutputTail(nn.Module):
         mtp_weight: float,
         step: int = 0,
     ) -> MTPOutput:
-        """trunk [B, T, d]: the last block's output (before the final norm);
+        """trunk [B, T, d]: the last block's output (before the final norm; [B, T/TP, d], this
+        rank's sequence shard, under sequence parallelism);
         labels [B, D+1, T] token ids (row j is the target j+1 tokens ahead);
         loss_mask [B, D+1, T] (1 keeps a target) or None for all targets."""
-        b, t, _ = trunk.shape
+        sp = self.sp_group
+        b, t_local, _ = trunk.shape
+        t = t_local * (sp.size() if sp is not None else 1)
         if labels.dim() != 3 or labels.shape[0] != b or labels.shape[2] != t:
             raise ValueError(
                 f"labels have shape {tuple(labels.shape)}; expected [B={b}, D+1={self.depth + 1}, "
@@ -91,19 +96,28 @@ class OutputTail(nn.Module):
         else:  # one depth: a view, not a copy
             hidden = main
         hidden = hidden.reshape(-1, hidden.shape[-1])  # [n·B·T, d]
+        if sp is not None:  # this rank's positions of the targets: [B, D+1, T/TP]
+            labels, mask = split_dim(labels, 2, sp), split_dim(mask, 2, sp)
         targets = _select_depths(labels, depths).transpose(0, 1).reshape(-1)  # [n·B·T]
-        row_mask = _select_depths(mask, depths).transpose(0, 1)  # [n, B, T]
-        counts = row_mask.sum(dim=(1, 2))  # [n]
+        row_mask = _select_depths(mask, depths).transpose(0, 1)[None]  # [1, n, B, T]
+        if sp is not None:
+            # The vocabulary is split over TP, so every rank scores every rank's rows:
+            # [n·B·T/TP, d] → [TP·n·B·T/TP, d], rank-major; the backward reduce-scatters.
+            hidden = gather_rows(hidden, sp)
+            targets = all_gather_rows(targets, sp)
+            row_mask = all_gather_rows(row_mask, sp)  # [TP, n, B, T/TP]
+        counts = row_mask.sum(dim=(0, 2, 3))  # [n]
         # Each depth's loss is a mean over its own kept targets; extra depths share weight λ.
         scale = torch.full((len(depths),), mtp_weight / max(n_extra, 1), device=mask.device)
         scale[:1].fill_(1.0)  # not `scale[0] = 1.0`: that copies a host scalar and syncs
-        row_weights = (row_mask * (scale / counts.clamp(min=1)).view(-1, 1, 1)).reshape(-1)
+        row_weights = (row_mask * (scale / counts.clamp(min=1)).view(1, -1, 1, 1)).reshape(-1)
 
-        head = shared.head_loss(hidden, targets, row_weights)
+        head = shared.head_loss(hidden, targets, row_weights, rows_gathered=sp is not None)
 
         with torch.no_grad():
-            per_depth_loss = (head.row_loss.view_as(row_mask) * row_mask).sum(dim=(1, 2))
-            per_depth_correct = (head.row_correct.view_as(row_mask) * row_mask).sum(dim=(1, 2))
+            per_depth_loss = (head.row_loss.view_as(row_mask) * row_mask).sum(dim=(0, 2, 3))
+            per_depth_correct = (head.row_correct.view_as(row_mask) * row_mask).sum(
+                dim=(0, 2, 3))
             denom = counts.clamp(min=1)
             depth_loss, depth_acc = per_depth_loss / denom, per_depth_correct / denom  # [n]
             if n_extra < self.depth:  # some depths not trained this step: [n] -> [D+1]

@@ -18,6 +18,7 @@ from model.config import DecoderConfig
 from model.embedding import SharedEmbedding
 from model.parallel import ParallelContext, meta_context
 from model.tail import TAIL_PREFIX, MTPOutput, OutputTail
+from model.tp_regions import check_sequence_parallel_params, gather_sequence
 
 
 def _frozen(module: nn.Module, frozen: bool) -> nn.Module:
@@ -41,8 +42,13 @@ def build_embedding(dcfg: DecoderConfig, ctx: ParallelContext, seed: int = 0) ->
 
 
 def build_block(dcfg: DecoderConfig, ctx: ParallelContext, index: int, seed: int = 0) -> TransformerBlock:
+    cfg = dcfg.model
+    recompute = cfg.recompute
+    if recompute == "full" and cfg.recompute_num_layers is not None \
+            and index >= cfg.recompute_num_layers:
+        recompute = "none"
     with _layer_rng(seed, 1 + index):
-        return _frozen(TransformerBlock(dcfg.model, ctx), dcfg.mtp.freezes_trunk)
+        return _frozen(TransformerBlock(cfg, ctx, recompute=recompute), dcfg.mtp.freezes_trunk)
 
 
 def build_tail(dcfg: DecoderConfig, ctx: ParallelContext, seed: int = 0) -> OutputTail:
@@ -61,6 +67,8 @@ class MTPLanguageModel(nn.Module):
         self.blocks = nn.ModuleList(
             build_block(dcfg, ctx, i, seed) for i in range(dcfg.model.num_layers))
         self.tail = build_tail(dcfg, ctx, seed)
+        if ctx.sp_group is not None:
+            check_sequence_parallel_params(self)
 
     def layers(self) -> list[nn.Module]:
         """The ordered layers: [embedding, block_0 … block_{L-1}, tail]."""
@@ -87,8 +95,10 @@ class MTPLanguageModel(nn.Module):
 
     @torch.no_grad()
     def main_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Next-token logits of the main model alone, [B, T, V] gathered over TP."""
-        return self.embedding.logits(self.tail.final_norm(self.trunk(input_ids)))
+        """Next-token logits of the main model alone, [B, T, V] gathered over TP (and over the
+        sequence under sequence parallelism)."""
+        hidden = self.tail.final_norm(self.trunk(input_ids))
+        return self.embedding.logits(gather_sequence(hidden, self.tail.sp_group))
 
     def main_model_state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's parameters of the main model only (the MTP objective dropped)."""

@@ -259,10 +259,14 @@ def load_checkpoint(engine, ref: CheckpointRef) -> tuple[dict, dict]:
 def resume_differences(marker: dict, cfg, layout) -> list[str]:
     """What differs between a checkpoint (its COMPLETE.json) and the run about to resume from it,
     in ways a resume cannot bridge; empty when it can resume."""
+    from model.config import ModelConfig
+
     now, saved = cfg.to_dict(), marker["config"]
     diffs = []
     for section in ("model", "mtp"):
         for key, value in now[section].items():
+            if section == "model" and key in ModelConfig.EXECUTION_FIELDS:
+                continue  # how the model runs, not what it is
             old = saved[section].get(key)
             if old != value:
                 diffs.append(f"{section}.{key}: checkpoint {old!r}, now {value!r}")

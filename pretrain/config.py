@@ -37,8 +37,18 @@ class ParallelConfig:
     one replica there is nothing to reduce, and the per-parameter bucketing only costs host time
     (110m benchmark, one GPU: off is 1.5-2 % faster and peaks 0.8 GiB higher)."""
 
+    sequence_parallel: bool = False
+    """With TP > 1: split the activations between the TP matmuls (norms, residual stream, the
+    MTP tail's elementwise work) along the sequence over the TP ranks (Megatron's sequence
+    parallelism): their memory divides by TP for the same communication volume. The sequence
+    length must be divisible by parallel.tp."""
+
     def validate(self) -> None:
         require_positive("parallel.tp", self.tp)
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel = true with parallel.tp = 1: sequence "
+                             "parallelism splits activations over the tensor-parallel ranks; "
+                             "set parallel.tp > 1 or parallel.sequence_parallel = false")
         require_positive("parallel.pp", self.pp)
         if self.zero_stage not in (1, 2, 3):
             raise ValueError(f"parallel.zero_stage = {self.zero_stage}; use 1, 2 or 3")

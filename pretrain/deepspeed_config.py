@@ -31,4 +31,9 @@ def deepspeed_config(cfg: RunConfig, layout: Layout, policy: RuntimePolicy) -> d
         # syncs per optimizer step at accumulation 2). The trainer measures throughput itself.
         "timers": {"throughput": {"enabled": False}},
         "dump_state": False,
+        # The pipeline engine sends each TP rank 1/TP of an activation and all-gathers it on
+        # the next stage, which assumes activations replicated over TP. Under sequence
+        # parallelism every TP rank holds its own sequence shard (already 1/TP of the whole).
+        "pipeline": {"pipe_partitioned": not cfg.parallel.sequence_parallel,
+                     "grad_partitioned": not cfg.parallel.sequence_parallel},
     }

@@ -61,7 +61,8 @@ def _init_main_model(module: nn.Module, ctx: ParallelContext, path: str) -> str:
 def build_engine(cfg: RunConfig, layout: Layout, topo: Topology, policy: RuntimePolicy,
                  device: torch.device, seq_len: int) -> TrainingEngine:
     dcfg = cfg.decoder
-    ctx = ParallelContext(topo.tp_group, params_dtype=torch.float32)
+    ctx = ParallelContext(topo.tp_group, params_dtype=torch.float32,
+                          sequence_parallel=cfg.parallel.sequence_parallel)
     if layout.pp == 1:
         module, loss_fn, mpu = MTPLanguageModel(dcfg, ctx, cfg.train.seed), None, MegatronMPU(topo)
     else:

@@ -17,6 +17,7 @@ from torch import nn
 from model import DecoderConfig, MTPLanguageModel, MTPOutput, ParallelContext
 from model.cost import layer_costs
 from model.tail import OutputTail
+from model.tp_regions import check_sequence_parallel_params
 from model.transformer import build_block, build_embedding, build_tail
 from pretrain.distributed import Topology
 
@@ -153,6 +154,8 @@ def build_pipeline(dcfg: DecoderConfig, ctx: ParallelContext, seed: int, topo: T
         stage_parts=_stage_parts(dcfg, seq_len, topo.layout.pp, partition_method),
         activation_checkpoint_interval=0)
     loss.bind(pipe)
+    if ctx.sp_group is not None:
+        check_sequence_parallel_params(pipe)
     return pipe, loss
 
 

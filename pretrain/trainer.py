@@ -133,6 +133,12 @@ class Trainer:
             raise ConfigError(
                 f"the dataset's windows have seq_len {manifest.seq_len} but model.max_seq_len = "
                 f"{m.max_seq_len}; raise model.max_seq_len")
+        tp = self.cfg.parallel.tp
+        if self.cfg.parallel.sequence_parallel and manifest.seq_len % tp:
+            raise ConfigError(
+                f"parallel.sequence_parallel = true splits the sequence over parallel.tp = {tp} "
+                f"ranks, but the dataset's seq_len {manifest.seq_len} is not divisible by {tp}; "
+                "build the data with a divisible --seq-len or turn sequence parallelism off")
         return manifest
 
     def _loader(self, purpose: str):
@@ -143,9 +149,12 @@ class Trainer:
 
     def _print_header(self, n_params: int) -> None:
         lay, cfg = self.layout, self.cfg
+        memory = ["sequence-parallel" if cfg.parallel.sequence_parallel else "",
+                  f"recompute {cfg.model.recompute}" if cfg.model.recompute != "none" else ""]
         self.logger.print(
             f"mtp train: world {lay.world} = TP {lay.tp} × PP {lay.pp} × DP {lay.dp}, ZeRO "
-            f"{cfg.parallel.zero_stage}, grad accumulation {lay.grad_accum}; "
+            f"{cfg.parallel.zero_stage}{''.join(', ' + m for m in memory if m)}, grad "
+            f"accumulation {lay.grad_accum}; "
             f"{n_params / 1e6:.2f}M parameters on rank 0's shard; MTP {cfg.mtp.kind} "
             f"D={cfg.mtp.depth}; {self.tokens_per_step} tokens/step\n"
             f"runtime: {self.policy.describe()}")

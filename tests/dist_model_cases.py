@@ -7,12 +7,18 @@ import torch.distributed as dist
 
 
 def _compare_one(dcfg, tp_ctx, single_ctx, mtp_weight=0.3, step=5):
+    """The TP model (with whatever recomputation and sequence parallelism `dcfg` and `tp_ctx`
+    ask for) against the plain single-process model: no recomputation, whole sequences."""
+    import copy
+
     from model import MTPLanguageModel
     from model.sharding import full_grads, full_state_dict, load_full_state_dict
     from tests.model_fixtures import make_batch, randomize_
 
+    ref_cfg = copy.deepcopy(dcfg)
+    ref_cfg.model.recompute, ref_cfg.model.recompute_num_layers = "none", None
     torch.manual_seed(0)
-    ref = MTPLanguageModel(dcfg, single_ctx)
+    ref = MTPLanguageModel(ref_cfg, single_ctx)
     torch.manual_seed(0)
     tp = MTPLanguageModel(dcfg, tp_ctx)
     # Built from the same seed, the TP model already holds exactly the slices of the TP=1 model.
@@ -48,8 +54,9 @@ def _compare_one(dcfg, tp_ctx, single_ctx, mtp_weight=0.3, step=5):
 
 
 def tensor_parallel_equals_single(rank, world, tp_size, cases):
-    """Every rank: TP groups of `tp_size` consecutive ranks; each case is (kind, depth, overrides,
-    mtp_overrides). Returns the worst gradient difference per case."""
+    """Every rank: TP groups of `tp_size` consecutive ranks; each case is (kind, depth, model
+    overrides, mtp options[, sequence_parallel]). Returns the worst gradient difference per
+    case."""
     from megatron.core import parallel_state
 
     from model import ParallelContext, single_process_context
@@ -57,26 +64,26 @@ def tensor_parallel_equals_single(rank, world, tp_size, cases):
 
     single = single_process_context()
     groups = [dist.new_group(list(range(s, s + tp_size))) for s in range(0, world, tp_size)]
-    tp_ctx = ParallelContext(groups[rank // tp_size])
+    group = groups[rank // tp_size]
     # megatron's own vocab_parallel_cross_entropy (loss_impl 'unfused') reads parallel_state.
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size)
-    assert parallel_state.get_tensor_model_parallel_rank() == tp_ctx.tp_rank
+    assert parallel_state.get_tensor_model_parallel_rank() == group.rank()
 
     worst = {}
-    for kind, depth, overrides, mtp_overrides in cases:
+    for kind, depth, overrides, mtp_options, *sp in cases:
+        tp_ctx = ParallelContext(group, sequence_parallel=bool(sp and sp[0]))
         dcfg = tiny_config(kind, depth, **overrides)
-        for k, v in mtp_overrides.items():
-            setattr(dcfg.mtp, k, v)
+        dcfg.mtp.options.update(mtp_options)
+        dcfg.validate(tp_size)
+        name = f"{kind}{depth}{overrides}{mtp_options}{'sp' if sp and sp[0] else ''}"
         if dcfg.model.loss_impl == "unfused":
             # The reference then also runs megatron's CE at TP=1, which needs parallel_state of
             # size 1: compare against the fused single-process model instead.
             ref_cfg = tiny_config(kind, depth, **{**overrides, "loss_impl": "fused"})
-            for k, v in mtp_overrides.items():
-                setattr(ref_cfg.mtp, k, v)
-            worst[f"{kind}{depth}{overrides}{mtp_overrides}"] = _compare_cross(
-                dcfg, ref_cfg, tp_ctx, single)
+            ref_cfg.mtp.options.update(mtp_options)
+            worst[name] = _compare_cross(dcfg, ref_cfg, tp_ctx, single)
             continue
-        worst[f"{kind}{depth}{overrides}{mtp_overrides}"] = _compare_one(dcfg, tp_ctx, single)
+        worst[name] = _compare_one(dcfg, tp_ctx, single)
     parallel_state.destroy_model_parallel()
     return worst
 

@@ -1,5 +1,8 @@
 """TP=2 and TP=4 (real gloo worlds) equal TP=1 with the same weights: losses, per-depth metrics,
-main logits and every gradient, per objective; also the weights' initialisation itself."""
+main logits and every gradient, per objective; also the weights' initialisation itself. With
+sequence parallelism and with activation recomputation (selective, full, full on some blocks)
+the values and every gradient (the norm gains' included) are those of the plain single-process
+model."""
 
 from __future__ import annotations
 
@@ -25,6 +28,14 @@ ALL_OBJECTIVES = [
     # the Triton loss kernels (interpreted on CPU): split stats + gradient under TP, one fused
     # kernel in the single-process reference
     ("deepseek", 2, {"loss_kernels": "triton"}, {}),
+    # sequence parallelism (last field) and recomputation
+    ("none", 0, {}, {}, True),
+    ("deepseek", 2, {"recompute": "selective"}, {}, True),
+    ("deepseek", 1, {"tie_embeddings": True, "recompute": "full"}, {"detach_trunk": True}, True),
+    ("parallel", 2, {"recompute": "full", "recompute_num_layers": 1}, {}, True),
+    ("blockwise", 2, {"recompute": "selective"}, {"sample_one_loss": True}, True),
+    ("parallel", 2, {"recompute": "selective"}, {}),
+    ("blockwise", 3, {"recompute": "full"}, {"freeze_trunk": True}),
 ]
 
 
@@ -36,7 +47,9 @@ def test_tp2_world2_equals_single_process():
 
 def test_tp4_and_two_tp2_groups_world4_equal_single_process():
     tp4 = [("deepseek", 2, {"num_kv_heads": 4}, {}), ("parallel", 2, {"num_kv_heads": 4}, {}),
-           ("blockwise", 2, {"num_kv_heads": 4}, {})]
+           ("blockwise", 2, {"num_kv_heads": 4}, {}),
+           ("none", 0, {"num_kv_heads": 4}, {}, True),
+           ("deepseek", 2, {"num_kv_heads": 4, "recompute": "selective"}, {}, True)]
     results = run_world(cases.tensor_parallel_equals_single, 4, 4, tp4)
     assert all(len(r) == len(tp4) for r in results)
     results = run_world(cases.tensor_parallel_equals_single, 4, 2,

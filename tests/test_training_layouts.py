@@ -1,7 +1,8 @@
 """Every parallel layout trains like the single-process run, and resumes bit for bit.
 
 For DP2 (ZeRO 1, 2, 3), TP2, PP2 and TP2×PP2 (world 4), and every MTP objective, plus
-TP2×PP2×DP2 (world 8) with DeepSeek MTP:
+TP2×PP2×DP2 (world 8) with DeepSeek MTP — several of them with activation recomputation and
+sequence parallelism on, which must change no value:
 * the first 6 steps' losses (total and per depth), gradient norms, lr and λ equal those of a
   single-process run fed the same global batches (tolerance: fp32 reduction order only);
 * a run resumed from the step-3 checkpoint logs exactly (bitwise) the losses of the
@@ -29,10 +30,15 @@ LAYOUTS = [
     # name, world, dp, sections, kinds
     ("dp2-zero1", 2, 2, {"parallel": {"zero_stage": 1}}, KINDS + ("none",)),
     ("dp2-zero2", 2, 2, {"parallel": {"zero_stage": 2}}, KINDS),
-    ("dp2-zero3", 2, 2, {"parallel": {"zero_stage": 3}}, KINDS),
-    ("tp2", 2, 1, {"parallel": {"tp": 2}}, KINDS),
-    ("pp2", 2, 1, {"parallel": {"pp": 2}}, KINDS),
-    ("tp2-pp2", 4, 1, {"parallel": {"tp": 2, "pp": 2}}, KINDS),
+    ("dp2-zero3-selective", 2, 2,
+     {"parallel": {"zero_stage": 3}, "model": {"recompute": "selective"}}, KINDS),
+    ("tp2-sp-selective", 2, 1,
+     {"parallel": {"tp": 2, "sequence_parallel": True}, "model": {"recompute": "selective"}},
+     KINDS),
+    ("pp2-full", 2, 1, {"parallel": {"pp": 2}, "model": {"recompute": "full"}}, KINDS),
+    ("tp2-pp2-sp-full", 4, 1,
+     {"parallel": {"tp": 2, "pp": 2, "sequence_parallel": True}, "model": {"recompute": "full"}},
+     KINDS),
     # The 3-D layout of the 8-GPU run, on CPU: TP2 × PP2 × DP2 with ZeRO-1.
     ("tp2-pp2-dp2", 8, 2, {"parallel": {"tp": 2, "pp": 2}}, ("deepseek",)),
 ]

@@ -17,9 +17,9 @@ from model.generation.drafters import Drafter, put_rows, rows_at
 from model.init import normal_init
 from model.kv_cache import LayerCache
 from model.mtp.objective import MTPObjective, Option, TailInputs
-from model.norm import RMSNorm
+from model.norm import make_norm
 from model.parallel import ParallelContext
-from model.tp_regions import row_parallel, scatter_to_tp_last_dim
+from model.tp_regions import gather_sequence, row_parallel, scatter_to_tp_last_dim
 
 
 class DeepSeekModule(nn.Module):
@@ -29,16 +29,18 @@ class DeepSeekModule(nn.Module):
         super().__init__()
         cfg = dcfg.model
         d = cfg.hidden_size
-        self.hidden_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
-        self.embed_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
+        self.hidden_norm = make_norm(d, cfg.norm_eps, ctx)
+        self.embed_norm = make_norm(d, cfg.norm_eps, ctx)
         # Row-parallel over the 2d input features [RMSNorm(h); RMSNorm(e)]: each rank multiplies
-        # its slice of the (replicated) input and the partial outputs are all-reduced.
+        # its slice of the input and the partial outputs are summed over TP (all-reduced, or
+        # reduce-scattered back to sequence shards under sequence parallelism).
         self.tp_group = ctx.tp_group
+        self.sp_group = ctx.sp_group
         self.proj = RowParallelLinear(
             2 * d, d, config=ctx.megatron_config(), init_method=normal_init(cfg.init_std),
             bias=False, input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
         self.block = TransformerBlock(cfg, ctx)
-        self.out_norm = RMSNorm(d, cfg.norm_eps, ctx.params_dtype)
+        self.out_norm = make_norm(d, cfg.norm_eps, ctx)
         self._compiled_mix = None  # see compile_training_forward
 
     def compile_training_forward(self) -> list[nn.Module]:
@@ -53,10 +55,18 @@ class DeepSeekModule(nn.Module):
 
     def forward(self, h_prev: torch.Tensor, next_embed: torch.Tensor,
                 cache: LayerCache | None = None) -> torch.Tensor:
-        """h_prev, next_embed [B, T, d] → hᵏ [B, T, d] (before the output norm)."""
+        """h_prev, next_embed [B, T, d] → hᵏ [B, T, d] (before the output norm; [B, T/TP, d]
+        sequence shards under sequence parallelism)."""
         mix = self._compiled_mix if cache is None and self._compiled_mix is not None else self._mix
         x = mix(h_prev, next_embed)  # [B, T, 2d]
-        x = row_parallel(self.proj, scatter_to_tp_last_dim(x, self.tp_group))  # [B,T,2d/TP] → [B,T,d]
+        if self.sp_group is not None:
+            # Gather the sequence, keep this rank's input features; the backward's zero-filled
+            # feature gradients are summed over ranks by the gather's reduce-scatter.
+            x = gather_sequence(x, self.sp_group)  # [B, T, 2d]
+            x = x.chunk(self.tp_group.size(), dim=-1)[self.tp_group.rank()]  # [B, T, 2d/TP]
+            x = row_parallel(self.proj, x, sequence_parallel=True)  # [B, T/TP, d]
+        else:
+            x = row_parallel(self.proj, scatter_to_tp_last_dim(x, self.tp_group))  # [B, T, d]
         return self.block(x, cache)
 
 
