@@ -147,6 +147,12 @@ class TrainConfig:
     """Seeds weight init (per layer) and the data order."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """'auto': bf16 on GPUs, fp32 on CPU."""
+    grad_accum_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """With bf16: the dtype gradients are accumulated in across micro-batches (and reduced in):
+    'fp32' keeps every micro-batch's contribution exactly (DeepSpeed data_types.grad_accum_dtype;
+    with ZeRO-1 it switches to DeepSpeed's BF16 optimizer) at 2 more bytes per parameter for the
+    gradients; 'auto' is 'bf16' (see benchmarks/RESULTS.md for the A/B). With fp32 precision
+    everything is fp32."""
     init_from: str | None = None
     """Start the main model (embedding, blocks, final norm; not the MTP tail) from this export
     or checkpoint/run directory instead of a random init, e.g. to train blockwise heads on a

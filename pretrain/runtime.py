@@ -22,6 +22,8 @@ class RuntimePolicy:
     """The collective backend: 'gloo' on CPU, the accelerator's (NCCL) on GPUs."""
     precision: str
     """'bf16' or 'fp32' (train.precision)."""
+    grad_accum_dtype: str
+    """'bf16' or 'fp32': gradients accumulated across micro-batches (train.grad_accum_dtype)."""
     compile: bool
     """torch.compile the hot path (train.compile)."""
     loss_kernels: str
@@ -46,8 +48,9 @@ class RuntimePolicy:
         switches = ("compile", "fused_adam", "pin_memory", "overlap_comm", "device_graphs")
         on = [name for name in switches if getattr(self, name)]
         off = [name for name in switches if not getattr(self, name)]
-        return (f"{self.precision} on {self.device} ({self.backend}), loss kernels "
-                f"{self.loss_kernels}; on: {', '.join(on) or '-'}; off: {', '.join(off) or '-'}")
+        return (f"{self.precision} on {self.device} ({self.backend}), gradients accumulated in "
+                f"{self.grad_accum_dtype}, loss kernels {self.loss_kernels}; on: "
+                f"{', '.join(on) or '-'}; off: {', '.join(off) or '-'}")
 
 
 def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
@@ -72,8 +75,11 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
     # host time (110m on one GPU: off is 1.5-2 % faster and peaks 0.8 GiB higher).
     overlap = p.overlap_comm is True or (p.overlap_comm == "auto" and on_gpu and layout.dp > 1)
 
+    # bf16 accumulation until an A/B says otherwise: fp32 gradients cost 2 bytes a parameter,
+    # which at the 8B shape is what decides whether a layout fits an 80 GB card.
+    accum = "fp32" if not bf16 or t.grad_accum_dtype == "fp32" else "bf16"
     return RuntimePolicy(
         device=accelerator.device_name(), backend=accelerator.communication_backend(),
-        precision="bf16" if bf16 else "fp32", compile=compiled, loss_kernels=kernels, fused_adam=on_gpu, pin_memory=on_gpu,
+        precision="bf16" if bf16 else "fp32", grad_accum_dtype=accum, compile=compiled, loss_kernels=kernels, fused_adam=on_gpu, pin_memory=on_gpu,
         overlap_comm=overlap,
         device_graphs=accelerator.graphs_supported() and layout.tp == 1)
