@@ -42,6 +42,18 @@ def peak_memory_bytes() -> int | None:
     return int(get_accelerator().max_memory_allocated())
 
 
+def device_memory_bytes() -> int | None:
+    """Total memory of the current device; None on the CPU (no device memory to plan for)."""
+    if is_cpu():
+        return None
+    return int(get_accelerator().total_memory(current_device().index))
+
+
+def device_count() -> int:
+    """Devices visible to this process (0 on the CPU)."""
+    return 0 if is_cpu() else int(get_accelerator().device_count())
+
+
 def synchronize() -> None:
     if not is_cpu():
         get_accelerator().synchronize()

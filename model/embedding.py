@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import (
     VocabParallelEmbedding,
+    reduce_from_tensor_model_parallel_region,
 )
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from torch import nn
@@ -73,9 +74,7 @@ class SharedEmbedding(nn.Module):
         around forward and, through hooks on the returned tensors, around backward).
         """
         if input_ids is not None:
-            if self.sp_group is not None:
-                return self._embed_sequence_shard(input_ids)
-            return self.word_embeddings(input_ids)
+            return self._embed(input_ids)
         assert hidden is not None and targets is not None and row_weights is not None
         if self.loss_impl == "fused":
             res = fused_head_cross_entropy(
@@ -87,16 +86,22 @@ class SharedEmbedding(nn.Module):
                 rows_gathered)
         return res.total, res.row_loss, res.row_correct
 
-    def _embed_sequence_shard(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, T] → this rank's [B, T/TP, d]: the lookup in this rank's vocabulary
-        rows (zero for the others' tokens), then the sum over ranks scattered by sequence —
-        megatron's VocabParallelEmbedding with a reduce-scatter over our [B, T, d] layout."""
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] → [B, T, d] (this rank's [B, T/TP, d] under sequence parallelism).
+        What megatron's VocabParallelEmbedding computes — the lookup in this rank's vocabulary
+        rows, zero for the other ranks' tokens, summed over TP — with the sum reduce-scattered
+        over our [B, T, d] layout under sequence parallelism, and without its forward's
+        process-group lookups (so that the layer also runs on the meta device)."""
         weight = self.word_embeddings.weight  # [V/TP, d]
+        if self.tp_group.size() == 1:
+            return F.embedding(input_ids, weight)
         local = input_ids - self.vocab_start
         elsewhere = (local < 0) | (local >= weight.shape[0])
         emb = F.embedding(local.masked_fill(elsewhere, 0), weight)  # [B, T, d]
         emb = emb.masked_fill(elsewhere.unsqueeze(-1), 0.0)
-        return reduce_scatter_sequence(emb, self.sp_group)
+        if self.sp_group is not None:
+            return reduce_scatter_sequence(emb, self.sp_group)
+        return reduce_from_tensor_model_parallel_region(emb, group=self.tp_group)
 
     def head_loss(
         self, hidden: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor,

@@ -204,8 +204,8 @@ def column_parallel(layer: ColumnParallelLinear, x: torch.Tensor,
     """x [B, T, in] replicated over TP (or, with `sequence_parallel`, this rank's [B, T/TP, in])
     → [B, T, out/TP]. The backward all-reduces dx over TP (reduce-scatters it, with SP)."""
     assert layer.bias is None and not layer.gather_output and not layer.sequence_parallel
-    group = layer.tp_group
-    if group.size() == 1:
+    group = layer.tp_group  # None when built without torch.distributed (meta device): TP 1
+    if group is None or group.size() == 1:
         return F.linear(x, layer.weight)
     if sequence_parallel:
         return _GatherLinear.apply(x, layer.weight, group)
@@ -219,7 +219,7 @@ def row_parallel(layer: RowParallelLinear, x: torch.Tensor,
     assert layer.bias is None and layer.input_is_parallel and not layer.sequence_parallel
     y = F.linear(x, layer.weight)
     group = layer.tp_group
-    if group.size() == 1:
+    if group is None or group.size() == 1:
         return y
     if sequence_parallel:
         return reduce_scatter_sequence(y, group)

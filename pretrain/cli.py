@@ -9,7 +9,7 @@ import sys
 from pretrain import exit_codes
 
 # Subcommand modules under pretrain.commands, in the order `--help` lists them.
-COMMANDS = ("prepare", "train", "export", "generate", "eval")
+COMMANDS = ("prepare", "train", "plan", "export", "generate", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,7 +103,7 @@ class TailLoss:
         return out.loss
 
 
-def _stage_parts(dcfg: DecoderConfig, seq_len: int, num_stages: int, method: str) -> list[int]:
+def stage_parts(dcfg: DecoderConfig, seq_len: int, num_stages: int, method: str) -> list[int]:
     """Layer boundaries of the stages. Units are [embedding, each block, tail + tied copy]; the
     embedding always starts stage 0 and the tail group always ends the last stage. 'compute'
     balances forward FLOPs (model/cost.py: the tail runs the head once per depth), 'parameters'
@@ -151,7 +151,7 @@ def build_pipeline(dcfg: DecoderConfig, ctx: ParallelContext, seed: int, topo: T
     loss = TailLoss()
     pipe = MTPPipelineModule(
         layers=specs, loss_fn=loss, topology=topo.ds_topology,
-        stage_parts=_stage_parts(dcfg, seq_len, topo.layout.pp, partition_method),
+        stage_parts=stage_parts(dcfg, seq_len, topo.layout.pp, partition_method),
         activation_checkpoint_interval=0)
     loss.bind(pipe)
     if ctx.sp_group is not None:

@@ -25,6 +25,7 @@ from pretrain.data_loading import make_loader
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.distributed import build_topology, detect_launch_env, init_distributed
 from pretrain.engine import build_engine
+from pretrain.memory_plan import GIB, plan_memory
 from pretrain.metrics import MetricsLogger, format_line, peak_flops
 from pretrain.preemption import PreemptionFlag
 from pretrain.runtime import resolve_runtime
@@ -104,6 +105,7 @@ class Trainer:
         self.preempt = preempt if preempt is not None else PreemptionFlag().install()
         self._maybe_resume()  # an incompatible checkpoint is refused before any work
         self._print_header(sum(p.numel() for p in self.engine.module.parameters()))
+        self._check_memory_plan()
 
     @property
     def step(self) -> int:
@@ -158,6 +160,23 @@ class Trainer:
             f"{n_params / 1e6:.2f}M parameters on rank 0's shard; MTP {cfg.mtp.kind} "
             f"D={cfg.mtp.depth}; {self.tokens_per_step} tokens/step\n"
             f"runtime: {self.policy.describe()}")
+
+    def _check_memory_plan(self) -> None:
+        """On a GPU: the planned peak per GPU (pretrain/memory_plan.py), and a warning before
+        the first step when it exceeds the card."""
+        capacity = accelerator.device_memory_bytes()
+        if capacity is None:
+            return
+        plan = plan_memory(self.cfg, self.layout, self.seq_len, self.policy.bf16,
+                           self.policy.compile, capacity, self.policy.loss_kernels)
+        self.logger.print(f"memory plan: {plan.total / GIB:.1f} GiB per GPU of "
+                          f"{capacity / GIB:.1f} GiB (`mtp plan` shows the parts)")
+        if not plan.fits:
+            self.logger.print(
+                f"WARNING: the memory plan ({plan.total / GIB:.1f} GiB per GPU) exceeds this "
+                f"card's {capacity / GIB:.1f} GiB: expect an out-of-memory error. Options: "
+                "model.recompute=selective or full, parallel.sequence_parallel=true (TP > 1), "
+                "a smaller train.micro_batch_size, more TP/PP, or ZeRO 2/3 over more GPUs")
 
     def _write_run_files(self) -> None:
         if self.rank != 0:

@@ -168,7 +168,8 @@ def behaviours(rank, world, data, tmp):
 
 
 def shipped_configs(rank, world, data, tmp, names):
-    """World 1: each shipped config, shrunk to a tiny shape, trains two steps and checkpoints."""
+    """World 1: each shipped config, shrunk to a tiny shape on one process (its parallel layout
+    is checked by the memory-plan test at its real size), trains two steps and checkpoints."""
     from pretrain import checkpoint as ckpt
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
@@ -183,8 +184,8 @@ def shipped_configs(rank, world, data, tmp, names):
             "model.num_kv_heads=2", "model.ffn_hidden_size=64", f"model.max_seq_len={SEQ}",
             "train.steps=2", "train.micro_batch_size=2", "train.global_batch_size=4",
             "train.precision=fp32", "train.log_interval=1", "train.eval_interval=2",
-            "train.eval_batches=2", "data.num_workers=0", "mtp.depth=2" if name != "none" else "",
-            "checkpoint.interval=0"])
+            "train.eval_batches=2", "data.num_workers=0", "mtp.depth=2", "checkpoint.interval=0",
+            "parallel.tp=1", "parallel.pp=1", "parallel.sequence_parallel=false"])
         result = Trainer(cfg).train()
         out[name] = {"steps": [m["step"] for m in result.losses],
                      "ckpts": [r.step for r in ckpt.complete_checkpoints(run_dir / "checkpoints")],

@@ -29,7 +29,7 @@ def test_every_shipped_config_parses():
         assert cfg.train.steps > 0
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "export", "generate", "eval"])
+@pytest.mark.parametrize("command", ["prepare", "train", "plan", "export", "generate", "eval"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -63,7 +63,9 @@ class DeepSeekModule(nn.Module):
             # Gather the sequence, keep this rank's input features; the backward's zero-filled
             # feature gradients are summed over ranks by the gather's reduce-scatter.
             x = gather_sequence(x, self.sp_group)  # [B, T, 2d]
-            x = x.chunk(self.tp_group.size(), dim=-1)[self.tp_group.rank()]  # [B, T, 2d/TP]
+            # contiguous: the projection saves its input, and a view would keep the whole
+            # gathered [B, T, 2d] alive until the backward.
+            x = x.chunk(self.tp_group.size(), dim=-1)[self.tp_group.rank()].contiguous()
             x = row_parallel(self.proj, x, sequence_parallel=True)  # [B, T/TP, d]
         else:
             x = row_parallel(self.proj, scatter_to_tp_last_dim(x, self.tp_group))  # [B, T, d]
