@@ -69,3 +69,12 @@ def _labels_torch(windows: torch.Tensor, t: int, depth: int, eos_id: int, mask_c
     cv = c.unfold(1, t, 1)  # [B, D+2, T]
     crossed = cv[:, : depth + 1] - cv[:, :1]  # [B, D+1, T]
     return input_ids, labels, (crossed == 0).to(torch.float32)
+
+
+def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """input_ids [B, T] of packed windows → the document of each position [B, T] (int32): the
+    number of EOS tokens before it. An EOS belongs to the document it ends, like the labels'
+    cross-document rule above; attention restricted to equal ids keeps packed documents from
+    seeing each other."""
+    ends = (input_ids == eos_id).to(torch.int32)
+    return ends.cumsum(dim=1, dtype=torch.int32) - ends

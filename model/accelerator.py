@@ -90,6 +90,12 @@ def triton_supported() -> bool:
     return not is_cpu() and importlib.util.find_spec("triton") is not None
 
 
+def flex_attention_supported() -> bool:
+    """Whether document masks run as FlexAttention block masks here (GPUs; torch's
+    FlexAttention has no backward on the CPU, where a dense SDPA mask is used instead)."""
+    return not is_cpu()
+
+
 def graphs_supported() -> bool:
     """Whether `graph_replayer` captures device graphs here (not on the CPU)."""
     return not is_cpu()

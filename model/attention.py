@@ -7,6 +7,8 @@ split over TP ranks hands each rank whole groups. The output projection is a Row
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -19,6 +21,47 @@ from model.parallel import ParallelContext
 from model.recompute import recompute
 from model.rotary import RotaryEmbedding
 from model.tp_regions import column_parallel, row_parallel
+
+
+@dataclass
+class DocumentMask:
+    """Causal attention restricted to each position's own document of a packed window: query i
+    sees key j iff j ≤ i and doc_ids[j] == doc_ids[i]. RoPE is relative, so positions need not
+    restart per document: a document attends within itself exactly as it would alone."""
+
+    doc_ids: torch.Tensor
+    """[B, T] int32, the document of each position (data_pipeline.document_ids)."""
+    dense: torch.Tensor | None = None
+    """[B, 1, T, T] bool SDPA mask (CPU)."""
+    blocks: object | None = None
+    """FlexAttention BlockMask (GPUs): only the tiles a document touches are computed."""
+
+
+def document_mask(doc_ids: torch.Tensor, flex: bool) -> DocumentMask:
+    """The mask for doc_ids [B, T], as a FlexAttention block mask (`flex`) or a dense one."""
+    b, t = doc_ids.shape
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document(batch, head, q, k):
+            return (k <= q) & (doc_ids[batch, q] == doc_ids[batch, k])
+
+        blocks = create_block_mask(same_document, b, None, t, t, device=doc_ids.device)
+        return DocumentMask(doc_ids, blocks=blocks)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()  # [T, T]
+    dense = causal & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, T, T]
+    return DocumentMask(doc_ids, dense=dense[:, None])
+
+
+def _attend(q, k, v, mask: DocumentMask | None, gqa: bool) -> torch.Tensor:
+    """q [B, Hq, T, hd], k, v [B, Hkv, T, hd] → [B, Hq, T, hd], causal (within documents)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if mask.blocks is not None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask.blocks, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -45,19 +88,21 @@ class Attention(nn.Module):
             input_is_parallel=True, skip_bias_add=True, tp_group=ctx.tp_group)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                mask: DocumentMask | None = None) -> torch.Tensor:
         """x [B, T, d] ([B, T/TP, d] under sequence parallelism). Without a cache: causal
-        attention over positions 0..T-1. With one (generation, never sequence-parallel): the
-        tokens sit at `cache.positions` and attend to everything cached up to their position."""
+        attention over positions 0..T-1 (within documents, with `mask`). With one (generation,
+        never sequence-parallel): the tokens sit at `cache.positions` and attend to everything
+        cached up to their position."""
         sp = self.sequence_parallel
         assert cache is None or not sp, "decoding runs without sequence parallelism"
         qkv = column_parallel(self.qkv, x, sp)  # [B, T, groups·(q_per_group+2)·hd]
         if cache is not None:
             out = self._cached_core(qkv, cache)
         elif self.recompute_core and torch.is_grad_enabled():
-            out = recompute(self._core, qkv)
+            out = recompute(self._core, qkv, mask)
         else:
-            out = self._core(qkv)
+            out = self._core(qkv, mask)
         return row_parallel(self.proj, out, sp)
 
     def _split_heads(self, qkv: torch.Tensor):
@@ -68,12 +113,11 @@ class Attention(nn.Module):
         v = qkv[:, :, :, self.q_per_group + 1]
         return (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
 
-    def _core(self, qkv: torch.Tensor) -> torch.Tensor:
+    def _core(self, qkv: torch.Tensor, mask: DocumentMask | None = None) -> torch.Tensor:
         """The attention core between the projections: [B, T, qkv/TP] → [B, T, Hq·hd/TP]."""
         q, k, v = self._split_heads(qkv)
         q, k = self.rotary(q, k)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)  # [B, Hq, T, hd]
+        out = _attend(q, k, v, mask, self.q_per_group > 1)  # [B, Hq, T, hd]
         return out.transpose(1, 2).flatten(2)  # [B, T, Hq·hd]
 
     def _cached_core(self, qkv: torch.Tensor, cache: LayerCache) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention import Attention
+from model.attention import Attention, DocumentMask
 from model.config import ModelConfig
 from model.init import scaled_output_init
 from model.kv_cache import LayerCache
@@ -42,19 +42,22 @@ class TransformerBlock(nn.Module):
         self._compiled_forward = torch.compile(self._training_forward)
         return list(self.modules())
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        """x [B, T, d] ([B, T/TP, d] under sequence parallelism) → the same shape."""
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                mask: DocumentMask | None = None) -> torch.Tensor:
+        """x [B, T, d] ([B, T/TP, d] under sequence parallelism) → the same shape. `mask`:
+        attention within documents (training on packed windows)."""
         if cache is not None:
             return self._forward(x, cache)
         if self._compiled_forward is not None:
-            return self._compiled_forward(x)
-        return self._training_forward(x)
+            return self._compiled_forward(x, mask)
+        return self._training_forward(x, mask)
 
-    def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _training_forward(self, x: torch.Tensor, mask: DocumentMask | None = None):
         if self.recompute_whole and torch.is_grad_enabled():
-            return recompute(self._forward, x)
-        return self._forward(x)
+            return recompute(self._forward, x, None, mask)
+        return self._forward(x, None, mask)
 
-    def _forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache)
+    def _forward(self, x: torch.Tensor, cache: LayerCache | None = None,
+                 mask: DocumentMask | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, mask)
         return x + self.mlp(self.mlp_norm(x))

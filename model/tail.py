@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.attention import DocumentMask
 from model.config import DecoderConfig
 from model.embedding import SharedEmbedding
 from model.mtp.objective import NO_MTP, MTPObjective, TailInputs, objective_class
@@ -59,6 +60,7 @@ class OutputTail(nn.Module):
         shared: SharedEmbedding,
         mtp_weight: float,
         step: int = 0,
+        attn_mask: DocumentMask | None = None,
     ) -> MTPOutput:
         """trunk [B, T, d]: the last block's output (before the final norm; [B, T/TP, d], this
         rank's sequence shard, under sequence parallelism);
@@ -87,7 +89,7 @@ class OutputTail(nn.Module):
         depth_states = [(0, main)]
         if self.objective is not None:
             depth_states += self.objective.depth_hiddens(
-                TailInputs(trunk, main, labels, shared, self.final_norm, step))
+                TailInputs(trunk, main, labels, shared, self.final_norm, step, attn_mask))
         depths = [j for j, _ in depth_states]
         n_extra = len(depths) - 1
 

@@ -13,6 +13,8 @@ import contextlib
 import torch
 from torch import nn
 
+from model import accelerator
+from model.attention import DocumentMask, document_mask
 from model.block import TransformerBlock
 from model.config import DecoderConfig
 from model.embedding import SharedEmbedding
@@ -74,11 +76,11 @@ class MTPLanguageModel(nn.Module):
         """The ordered layers: [embedding, block_0 … block_{L-1}, tail]."""
         return [self.embedding, *self.blocks, self.tail]
 
-    def trunk(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def trunk(self, input_ids: torch.Tensor, mask: DocumentMask | None = None) -> torch.Tensor:
         """input_ids [B, T] → last block's output [B, T, d] (before the final norm)."""
         h = self.embedding(input_ids)
         for block in self.blocks:
-            h = block(h)
+            h = block(h, None, mask)
         return h
 
     def forward(
@@ -88,10 +90,16 @@ class MTPLanguageModel(nn.Module):
         loss_mask: torch.Tensor | None = None,
         mtp_weight: float = 0.0,
         step: int = 0,
+        doc_ids: torch.Tensor | None = None,
     ) -> MTPOutput:
         """input_ids [B, T], labels [B, D+1, T], loss_mask [B, D+1, T]; `mtp_weight` is λ for this
-        step; `step` seeds the per-step choices of the objective (blockwise sampling)."""
-        return self.tail(self.trunk(input_ids), labels, loss_mask, self.embedding, mtp_weight, step)
+        step; `step` seeds the per-step choices of the objective (blockwise sampling);
+        `doc_ids` [B, T] (data_pipeline.document_ids): attention stays within documents."""
+        mask = None
+        if doc_ids is not None:
+            mask = document_mask(doc_ids, accelerator.flex_attention_supported())
+        return self.tail(self.trunk(input_ids, mask), labels, loss_mask, self.embedding,
+                         mtp_weight, step, mask)
 
     @torch.no_grad()
     def main_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

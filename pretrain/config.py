@@ -89,8 +89,12 @@ class DataConfig:
     """Dataset directory written by `mtp prepare` (holds manifest.json)."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 reads in the training process)."""
-    mask_cross_document: bool = True
-    """Do not train MTP depths on targets that lie in a later document than the input token."""
+    mask_cross_document: bool | Literal["attention"] = True
+    """true: do not train MTP depths on targets that lie in a later document than the input
+    token (labels only; attention still spans the packed window). 'attention': that, and every
+    token attends only within its own document of the packed window (the trunk's and the MTP
+    modules' blocks; FlexAttention block masks on GPUs, a dense SDPA mask on the CPU). false:
+    neither."""
     skip_corrupt: bool = False
     """Skip (and count) corrupt shards instead of stopping with an error that names them."""
     verify_checksums: bool = True

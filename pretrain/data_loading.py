@@ -23,10 +23,10 @@ def make_loader(data: DataConfig, purpose: Purpose, *, dp_rank: int, dp_size: in
     if purpose == "train":
         return ShardLoader(
             data.path, split or "train", num_workers=data.num_workers, depth=depth,
-            mask_cross_document=data.mask_cross_document, skip_corrupt=data.skip_corrupt,
+            mask_cross_document=bool(data.mask_cross_document), skip_corrupt=data.skip_corrupt,
             verify_checksums=data.verify_checksums, pin_memory=pin_memory, **common)
     return ShardLoader(
         data.path, split or "val", num_workers=0, infinite=False, pin_memory=pin_memory,
         depth=depth if purpose == "validation" else 0,
-        mask_cross_document=data.mask_cross_document and purpose == "validation",
+        mask_cross_document=bool(data.mask_cross_document) and purpose == "validation",
         skip_corrupt=data.skip_corrupt, **common)

@@ -79,7 +79,8 @@ def _init_main_model(module: nn.Module, ctx: ParallelContext, path: str) -> str:
 
 
 def build_engine(cfg: RunConfig, layout: Layout, topo: Topology, policy: RuntimePolicy,
-                 device: torch.device, seq_len: int) -> TrainingEngine:
+                 device: torch.device, seq_len: int, eos_id: int | None = None) -> TrainingEngine:
+    """`eos_id`: the dataset's end-of-document token, for document-masked attention."""
     dcfg = cfg.decoder
     ctx = ParallelContext(topo.tp_group, params_dtype=torch.float32,
                           sequence_parallel=cfg.parallel.sequence_parallel)
@@ -100,6 +101,7 @@ def build_engine(cfg: RunConfig, layout: Layout, topo: Topology, policy: Runtime
                                   betas=(o.beta1, o.beta2), eps=o.eps, fused=policy.fused_adam)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            config=deepspeed_config(cfg, layout, policy), mpu=mpu)
-    runner = (WholeModelRunner(engine, device, layout.grad_accum) if loss_fn is None
-              else PipelineRunner(engine, device, layout.grad_accum, loss_fn))
+    eos = eos_id if cfg.data.mask_cross_document == "attention" else None
+    runner = (WholeModelRunner(engine, device, layout.grad_accum, eos) if loss_fn is None
+              else PipelineRunner(engine, device, layout.grad_accum, loss_fn, eos))
     return TrainingEngine(engine, runner, source, use_fused_overflow_check(engine.optimizer))

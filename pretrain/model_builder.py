@@ -10,11 +10,13 @@ which the pipeline engine hands to `loss_fn` alone, so `TailLoss` runs the tail 
 
 from __future__ import annotations
 
+import torch
 from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
-from model import DecoderConfig, MTPLanguageModel, MTPOutput, ParallelContext
+from model import DecoderConfig, MTPLanguageModel, MTPOutput, ParallelContext, accelerator
+from model.attention import DocumentMask, document_mask
 from model.cost import layer_costs
 from model.tail import OutputTail
 from model.tp_regions import check_sequence_parallel_params
@@ -37,25 +39,55 @@ def _touch(x, weight):
     return x
 
 
+class StageMasks:
+    """The document mask of the micro-batch a stage is running, built once for all its layers.
+
+    With document-masked attention the stages pass (hidden, doc_ids) along (DeepSpeed sends
+    integer tensors forward and expects no gradient for them); every layer of a stage sees the
+    same doc_ids tensor, so the mask is rebuilt only when that tensor changes."""
+
+    def __init__(self):
+        self._doc_ids: torch.Tensor | None = None
+        self._mask: DocumentMask | None = None
+
+    def get(self, doc_ids: torch.Tensor) -> DocumentMask:
+        if doc_ids is not self._doc_ids:
+            self._doc_ids = doc_ids
+            self._mask = document_mask(doc_ids, accelerator.flex_attention_supported())
+        assert self._mask is not None
+        return self._mask
+
+
+def _split(x):
+    """A stage's input: the hidden states, or (hidden states, doc_ids) with document masks."""
+    return x if isinstance(x, tuple) else (x, None)
+
+
 class PipelineEmbedding(nn.Module):
     def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext, seed: int):
         super().__init__()
         self.embedding = build_embedding(dcfg, ctx, seed)
 
-    def forward(self, input_ids):
+    def forward(self, inputs):
+        input_ids, doc_ids = _split(inputs)
         h = self.embedding(input_ids)
         if self.embedding.head_weight is not None:  # used on the last stage only
             h = _touch(h, self.embedding.head_weight)
-        return h
+        return h if doc_ids is None else (h, doc_ids)
 
 
 class PipelineBlock(nn.Module):
-    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext, index: int, seed: int):
+    def __init__(self, dcfg: DecoderConfig, ctx: ParallelContext, index: int, seed: int,
+                 masks: StageMasks):
         super().__init__()
         self.block = build_block(dcfg, ctx, index, seed)
+        self.masks = masks
 
-    def forward(self, hidden):
-        return self.block(hidden)
+    def forward(self, inputs):
+        hidden, doc_ids = _split(inputs)
+        if doc_ids is None:
+            return self.block(hidden)
+        return self.block(hidden, None, self.masks.get(doc_ids)), doc_ids
 
 
 class PipelineTail(nn.Module):
@@ -78,9 +110,10 @@ class TailLoss:
     step and collects `outputs` (one `MTPOutput` per micro-batch) after it.
     """
 
-    def __init__(self):
+    def __init__(self, masks: StageMasks):
         self.tail: OutputTail | None = None
         self.shared = None
+        self.masks = masks
         self.mtp_weight = 0.0
         self.step = 0
         self.outputs: list[MTPOutput] = []
@@ -91,10 +124,12 @@ class TailLoss:
             self.tail = tails[0].tail
             self.shared = pipe.tied_modules["embed"].embedding
 
-    def __call__(self, hidden, targets):
+    def __call__(self, inputs, targets):
         assert self.tail is not None, "loss_fn called on a stage without the tail"
+        hidden, doc_ids = _split(inputs)
         labels, loss_mask = targets
-        out = self.tail(hidden, labels, loss_mask, self.shared, self.mtp_weight, self.step)
+        mask = None if doc_ids is None else self.masks.get(doc_ids)
+        out = self.tail(hidden, labels, loss_mask, self.shared, self.mtp_weight, self.step, mask)
         self.outputs.append(out)
         objective = self.tail.objective
         if objective is None or not objective.reads_future_tokens:
@@ -144,11 +179,13 @@ def build_pipeline(dcfg: DecoderConfig, ctx: ParallelContext, seed: int, topo: T
     tied = ["embedding.word_embeddings.weight"] + (
         [] if dcfg.model.tie_embeddings else ["embedding.head_weight"])
     specs = [TiedLayerSpec("embed", PipelineEmbedding, dcfg, ctx, seed, tied_weight_attr=tied)]
-    specs += [LayerSpec(PipelineBlock, dcfg, ctx, i, seed) for i in range(dcfg.model.num_layers)]
+    masks = StageMasks()
+    specs += [LayerSpec(PipelineBlock, dcfg, ctx, i, seed, masks)
+              for i in range(dcfg.model.num_layers)]
     specs += [LayerSpec(PipelineTail, dcfg, ctx, seed),
               TiedLayerSpec("embed", PipelineEmbedding, dcfg, ctx, seed, forward_fn=_pass_through,
                             tied_weight_attr=tied)]
-    loss = TailLoss()
+    loss = TailLoss(masks)
     pipe = MTPPipelineModule(
         layers=specs, loss_fn=loss, topology=topo.ds_topology,
         stage_parts=stage_parts(dcfg, seq_len, topo.layout.pp, partition_method),

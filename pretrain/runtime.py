@@ -36,6 +36,9 @@ class RuntimePolicy:
     """DeepSpeed's gradient reduction overlapped with the backward pass (parallel.overlap_comm)."""
     device_graphs: bool
     """Decoding during training (acceptance evaluation) replays captured device graphs."""
+    document_attention: str = "off"
+    """data.mask_cross_document = attention: 'flex' (FlexAttention block masks) or 'dense'
+    (an SDPA mask); 'off' otherwise."""
 
     @property
     def bf16(self) -> bool:
@@ -48,8 +51,10 @@ class RuntimePolicy:
         switches = ("compile", "fused_adam", "pin_memory", "overlap_comm", "device_graphs")
         on = [name for name in switches if getattr(self, name)]
         off = [name for name in switches if not getattr(self, name)]
+        docs = ("" if self.document_attention == "off"
+                else f", attention within documents ({self.document_attention})")
         return (f"{self.precision} on {self.device} ({self.backend}), gradients accumulated in "
-                f"{self.grad_accum_dtype}, loss kernels {self.loss_kernels}; on: "
+                f"{self.grad_accum_dtype}, loss kernels {self.loss_kernels}{docs}; on: "
                 f"{', '.join(on) or '-'}; off: {', '.join(off) or '-'}")
 
 
@@ -82,4 +87,6 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
         device=accelerator.device_name(), backend=accelerator.communication_backend(),
         precision="bf16" if bf16 else "fp32", grad_accum_dtype=accum, compile=compiled, loss_kernels=kernels, fused_adam=on_gpu, pin_memory=on_gpu,
         overlap_comm=overlap,
-        device_graphs=accelerator.graphs_supported() and layout.tp == 1)
+        device_graphs=accelerator.graphs_supported() and layout.tp == 1,
+        document_attention=("off" if cfg.data.mask_cross_document != "attention" else
+                            "flex" if accelerator.flex_attention_supported() else "dense"))

@@ -15,18 +15,26 @@ from collections.abc import Iterator
 
 import torch
 
+from data_pipeline import document_ids
 from model import MTPOutput
 from pretrain.model_builder import TailLoss
 
 
 class StepRunner:
-    def __init__(self, engine, device: torch.device, grad_accum: int):
+    def __init__(self, engine, device: torch.device, grad_accum: int,
+                 document_eos: int | None = None):
+        """`document_eos`: with document-masked attention, the EOS id that ends documents
+        (each batch then carries `doc_ids`, the document of every position)."""
         self.engine = engine
         self.device = device
         self.grad_accum = grad_accum
+        self.document_eos = document_eos
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.document_eos is not None:
+            b["doc_ids"] = document_ids(b["input_ids"], self.document_eos)  # [B, T]
+        return b
 
     def train_step(self, batches: Iterator[dict] | None, mtp_weight: float,
                    step: int) -> list[MTPOutput]:
@@ -46,7 +54,7 @@ class WholeModelRunner(StepRunner):
         for _ in range(self.grad_accum):
             b = self.to_device(next(batches))
             out = self.engine(b["input_ids"], b["labels"], b["loss_mask"],
-                              mtp_weight=mtp_weight, step=step)
+                              mtp_weight=mtp_weight, step=step, doc_ids=b.get("doc_ids"))
             self.engine.backward(out.loss)
             self.engine.step()
             outputs.append(out)
@@ -57,20 +65,24 @@ class WholeModelRunner(StepRunner):
         for _, batch in zip(range(micro_batches), batches):
             b = self.to_device(batch)
             outputs.append(self.engine(b["input_ids"], b["labels"], b["loss_mask"],
-                                       mtp_weight=mtp_weight, step=step))
+                                       mtp_weight=mtp_weight, step=step,
+                                       doc_ids=b.get("doc_ids")))
         return outputs
 
 
 class PipelineRunner(StepRunner):
-    def __init__(self, engine, device, grad_accum, loss_fn: TailLoss):
-        super().__init__(engine, device, grad_accum)
+    def __init__(self, engine, device, grad_accum, loss_fn: TailLoss,
+                 document_eos: int | None = None):
+        super().__init__(engine, device, grad_accum, document_eos)
         self.loss_fn = loss_fn
 
     def _pipe_batches(self, batches):
-        # The pipeline engine reads input_ids on the first stage and (labels, mask) on the last.
+        # The pipeline engine reads the inputs on the first stage and (labels, mask) on the
+        # last; with document masks the stages pass the documents along with the activations.
         for batch in batches:
             b = self.to_device(batch)
-            yield b["input_ids"], (b["labels"], b["loss_mask"])
+            inputs = b["input_ids"] if "doc_ids" not in b else (b["input_ids"], b["doc_ids"])
+            yield inputs, (b["labels"], b["loss_mask"])
 
     def _run(self, mtp_weight: float, step: int, call) -> list[MTPOutput]:
         self.loss_fn.mtp_weight, self.loss_fn.step = mtp_weight, step

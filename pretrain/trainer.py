@@ -83,7 +83,8 @@ class Trainer:
         self.seq_len = self.manifest.seq_len
         self.tokens_per_step = cfg.train.global_batch_size * self.seq_len
 
-        built = build_engine(cfg, self.layout, self.topo, self.policy, self.device, self.seq_len)
+        built = build_engine(cfg, self.layout, self.topo, self.policy, self.device, self.seq_len,
+                             self.manifest.eos_id)
         self.engine, self.runner = built.engine, built.runner
         self.fused_overflow_check = built.fused_overflow_check
         if built.init_source:

@@ -20,26 +20,31 @@ def _curve(result) -> list[dict]:
 LAYOUT_OPTIM = {"eps": 1e-6}
 
 
-def reference_runs(rank, world, data, tmp, kinds, dp_sizes):
+def reference_runs(rank, world, data, tmp, kinds, dp_sizes, attention_kinds=()):
     """World 1: for each kind and data-parallel size, the single-process run fed the same global
-    batches as that many DP ranks would read."""
+    batches as that many DP ranks would read; for `attention_kinds` also at DP 1 with
+    document-masked attention (key (kind, 1, "attention"))."""
     from data_pipeline import ShardLoader
     from pretrain.config import config_from_dict
     from pretrain.trainer import Trainer
     from tests.train_fixtures import MergedLoader, tiny_run
 
     out = {}
-    for kind in kinds:
-        for dp in dp_sizes:
-            cfg = config_from_dict(tiny_run(Path(data), Path(tmp) / f"ref-{kind}-dp{dp}", kind,
-                                            optim=LAYOUT_OPTIM))
-            loaders = [ShardLoader(cfg.data.path, "train", dp_rank=r, dp_size=dp, num_workers=0,
-                                   batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                                   depth=cfg.mtp.depth, mask_cross_document=True,
-                                   shuffle_buffer=cfg.data.shuffle_buffer) for r in range(dp)]
-            per_rank = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
-            result = Trainer(cfg, train_loader=MergedLoader(loaders, per_rank)).train()
-            out[(kind, dp)] = _curve(result)
+    runs = [(kind, dp, None) for kind in kinds for dp in dp_sizes]
+    runs += [(kind, 1, "attention") for kind in attention_kinds]
+    for kind, dp, variant in runs:
+        name = f"ref-{kind}-dp{dp}" + (f"-{variant}" if variant else "")
+        sections = {"optim": LAYOUT_OPTIM}
+        if variant:
+            sections["data"] = {"mask_cross_document": variant}
+        cfg = config_from_dict(tiny_run(Path(data), Path(tmp) / name, kind, **sections))
+        loaders = [ShardLoader(cfg.data.path, "train", dp_rank=r, dp_size=dp, num_workers=0,
+                               batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                               depth=cfg.mtp.depth, mask_cross_document=True,
+                               shuffle_buffer=cfg.data.shuffle_buffer) for r in range(dp)]
+        per_rank = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+        result = Trainer(cfg, train_loader=MergedLoader(loaders, per_rank)).train()
+        out[(kind, dp) if variant is None else (kind, dp, variant)] = _curve(result)
     return out
 
 

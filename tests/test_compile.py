@@ -59,7 +59,7 @@ def test_cached_forward_of_a_compiled_block_stays_eager(monkeypatch):
     for block in model.blocks:
         assert isinstance(block, TransformerBlock)
         monkeypatch.setattr(block, "_compiled_forward",
-                            lambda x, _c=calls: _c.append(1) or torch.zeros_like(x))
+                            lambda x, mask=None, _c=calls: _c.append(1) or torch.zeros_like(x))
     m = dcfg.model
     ids = torch.randint(0, m.vocab_size, (1, 5))
     cache = KVCache(m.num_layers, 1, m.kv_heads, 16, m.head_dim, torch.float32, ids.device)

@@ -36,8 +36,11 @@ LAYOUTS = [
      {"parallel": {"tp": 2, "sequence_parallel": True}, "model": {"recompute": "selective"}},
      KINDS),
     ("pp2-full", 2, 1, {"parallel": {"pp": 2}, "model": {"recompute": "full"}}, KINDS),
-    ("tp2-pp2-sp-full", 4, 1,
-     {"parallel": {"tp": 2, "pp": 2, "sequence_parallel": True}, "model": {"recompute": "full"}},
+    # ... and document-masked attention: the stages pass the documents along with the
+    # activations (compared with the single-process run that masks the same way)
+    ("tp2-pp2-sp-full-docs", 4, 1,
+     {"parallel": {"tp": 2, "pp": 2, "sequence_parallel": True}, "model": {"recompute": "full"},
+      "data": {"mask_cross_document": "attention"}},
      KINDS),
     # The 3-D layout of the 8-GPU run, on CPU: TP2 × PP2 × DP2 with ZeRO-1.
     ("tp2-pp2-dp2", 8, 2, {"parallel": {"tp": 2, "pp": 2}}, ("deepseek",)),
@@ -53,7 +56,7 @@ def dataset(tmp_path_factory):
 def references(dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref-runs")
     (out,) = run_world(cases.reference_runs, 1, str(dataset), str(tmp), KINDS + ("none",), (1, 2),
-                       timeout_s=400)
+                       KINDS, timeout_s=400)
     out["dir"] = tmp
     return out
 
@@ -74,8 +77,10 @@ def test_layout_matches_single_process_and_resumes_exactly(
         name, world, dp, sections, kinds, dataset, references, tmp_path):
     results = run_world(cases.layout_runs, world, str(dataset), str(tmp_path), name, sections,
                         kinds, timeout_s=500)[0]
+    docs = sections.get("data", {}).get("mask_cross_document") == "attention"
     for kind in kinds:
-        ref, a, b = references[(kind, dp)], results[kind]["a"], results[kind]["b"]
+        key = (kind, dp, "attention") if docs else (kind, dp)
+        ref, a, b = references[key], results[kind]["a"], results[kind]["b"]
         assert [m["step"] for m in a] == list(range(1, 7))
         for got, want in zip(a, ref):
             for key, value in want.items():
@@ -92,7 +97,7 @@ def test_layout_matches_single_process_and_resumes_exactly(
         # near-zero gradient into ~1e-5 weight differences; a misplaced shard would differ by
         # the weights' own scale (~0.05).
         got = _final_weights(tmp_path / f"{name}-{kind}-a")
-        want = _final_weights(references["dir"] / f"ref-{kind}-dp{dp}")
+        want = _final_weights(references["dir"] / f"ref-{kind}-dp{dp}{'-attention' if docs else ''}")
         assert got.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-4,

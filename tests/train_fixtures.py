@@ -26,7 +26,8 @@ def build_tiny_dataset(root: Path, max_depth: int = MAX_DEPTH) -> Path:
     return out
 
 
-def tiny_run(data: Path, run_dir: Path, kind: str = "deepseek", depth: int = 2, **sections) -> dict:
+def tiny_run(data_path: Path, run_dir: Path, kind: str = "deepseek", depth: int = 2,
+             **sections) -> dict:
     """A run-config mapping; `sections` update whole sections, e.g. parallel={"tp": 2}."""
     cfg = {
         "run_dir": str(run_dir),
@@ -35,7 +36,7 @@ def tiny_run(data: Path, run_dir: Path, kind: str = "deepseek", depth: int = 2, 
         "mtp": dict(kind=kind, depth=0 if kind == "none" else depth),
         "mtp_weight": dict(values=[0.5, 0.2], boundaries_tokens=[3 * 4 * SEQ]),
         "parallel": dict(tp=1, pp=1, zero_stage=1),
-        "data": dict(path=str(data), num_workers=0, shuffle_buffer=64),
+        "data": dict(path=str(data_path), num_workers=0, shuffle_buffer=64),
         "optim": dict(lr=1e-2, min_lr=1e-3, warmup_steps=2, grad_clip=1.0),
         "train": dict(steps=6, micro_batch_size=2, global_batch_size=4, seed=7, precision="fp32",
                       log_interval=1, eval_interval=0),

@@ -11,6 +11,7 @@ import torch
 from megatron.core.tensor_parallel import RowParallelLinear
 from torch import nn
 
+from model.attention import DocumentMask
 from model.block import TransformerBlock
 from model.config import DecoderConfig
 from model.generation.drafters import Drafter, put_rows, rows_at
@@ -54,7 +55,7 @@ class DeepSeekModule(nn.Module):
         return torch.cat((self.hidden_norm(h_prev), self.embed_norm(next_embed)), dim=-1)
 
     def forward(self, h_prev: torch.Tensor, next_embed: torch.Tensor,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, mask: DocumentMask | None = None) -> torch.Tensor:
         """h_prev, next_embed [B, T, d] → hᵏ [B, T, d] (before the output norm; [B, T/TP, d]
         sequence shards under sequence parallelism)."""
         mix = self._compiled_mix if cache is None and self._compiled_mix is not None else self._mix
@@ -69,7 +70,7 @@ class DeepSeekModule(nn.Module):
             x = row_parallel(self.proj, x, sequence_parallel=True)  # [B, T/TP, d]
         else:
             x = row_parallel(self.proj, scatter_to_tp_last_dim(x, self.tp_group))  # [B, T, d]
-        return self.block(x, cache)
+        return self.block(x, cache, mask)
 
 
 class DeepSeekDrafter(Drafter):
@@ -126,6 +127,6 @@ class DeepSeekMTP(MTPObjective, kind="deepseek"):
         h = x.main.detach() if self.detach_trunk else x.main
         out = []
         for k, layer in enumerate(self.layers, start=1):
-            h = layer(h, x.shared(x.labels[:, k - 1]))  # Emb(t_{i+k}): labels[k-1] [B, T]
+            h = layer(h, x.shared(x.labels[:, k - 1]), None, x.mask)  # Emb(t_{i+k}) [B, T, d]
             out.append((k, layer.out_norm(h)))
         return out

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from model.attention import DocumentMask
     from model.config import DecoderConfig, MTPConfig
     from model.embedding import SharedEmbedding
     from model.generation.drafters import Drafter
@@ -72,6 +73,9 @@ class TailInputs:
     """The main model's final norm (objectives that reuse it, like Meta's heads)."""
     step: int
     """The optimizer step (identical on every rank): seeds per-step choices."""
+    mask: DocumentMask | None = None
+    """Attention within documents of the packed window (None: plain causal); pass it to the
+    objective's transformer blocks."""
 
 
 class MTPObjective(nn.Module):

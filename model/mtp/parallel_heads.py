@@ -49,4 +49,5 @@ class ParallelHeadsMTP(MTPObjective, kind="parallel"):
 
     def depth_hiddens(self, x: TailInputs) -> list[tuple[int, torch.Tensor]]:
         # Heads read the trunk's residual stream (before the final norm), as the main path does.
-        return [(j, x.final_norm(head(x.trunk))) for j, head in enumerate(self.heads, start=1)]
+        return [(j, x.final_norm(head(x.trunk, None, x.mask)))
+                for j, head in enumerate(self.heads, start=1)]
