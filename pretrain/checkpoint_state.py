@@ -1,0 +1,277 @@
+"""The model and optimizer state of a checkpoint, in a layout-free form.
+
+Each rank writes what it owns, without communicating: for every parameter, the fp32 master value
+and Adam's two moments of its fragment — a contiguous range [start, start + numel) of the
+flattened tensor-parallel shard the rank holds (ZeRO splits the shards further over the
+data-parallel ranks) — under the parameter's full name (as in MTPLanguageModel), with the
+shard's TP rank, TP size and shape. Any layout reads the fragments it needs back: a rank
+reassembles the full (TP = 1) tensor of each of its parameters from the fragments of the old TP
+shards that overlap its own, cuts its new shard and fragment out of it, and writes them into
+DeepSpeed's optimizer. So a checkpoint resumes on another TP, PP or DP size or ZeRO stage with
+every fp32 master value and both moments intact; `mtp checkpoint convert` only makes the reads
+cheaper (one whole tensor per parameter).
+
+Why not DeepSpeed's universal checkpoint: it is a separate offline conversion from DeepSpeed's
+native files (which keep a bf16 copy of the weights besides the fp32 state, 14 bytes a parameter
+against 12 here), and its TP merge needs per-parameter patterns for our stride-2 SwiGLU and
+grouped-QKV splits; the fragments here are written from what the running optimizer holds, with
+the split read off each parameter (model/sharding.py).
+
+Files: `state_rankNNNNN.safetensors` (tensors `NAME|TP|FIELD`) and `state_rankNNNNN.json` (the
+index: per name, the TP rank and size, the shard's shape and the fragment's start and numel).
+Frozen parameters (no optimizer state) are saved whole from their module by one rank.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from model.sharding import concat_shards, shard_tensor, tp_layout
+
+MASTER = "fp32"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+FIELDS = (MASTER, *MOMENTS)
+
+
+def _rank_file(rank: int, suffix: str) -> str:
+    return f"state_rank{rank:05d}.{suffix}"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Where this rank's piece of one parameter sits: its TP shard and the fragment of it."""
+
+    name: str
+    param: nn.Parameter
+    tp_rank: int
+    tp_size: int
+    start: int
+    numel: int
+    zero3: bool
+    frozen: bool = False
+    """No optimizer state: the whole shard is saved from the module (by one rank)."""
+    writes: bool = True
+    """This rank writes the fragment (every rank reads and loads its own)."""
+
+
+def owned(named: dict[str, nn.Parameter], tp_rank: int, tp_size: int,
+          dp_rank: int) -> list[Owner]:
+    """This rank's fragments of the parameters in `named` (full name → parameter)."""
+    out = []
+    for name, p in named.items():
+        split = tp_layout(p) is not None
+        shard_tp = (tp_rank, tp_size) if split else (0, 1)
+        # A parameter replicated over TP is written by its TP rank 0 only.
+        first = split or tp_rank == 0
+        if not p.requires_grad:
+            numel = p.ds_numel if hasattr(p, "ds_id") else p.numel()
+            out.append(Owner(name, p, *shard_tp, 0, numel, hasattr(p, "ds_id"), frozen=True,
+                             writes=first and dp_rank == 0))
+        elif hasattr(p, "ds_id"):  # ZeRO-3: an even (padded) split of the flattened shard
+            part = p.ds_tensor.ds_numel
+            start = p._z3_optimizer._get_param_partition_rank(p) * part
+            out.append(Owner(name, p, *shard_tp, start, max(0, min(part, p.ds_numel - start)),
+                             True, writes=first))
+        elif getattr(p, "_hp_mapping", None) is not None:  # ZeRO-1/2, BF16 optimizer
+            address = p._hp_mapping.lp_fragment_address
+            out.append(Owner(name, p, *shard_tp, address.start, address.numel, False,
+                             writes=first))
+    return out
+
+
+def _read_local(owner: Owner, field: str) -> torch.Tensor | None:
+    p = owner.param
+    if owner.frozen:
+        if field != MASTER:
+            return None
+        if owner.zero3:
+            from deepspeed.zero import GatheredParameters
+
+            with GatheredParameters([p]):
+                return p.detach().float().reshape(-1).clone()
+        return p.detach().float().reshape(-1)
+    if owner.zero3:
+        key = None if field == MASTER else field
+        t = p._z3_optimizer.get_local_fp32_param(p, key)
+        return None if t is None else t[: owner.numel]
+    if field == MASTER:
+        return p._hp_mapping.get_hp_fragment()
+    optim = p._hp_mapping.optim_fragment
+    return None if not optim or field not in optim else optim[field]
+
+
+def snapshot(owners: list[Owner]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(index, host copies of every owned fragment): what a save writes. Copying to the host
+    is all that has to happen before training may go on; the writing can follow later."""
+    index, tensors = {}, {}
+    for o in owners:
+        if o.frozen and o.zero3:
+            _read_local(o, MASTER)  # the gather is collective: every rank takes part
+        if not o.writes:
+            continue
+        fields = []
+        for field in FIELDS:
+            t = _read_local(o, field)
+            if t is None:
+                continue
+            tensors[f"{o.name}|{o.tp_rank}|{field}"] = t.detach().to("cpu", copy=True).reshape(-1)
+            fields.append(field)
+        shard_shape = list(o.param.ds_shape) if o.zero3 else list(o.param.shape)
+        index.setdefault(o.name, []).append({
+            "tp_rank": o.tp_rank, "tp_size": o.tp_size, "shard_shape": shard_shape,
+            "start": o.start, "numel": o.numel, "fields": fields})
+    return index, tensors
+
+
+def write_rank_files(directory: Path, rank: int, index: dict,
+                     tensors: dict[str, torch.Tensor]) -> None:
+    """The rank's tensors, then its index (the index last: it is what names the tensors)."""
+    safetensors.torch.save_file(tensors, str(directory / _rank_file(rank, "safetensors")))
+    (directory / _rank_file(rank, "json")).write_text(json.dumps(index))
+
+
+class SavedState:
+    """Reader of a checkpoint's fragments: whole tensors or single TP shards, by full name."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.pieces: dict[str, list[dict]] = {}
+        files = sorted(self.directory.glob("state_rank*.json"))
+        if not files:
+            raise FileNotFoundError(f"{self.directory} holds no state_rank*.json")
+        for f in files:
+            rank_file = f.with_suffix(".safetensors").name
+            for name, entries in json.loads(f.read_text()).items():
+                for e in entries:
+                    self.pieces.setdefault(name, []).append({**e, "file": rank_file})
+        self._handles: dict[str, object] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self.pieces)
+
+    def has(self, name: str, field: str) -> bool:
+        return any(field in e["fields"] for e in self.pieces.get(name, []))
+
+    def _tensor(self, file: str, key: str) -> torch.Tensor:
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.directory / file), framework="pt")
+        return self._handles[file].get_tensor(key)
+
+    def tp_shard(self, name: str, field: str, tp_rank: int) -> torch.Tensor:
+        """The saved TP shard `tp_rank` of `name`, from its fragments."""
+        entries = [e for e in self.pieces[name] if e["tp_rank"] == tp_rank]
+        assert entries, (name, tp_rank)
+        shape = entries[0]["shard_shape"]
+        flat = torch.zeros(int(torch.tensor(shape).prod()), dtype=torch.float32)
+        covered = 0
+        for e in entries:
+            if field in e["fields"] and e["numel"]:
+                key = f"{name}|{e['tp_rank']}|{field}"
+                flat[e["start"]: e["start"] + e["numel"]] = self._tensor(e["file"], key)
+                covered += e["numel"]
+        if covered != flat.numel():
+            raise ValueError(f"{self.directory}: {name} ({field}) has {covered} of "
+                             f"{flat.numel()} values of TP shard {tp_rank}; the checkpoint is "
+                             "incomplete")
+        return flat.view(shape)
+
+    def full(self, name: str, field: str, layout: tuple[int, int] | None) -> torch.Tensor:
+        """The whole (TP = 1) tensor; `layout` is the parameter's (partition dim, stride)."""
+        tp_size = self.pieces[name][0]["tp_size"]
+        shards = [self.tp_shard(name, field, r) for r in range(tp_size)]
+        if tp_size == 1:
+            return shards[0]
+        assert layout is not None, f"{name} is split over TP in the checkpoint"
+        return concat_shards(shards, *layout)
+
+    def local_shard(self, name: str, field: str, layout: tuple[int, int] | None,
+                    tp_rank: int, tp_size: int) -> torch.Tensor:
+        """This rank's TP shard of `name` under the current TP size."""
+        saved_tp = self.pieces[name][0]["tp_size"]
+        if layout is None or saved_tp == tp_size:
+            return self.tp_shard(name, field, tp_rank if layout is not None else 0)
+        return shard_tensor(self.full(name, field, layout), *layout, tp_rank, tp_size)
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Create Adam's state (zeros) where the optimizer has not stepped yet, through the
+    optimizer's own code: one step at lr 0 on zero gradients, which changes no weight."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    masters = [p for g in inner.param_groups for p in g["params"]]
+    if all(p in inner.state and "exp_avg" in inner.state[p] for p in masters):
+        return
+    lrs = [g["lr"] for g in inner.param_groups]
+    for g in inner.param_groups:
+        g["lr"] = 0.0
+    for p in masters:
+        p.grad = torch.zeros_like(p)
+    inner.step()
+    for p in masters:
+        p.grad = None
+    for g, lr in zip(inner.param_groups, lrs):
+        g["lr"] = lr
+    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        optimizer._hp_optimizer_states_linked = False
+        link()
+
+
+def load_into(owners: list[Owner], saved: SavedState, optimizer, adam_step: int) -> None:
+    """Write the saved state into this rank's fragments (any layout), set Adam's step count and
+    refresh the compute-dtype weights from the fp32 masters."""
+    _ensure_optimizer_state(optimizer)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"].fill_(float(adam_step))
+        elif "step" in state:
+            state["step"] = adam_step
+    for o in owners:
+        missing = [n for n in (o.name,) if not saved.has(n, MASTER)]
+        if missing:
+            raise ValueError(f"{saved.directory} holds no state for {missing}")
+        layout = tp_layout(o.param)
+        for field in (MASTER,) if o.frozen else FIELDS:
+            if saved.has(o.name, field):
+                shard = saved.local_shard(o.name, field, layout, o.tp_rank, o.tp_size)
+                _write_local(o, field, shard.reshape(-1)[o.start: o.start + o.numel])
+    _refresh_low_precision(optimizer)
+
+
+def _write_local(owner: Owner, field: str, value: torch.Tensor) -> None:
+    p = owner.param
+    if owner.frozen:  # no master: the module's own weights (gathered under ZeRO-3)
+        with torch.no_grad():
+            if owner.zero3:
+                from deepspeed.zero import GatheredParameters
+
+                with GatheredParameters([p], modifier_rank=0):
+                    p.copy_(value.view(p.shape).to(p.dtype))
+            else:
+                p.copy_(value.view(p.shape).to(p.dtype))
+        return
+    if owner.zero3:
+        target = p._z3_optimizer.get_local_fp32_param(p, None if field == MASTER else field)
+        target[: owner.numel].copy_(value.to(target.device))
+        return
+    target = (p._hp_mapping.get_hp_fragment() if field == MASTER
+              else p._hp_mapping.optim_fragment[field])
+    target.data.copy_(value.to(target.device))
+
+
+def _refresh_low_precision(optimizer) -> None:
+    """Copy the fp32 masters into the model's weights, as DeepSpeed does after a step (ZeRO-1/2
+    and the BF16 optimizer also all-gather them over the data-parallel ranks)."""
+    if hasattr(optimizer, "update_lp_params"):
+        optimizer.update_lp_params()
+        return
+    assert hasattr(optimizer, "fp16_partitioned_groups_flat"), type(optimizer).__name__
+    for group in range(len(optimizer.fp16_partitioned_groups_flat)):  # ZeRO-3
+        optimizer._reassign_or_swap_out_partitioned_parameters(group)
