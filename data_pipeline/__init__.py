@@ -10,11 +10,12 @@ from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, BuildConfig
 from .labels import make_mtp_labels
 from .loader import ShardLoader
 from .manifest import Manifest, ShardError, ShardInfo, load_manifest
+from .mixture import DataSource, SampleMix
 from .pinned_code import PINNED_CODE, PinnedDistribution, prepare_pinned_code
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "SPECIAL_IDS", "UNK_ID", "PINNED_CODE",
-    "BuildConfig", "Manifest", "PinnedDistribution", "ShardError", "ShardInfo", "ShardLoader",
+    "BuildConfig", "DataSource", "Manifest", "SampleMix", "PinnedDistribution", "ShardError", "ShardInfo", "ShardLoader",
     "build_dataset", "document_order", "load_manifest", "make_mtp_labels", "prepare_pinned_code",
     "split_validation",
 ]

@@ -36,6 +36,12 @@ class ShardInfo:
     num_samples: int
     size: int
     sha256: str
+    label: str = ""
+    """How messages name the shard: its file name, or `source/name` in a mixture."""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
 
 
 @dataclass
@@ -82,6 +88,14 @@ class Manifest:
     @property
     def tokenizer_path(self) -> Path:
         return self.root / self.data["tokenizer"]["path"]
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.data["tokenizer"]["path"])
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return str(self.data["tokenizer"]["sha256"])
 
     @property
     def fingerprint(self) -> str:

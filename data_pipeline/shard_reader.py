@@ -47,16 +47,16 @@ def stream_shard(shard: ShardInfo, wanted: set[int], dtype: np.dtype, window_len
                 fname, data = member["fname"], member["data"]
                 gid = _key_of(fname)
                 if gid is None or not lo <= gid < hi:
-                    raise ShardError(shard.name, f"unexpected member {fname!r} (expected "
+                    raise ShardError(shard.label, f"unexpected member {fname!r} (expected "
                                                  f"{lo:0{KEY_DIGITS}d}..{hi - 1:0{KEY_DIGITS}d}"
                                                  f".{SAMPLE_MEMBER}); the file is corrupt")
                 if len(data) != nbytes:
-                    raise ShardError(shard.name, f"member {fname!r} has {len(data)} bytes, expected "
+                    raise ShardError(shard.label, f"member {fname!r} has {len(data)} bytes, expected "
                                                  f"{nbytes}; the file is corrupt")
                 window = np.frombuffer(data, dtype=dtype)
                 top = int(window.max())
                 if top >= vocab_size:
-                    raise ShardError(shard.name, f"member {fname!r} holds token id {top} >= vocab "
+                    raise ShardError(shard.label, f"member {fname!r} holds token id {top} >= vocab "
                                                  f"size {vocab_size}; the file is corrupt")
                 remaining.discard(gid)
                 yield gid, window
@@ -65,14 +65,14 @@ def stream_shard(shard: ShardInfo, wanted: set[int], dtype: np.dtype, window_len
     except ShardError:
         raise
     except FileNotFoundError as exc:
-        raise ShardError(shard.name, f"is missing ({shard.path})") from exc
+        raise ShardError(shard.label, f"is missing ({shard.path})") from exc
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        raise ShardError(shard.name, f"is corrupt or truncated ({type(exc).__name__}: "
+        raise ShardError(shard.label, f"is corrupt or truncated ({type(exc).__name__}: "
                                      f"{str(exc).split(' @ ')[0]}); rebuild with "
                                      f"`mtp prepare --overwrite` or pass skip_corrupt=True") from exc
     if remaining:
         first_missing = min(remaining)
-        raise ShardError(shard.name, f"is truncated or corrupt: the tar stream ended without sample "
+        raise ShardError(shard.label, f"is truncated or corrupt: the tar stream ended without sample "
                                      f"{first_missing:0{KEY_DIGITS}d} (and {len(remaining) - 1} more "
                                      f"wanted); rebuild with `mtp prepare --overwrite` or pass "
                                      f"skip_corrupt=True")
