@@ -139,7 +139,8 @@ class Trainer:
         t = self.cfg.train
         return make_loader(self.cfg.data, purpose, dp_rank=self.topo.dp_rank,
                            dp_size=self.layout.dp, batch_size=t.micro_batch_size, seed=t.seed,
-                           depth=self.cfg.mtp.depth, pin_memory=self.policy.pin_memory)
+                           depth=self.cfg.mtp.depth, pin_memory=self.policy.pin_memory,
+                           global_batch_size=t.global_batch_size)
 
     def _print_header(self, n_params: int) -> None:
         lay, cfg = self.layout, self.cfg
@@ -161,17 +162,21 @@ class Trainer:
 
     def _marker(self) -> dict:
         lay = self.layout
+        # The data position is global (samples consumed by all ranks together, per source):
+        # saved once, from rank 0 (always a data-reading rank), and any layout resumes from it.
+        position = self.train_loader.state_dict() if self.train_loader is not None else None
         return {"config": self.cfg.to_dict(),
                 "layout": {"world": lay.world, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
                 "manifest": str(self.manifest.path),
-                "dataset_fingerprint": self.manifest.fingerprint}
+                "dataset_fingerprint": self.manifest.fingerprint,
+                "data_position": position}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> ckpt.CheckpointRef | None:
         """None when the save failed and checkpoint.on_save_error = 'continue'."""
         trainer_state = {**self.progress.state_dict(), "mtp_weight": self.mtp_weight.state_dict(),
                          "config": self.cfg.to_dict()}
-        rank_state = {"loader": self.train_loader.state_dict() if self.train_loader else None}
+        rank_state: dict = {}  # the data position is global: in the marker (_marker)
         keep_going = self.cfg.checkpoint.on_save_error == "continue"
         try:
             ref = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, trainer_state,
@@ -208,7 +213,14 @@ class Trainer:
         self.progress.load_state_dict(state)
         self.mtp_weight.load_state_dict(state["mtp_weight"])
         if self.train_loader is not None:
-            self.train_loader.load_state_dict(rank_state["loader"])
+            position = ref.marker().get("data_position")
+            if position is None:
+                raise ConfigError(f"cannot resume from {ref.path}: its COMPLETE.json records no "
+                                  "data position (written by an older version); start a new run")
+            try:
+                self.train_loader.load_state_dict(position)
+            except ValueError as err:
+                raise ConfigError(f"cannot resume from {ref.path}: {err}") from None
         ckpt.set_rng_states(rank_state["rng"])
         self.logger.print(f"resumed from {ref.path} at step {self.step}")
 
