@@ -14,6 +14,7 @@ from typing import Literal
 
 import yaml
 
+from data_pipeline.mixture import DataSource
 from model.config import DecoderConfig, ModelConfig, MTPConfig, require_positive
 from model.mtp.objective import NO_MTP
 from pretrain.config_loader import ConfigError, apply_override, from_dict, load_yaml
@@ -74,9 +75,26 @@ class MTPWeightConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a training mixture."""
+
+    path: str = ""
+    """Dataset directory written by `mtp prepare` (or its manifest.json)."""
+    weight: float = 1.0
+    """Sampling weight; the mixture draws each source in proportion to its weight, sample by
+    sample (only ratios matter)."""
+    name: str = ""
+    """Name in metrics (data/tokens/NAME, val/NAME/...) and messages; default: the dataset
+    directory's name."""
+
+
+@dataclass
 class DataConfig:
     path: str = ""
-    """Dataset directory written by `mtp prepare` (holds manifest.json)."""
+    """Dataset directory written by `mtp prepare` (holds manifest.json); or use `sources`."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture instead of `path`: [{path, weight, name}, ...]. The sources must share
+    the tokenizer and seq_len; each has its own epochs; validation loss is logged per source."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 reads in the training process)."""
     mask_cross_document: bool = True
@@ -91,12 +109,38 @@ class DataConfig:
     """Samples shuffled together within the seeded epoch order."""
 
     def validate(self) -> None:
-        if not self.path:
+        if self.path and self.sources:
+            raise ValueError(
+                f"data.path = {self.path!r} and data.sources = [{len(self.sources)} sources] are "
+                "both set; use data.path for one dataset or data.sources for a mixture")
+        if not self.path and not self.sources:
             raise ValueError(
                 "data.path is empty; point it at a dataset built by `mtp prepare` "
-                "(e.g. data.path=data/stdlib)")
+                "(e.g. data.path=data/stdlib), or list a mixture in data.sources")
+        for i, src in enumerate(self.sources):
+            if not src.path:
+                raise ValueError(f"data.sources[{i}].path is empty; give the source's dataset "
+                                 "directory")
+            if not src.weight > 0:
+                raise ValueError(f"data.sources[{i}].weight = {src.weight}; use a positive "
+                                 "number (only the ratios between sources matter)")
+        names = [s.label for s in self.source_list()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"data.sources: the name(s) {dupes} are used by several sources; "
+                             "give each one its own data.sources[i].name")
         require_positive("data.num_workers", self.num_workers, allow_zero=True)
         require_positive("data.shuffle_buffer", self.shuffle_buffer)
+
+    def source_list(self) -> list[DataSource]:
+        """The datasets to read: `path` as one source, or the mixture."""
+        if self.path:
+            return [DataSource(self.path)]
+        return [DataSource(s.path, s.weight, s.name) for s in self.sources]
+
+    @property
+    def is_mixture(self) -> bool:
+        return len(self.sources) > 1
 
 
 @dataclass
