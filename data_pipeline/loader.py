@@ -42,6 +42,7 @@ from .labels import _labels_numpy
 from .manifest import Manifest, ShardError, ShardInfo, load_manifest
 from .mixture import DataSource, SampleMix, as_sources, check_same_tokenizer
 from .rank_split import PassSplit, StepSplit
+from .remote import RemoteOptions
 from .shard_reader import stream_shard
 
 STATE_VERSION = 2
@@ -76,6 +77,7 @@ class _Plan:
     seed: int
     shuffle: bool
     shuffle_buffer: int
+    remote: RemoteOptions
 
 
 class _SourceCursor:
@@ -119,7 +121,7 @@ class _SourceCursor:
             if shard.label not in self.bad:
                 try:
                     for gid, window in stream_shard(shard, set(wanted), src.dtype, src.window_len,
-                                                    src.vocab_size):
+                                                    src.vocab_size, plan.remote, self._retried):
                         yield wanted.pop(gid), window
                 except ShardError as err:
                     if not plan.skip_corrupt:
@@ -129,6 +131,9 @@ class _SourceCursor:
             for gid in sorted(wanted):  # lost to a corrupt shard (skip_corrupt=True)
                 self.events.append(("lost_sample", shard.label, gid))
                 yield wanted[gid], None
+
+    def _retried(self, url: str, detail: str) -> None:
+        self.events.append(("retry", url, detail))
 
 
 class _RankStream(IterableDataset):
@@ -189,7 +194,8 @@ class ShardLoader:
     0.0 = ignore; see `make_mtp_labels` for the cross-document rule).
 
     Args:
-        data: `manifest.json` or the dataset directory, or a list of `DataSource`s to interleave by weight (training only; they
+        data: `manifest.json` or the dataset directory (or its http(s)://, s3:// or pipe:
+            location), or a list of `DataSource`s to interleave by weight (training only; they
             must share the tokenizer).
         split: "train" or "val".
         dp_rank, dp_size: data-parallel coordinates; TP/PP peers pass the same dp_rank.
@@ -207,8 +213,10 @@ class ShardLoader:
             new pass.
         shuffle: shuffle shards and samples (default True; False reads in stored order).
         shuffle_buffer: samples per shuffle block (also the most samples a worker buffers).
-        verify_checksums: check the split's shard sha256s against the manifest up front (reads
-            every shard once); mismatches raise ShardError, or are skipped with skip_corrupt.
+        verify_checksums: check the split's local shard sha256s against the manifest up front
+            (reads every shard once); mismatches raise ShardError, or are skipped with
+            skip_corrupt. Remote shards are always verified as they stream.
+        remote: retries, backoff, cache directory and s3 command for remote sources.
     """
 
     def __init__(self, data: str | os.PathLike | Sequence[DataSource], split: str, *,
@@ -217,7 +225,7 @@ class ShardLoader:
                  mask_cross_document: bool = False, skip_corrupt: bool = False,
                  infinite: bool | None = None, shuffle: bool = True, shuffle_buffer: int = 8192,
                  pin_memory: bool = False, prefetch_factor: int = 4,
-                 verify_checksums: bool = False):
+                 verify_checksums: bool = False, remote: RemoteOptions | None = None):
         global_batch_size = global_batch_size or batch_size * dp_size
         for name, value, low in (("dp_size", dp_size, 1), ("dp_rank", dp_rank, 0),
                                  ("num_workers", num_workers, 0), ("batch_size", batch_size, 1),
@@ -239,8 +247,9 @@ class ShardLoader:
         if self.one_pass and len(self.sources) > 1:
             raise ValueError("a one-pass (validation) loader reads one source; make one loader "
                              "per source")
-        self.manifests: list[Manifest] = [load_manifest(s.path, check_files=False)
-                                          for s in self.sources]
+        self.remote = remote or RemoteOptions()
+        self.manifests: list[Manifest] = [load_manifest(s.path, check_files=False,
+                                                        remote=self.remote) for s in self.sources]
         check_same_tokenizer([(s.label, m) for s, m in zip(self.sources, self.manifests)])
         for s, m in zip(self.sources, self.manifests):
             if depth > m.max_depth:
@@ -263,10 +272,13 @@ class ShardLoader:
         self._plan = _Plan(sources=tuple(plans), weights=tuple(self.mix.weights), split=None,
                            seq_len=m0.seq_len, depth=depth, eos_id=m0.eos_id,
                            mask_cross_document=mask_cross_document, skip_corrupt=skip_corrupt,
-                           seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer)
+                           seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                           remote=self.remote)
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.batch_size, self.global_batch_size = batch_size, global_batch_size
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.retries: list[str] = []
+        """One line per transient remote failure that was retried (the trainer logs them)."""
         self._position = 0  # global samples consumed up to the current step's window
         self._in_step = 0  # this rank's micro-batches consumed of that window
 
@@ -351,6 +363,8 @@ class ShardLoader:
                     self.corrupt_shards.setdefault(shard, detail)
                 elif kind == "lost_sample":
                     self.num_skipped_samples += 1
+                elif kind == "retry":
+                    self.retries.append(f"{shard}: {detail}")
             self._advance(advanced)
             if batch is not None:
                 # batch: [B, T+D+1] in the stored dtype; numpy labels (see make_mtp_labels)
@@ -374,7 +388,7 @@ class ShardLoader:
             self._in_step = 0
 
     def verify(self) -> list[ShardError]:
-        """sha256 + size of this split's shards against the manifests."""
+        """sha256 + size of this split's (local) shards against the manifests."""
         return [e for m in self.manifests for e in m.verify(self.split)]
 
     # ------------------------------------------------------------------ state
@@ -382,8 +396,9 @@ class ShardLoader:
         p = self._plan
         ident = {"split": self.split, "seed": p.seed, "shuffle": p.shuffle,
                  "shuffle_buffer": p.shuffle_buffer, "one_pass": self.one_pass,
-                 "sources": [{"name": s.label, "manifest_fingerprint": m.fingerprint}
-                             for s, m in zip(self.sources, self.manifests)],
+                 # The datasets by content, not by name or location: a source may move (local ->
+                 # http) or be renamed between runs without changing the order.
+                 "source_fingerprints": [m.fingerprint for m in self.manifests],
                  "weights": list(self.mix.weights), "excluded_shards": list(self._excluded)}
         if self.one_pass:  # a pass is this rank's slice: only the same layout can continue it
             ident.update(dp_rank=self.dp_rank, dp_size=self.dp_size, batch_size=self.batch_size)
@@ -397,7 +412,7 @@ class ShardLoader:
         saved in the middle of an optimizer step (`step_in_progress`) ties the resume to the
         same layout."""
         state = {"version": STATE_VERSION, **self._identity_state(),
-                 "samples_consumed": self._position}
+                 "sources": [s.label for s in self.sources], "samples_consumed": self._position}
         if self.one_pass:
             return state
         seq = self._plan.seq_len

@@ -2,11 +2,16 @@
 
 Every anomaly becomes a `ShardError` that names the shard: tar errors, truncation (a sample the
 manifest promises never arrives; Python's tarfile ends a stream silently at a damaged header
-after the first member), unexpected members, wrong sample sizes, token ids >= vocab size.
+after the first member), unexpected members, wrong sample sizes, token ids >= vocab size, and
+for remote shards the transport's errors (data_pipeline/remote.py), with the URL.
+
+Local shards are streamed from the file and reading stops after the last wanted sample; remote
+shards are fetched whole (retried, size and sha256 checked) before any sample is handed out.
 """
 
 from __future__ import annotations
 
+import io
 import tarfile
 from collections.abc import Iterator
 
@@ -15,6 +20,7 @@ from webdataset.filters import reraise_exception
 from webdataset.tariterators import tar_file_iterator
 
 from .manifest import ShardError, ShardInfo
+from .remote import RemoteError, RemoteOptions, RetryHook, fetch
 from .shard_writer import KEY_DIGITS, SAMPLE_MEMBER
 
 _READ_BUFFER = 1 << 20
@@ -28,11 +34,26 @@ def _key_of(fname: str) -> int | None:
 
 
 def stream_shard(shard: ShardInfo, wanted: set[int], dtype: np.dtype, window_len: int,
-                 vocab_size: int) -> Iterator[tuple[int, np.ndarray]]:
+                 vocab_size: int, remote: RemoteOptions | None = None,
+                 on_retry: RetryHook | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (sample index, window) for each index in `wanted`, in the shard's stored order.
 
     Stops reading as soon as the last wanted sample is found. Raises ShardError on any anomaly.
     """
+    if shard.location.is_local:
+        yield from _members(shard, lambda: open(shard.path, "rb", buffering=_READ_BUFFER), wanted,
+                            dtype, window_len, vocab_size)
+        return
+    try:
+        data = fetch(shard.location, shard.name, remote or RemoteOptions(), size=shard.size,
+                     sha256=shard.sha256, on_retry=on_retry)
+    except RemoteError as err:
+        raise ShardError(shard.label, f"{err.url}: {err.problem}") from None
+    yield from _members(shard, lambda: io.BytesIO(data), wanted, dtype, window_len, vocab_size)
+
+
+def _members(shard: ShardInfo, opener, wanted: set[int], dtype: np.dtype, window_len: int,
+             vocab_size: int) -> Iterator[tuple[int, np.ndarray]]:
     remaining = set(wanted)
     nbytes = window_len * dtype.itemsize
     lo, hi = shard.first_index, shard.first_index + shard.num_samples
@@ -42,7 +63,7 @@ def stream_shard(shard: ShardInfo, wanted: set[int], dtype: np.dtype, window_len
         return gid is None or gid in remaining  # unknown names are selected to be reported
 
     try:
-        with open(shard.path, "rb", buffering=_READ_BUFFER) as f:
+        with opener() as f:
             for member in tar_file_iterator(f, select_files=select, handler=reraise_exception):
                 fname, data = member["fname"], member["data"]
                 gid = _key_of(fname)

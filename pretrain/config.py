@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 
 from data_pipeline.mixture import DataSource
+from data_pipeline.remote import RemoteOptions
 from model.config import DecoderConfig, ModelConfig, MTPConfig, require_positive
 from model.mtp.objective import NO_MTP
 from pretrain.config_loader import ConfigError, apply_override, from_dict, load_yaml
@@ -89,9 +90,43 @@ class SourceConfig:
 
 
 @dataclass
+class RemoteConfig:
+    """Reading datasets at http(s)://, s3:// or pipe: locations (data_pipeline/remote.py)."""
+
+    retries: int = 5
+    """Retries per file after a transient failure (dropped connection, timeout, HTTP 5xx, a
+    command exiting non-zero), each resuming at the byte reached; every one is logged."""
+    backoff_s: float = 1.0
+    """Wait before the first retry, doubled for each further one (at most 30 s)."""
+    stall_timeout_s: int = 60
+    """An HTTP transfer that delivers nothing for this long is abandoned and retried."""
+    cache_dir: str = ""
+    """Keep verified remote shards here (named by sha256) and read them locally next time;
+    empty: no cache. Shared by all ranks of a node."""
+    s3_command: str = "aws s3 cp {url} -"
+    """Command printing an s3:// object to stdout ({url}, {bucket}, {key} are filled in), e.g.
+    'aws s3 cp --endpoint-url https://minio:9000 {url} -' or 's5cmd cat {url}'."""
+
+    def validate(self) -> None:
+        require_positive("data.remote.retries", self.retries, allow_zero=True)
+        require_positive("data.remote.backoff_s", self.backoff_s, allow_zero=True)
+        require_positive("data.remote.stall_timeout_s", self.stall_timeout_s)
+        if "{url}" not in self.s3_command and "{key}" not in self.s3_command:
+            raise ValueError(f"data.remote.s3_command = {self.s3_command!r} names no object; "
+                             "include {url} (or {bucket} and {key})")
+
+    def options(self) -> RemoteOptions:
+        return RemoteOptions(retries=self.retries, backoff_s=self.backoff_s,
+                             stall_timeout_s=self.stall_timeout_s,
+                             cache_dir=self.cache_dir or None, s3_command=self.s3_command)
+
+
+@dataclass
 class DataConfig:
     path: str = ""
-    """Dataset directory written by `mtp prepare` (holds manifest.json); or use `sources`."""
+    """Dataset directory written by `mtp prepare` (holds manifest.json), or where it is
+    published: http(s)://HOST/DIR/, s3://BUCKET/DIR/, or pipe:COMMAND printing the file {name}
+    (shards are streamed, never downloaded whole); or use `sources`."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A weighted mixture instead of `path`: [{path, weight, name}, ...]. The sources must share
     the tokenizer and seq_len; each has its own epochs; validation loss is logged per source."""
@@ -102,11 +137,13 @@ class DataConfig:
     skip_corrupt: bool = False
     """Skip (and count) corrupt shards instead of stopping with an error that names them."""
     verify_checksums: bool = True
-    """Check every training shard's sha256 against the manifest at start-up (reads the split
-    once per data-reading rank); a mismatch is an error naming the shard, or a counted skip with
-    skip_corrupt. Without it a shard altered in place (same size, readable) trains silently."""
+    """Check every local training shard's sha256 against the manifest at start-up (reads the
+    split once per data-reading rank); a mismatch is an error naming the shard, or a counted
+    skip with skip_corrupt. Without it a shard altered in place (same size, readable) trains
+    silently. Remote shards are always checked, as they stream."""
     shuffle_buffer: int = 8192
     """Samples shuffled together within the seeded epoch order."""
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def validate(self) -> None:
         if self.path and self.sources:
@@ -131,6 +168,7 @@ class DataConfig:
                              "give each one its own data.sources[i].name")
         require_positive("data.num_workers", self.num_workers, allow_zero=True)
         require_positive("data.shuffle_buffer", self.shuffle_buffer)
+        self.remote.validate()
 
     def source_list(self) -> list[DataSource]:
         """The datasets to read: `path` as one source, or the mixture."""

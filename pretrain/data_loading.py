@@ -30,7 +30,7 @@ def make_loader(data: DataConfig, purpose: Purpose, *, dp_rank: int, dp_size: in
             sources, split or "train", num_workers=data.num_workers, depth=depth,
             mask_cross_document=data.mask_cross_document, skip_corrupt=data.skip_corrupt,
             verify_checksums=data.verify_checksums, pin_memory=pin_memory,
-            global_batch_size=global_batch_size, **common)
+            global_batch_size=global_batch_size, remote=data.remote.options(), **common)
     chosen = [s for s in sources if source is None or s.label == source][:1]
     if not chosen:
         raise ValueError(f"no data source is named {source!r}; the sources are "
@@ -39,7 +39,7 @@ def make_loader(data: DataConfig, purpose: Purpose, *, dp_rank: int, dp_size: in
         chosen, split or "val", num_workers=0, infinite=False, pin_memory=pin_memory,
         depth=depth if purpose == "validation" else 0,
         mask_cross_document=data.mask_cross_document and purpose == "validation",
-        skip_corrupt=data.skip_corrupt, **common)
+        skip_corrupt=data.skip_corrupt, remote=data.remote.options(), **common)
 
 
 def weighted_validation(per_source: dict[str, dict[str, float]],

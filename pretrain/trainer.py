@@ -97,6 +97,7 @@ class Trainer:
         self.train_loader = train_loader if train_loader is not None else (
             self._loader("train") if reads_data else None)
         self._reported_corrupt: set[str] = set()
+        self._reported_retries = 0
         self._report_skipped_data()
         # Validation runs over each source that has a validation split.
         self.val_sources = [name for name, m in self.manifests if m.num_samples("val") > 0]
@@ -122,7 +123,8 @@ class Trainer:
             key = "data.path" if data.path else f"data.sources[{i}].path"
             try:
                 # With skip_corrupt the loader checks (and skips, counting) the shards itself.
-                manifest = load_manifest(source.path, check_files=not data.skip_corrupt)
+                manifest = load_manifest(source.path, check_files=not data.skip_corrupt,
+                                         remote=data.remote.options())
             except ShardError:
                 raise
             except ValueError as err:  # no/unreadable manifest, tokenizer replaced after the build
@@ -325,6 +327,7 @@ class Trainer:
             "perf/tokens_per_s": tps,
             "train/consumed_tokens": float(self.progress.consumed_tokens),
             **self._tokens_per_source(),
+            "data/remote_retries": float(len(getattr(self.train_loader, "retries", []))),
             "perf/mfu": (tps * self.train_flops_per_token / (self.layout.world * self.peak)
                          if self.peak else None),
             "memory/peak_gib": peak / 2**30 if peak is not None else None,
@@ -362,8 +365,14 @@ class Trainer:
         return flag.item() > 0
 
     def _report_skipped_data(self) -> None:
-        """Shards skipped with data.skip_corrupt are reported by every rank that skips them."""
+        """Shards skipped with data.skip_corrupt, and retried remote reads, are reported by
+        every rank that meets them."""
         loader = self.train_loader
+        retries = getattr(loader, "retries", [])
+        for line in retries[self._reported_retries:]:
+            print(f"mtp train: warning: rank {self.rank}: remote read failed, retrying: {line}",
+                  file=sys.stderr, flush=True)
+        self._reported_retries = len(retries)
         new = sorted(set(getattr(loader, "corrupt_shards", {})) - self._reported_corrupt)
         for name in new:
             print(f"mtp train: warning: rank {self.rank}: skipping corrupt shard {name} "

@@ -126,7 +126,7 @@ def test_mixture_state_refuses_other_weights_or_sources(sources):
         mixture(sources, weights=(1, 1)).load_state_dict(ld.state_dict())
     single = ShardLoader(sources["a"], "train", dp_rank=0, dp_size=1, num_workers=0,
                          batch_size=4, seed=7, depth=DEPTH, shuffle_buffer=50)
-    with pytest.raises(ValueError, match="loader state has sources="):
+    with pytest.raises(ValueError, match="loader state has source_fingerprints="):
         single.load_state_dict(ld.state_dict())
 
 
