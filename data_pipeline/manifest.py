@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SPECIAL_IDS
 from .remote import MANIFEST_NAME, Location, RemoteError, RemoteOptions, fetch, parse_location
 from .shard_writer import file_sha256
 
@@ -99,8 +98,13 @@ class Manifest:
         return np.dtype(self.data["dtype"]).newbyteorder("<")
 
     @property
-    def special_ids(self) -> dict[str, int]:
+    def special_ids(self) -> dict[str, int | None]:
+        """pad/bos/eos/unk ids of the dataset's tokenizer (None: it has no such token)."""
         return dict(self.data["special_ids"])
+
+    @property
+    def tokenizer_kind(self) -> str:
+        return str(self.data["tokenizer"].get("kind", "sentencepiece"))
 
     @property
     def eos_id(self) -> int:
@@ -229,8 +233,13 @@ def load_manifest(path: str | os.PathLike, check_files: bool = True,
     if data["format_version"] != FORMAT_VERSION:
         raise ValueError(f"manifest {where!r} has format_version {data['format_version']}, this "
                          f"code reads {FORMAT_VERSION}; rebuild with `mtp prepare --overwrite`")
-    if data["special_ids"] != SPECIAL_IDS:
-        raise ValueError(f"manifest {where!r} has special ids {data['special_ids']}, expected {SPECIAL_IDS}")
+    ids = data["special_ids"]
+    eos = ids.get("eos") if isinstance(ids, dict) else None
+    if not isinstance(eos, int) or not 0 <= eos < data["vocab_size"] or any(
+            v is not None and not isinstance(v, int) for v in ids.values()):
+        raise ValueError(f"manifest {where!r} has special ids {ids}: an integer eos id below the "
+                         "vocab size is needed (it separates documents); rebuild with "
+                         "`mtp prepare --overwrite`")
     if data["window_len"] != data["seq_len"] + data["max_depth"] + 1:
         raise ValueError(f"manifest {where!r}: window_len != seq_len + max_depth + 1")
     m = Manifest(path=location.local_path(name) if location.is_local else where, data=data,
