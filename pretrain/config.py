@@ -220,10 +220,13 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """'auto': bf16 on GPUs, fp32 on CPU."""
     init_from: str | None = None
-    """Start the main model (embedding, blocks, final norm; not the MTP tail) from this export
-    or checkpoint/run directory instead of a random init, e.g. to train blockwise heads on a
-    frozen pretrained trunk (mtp.freeze_trunk). The shapes must match; PP = 1 only. A resumed run
-    takes every weight from its checkpoint."""
+    """Start the main model (embedding, blocks, final norm; not the MTP tail, which is freshly
+    initialised) from this export, checkpoint/run directory, or Hugging Face Llama checkpoint
+    directory (config.json + model.safetensors, as transformers saves it) instead of a random
+    init: continued pretraining of a published model with MTP, or blockwise heads on a frozen
+    pretrained trunk (mtp.freeze_trunk). The model section must describe the same shape (an
+    error lists what differs); PP = 1 only. A resumed run takes every weight from its
+    checkpoint."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile the transformer blocks and the fused loss kernels. 'auto': on with GPUs and
     ZeRO <= 2, off on CPU (compiling costs ~30 s per block shape there and gains little).
