@@ -10,11 +10,14 @@ from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, BuildConfig
 from .labels import document_ids, make_mtp_labels
 from .loader import ShardLoader
 from .manifest import Manifest, ShardError, ShardInfo, load_manifest
+from .mixture import DataSource, SampleMix
 from .pinned_code import PINNED_CODE, PinnedDistribution, prepare_pinned_code
+from .remote import RemoteError, RemoteOptions
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "SPECIAL_IDS", "UNK_ID", "PINNED_CODE",
-    "BuildConfig", "Manifest", "PinnedDistribution", "ShardError", "ShardInfo", "ShardLoader",
+    "BuildConfig", "DataSource", "Manifest", "PinnedDistribution", "RemoteError",
+    "RemoteOptions", "SampleMix", "ShardError", "ShardInfo", "ShardLoader",
     "build_dataset", "document_ids", "document_order", "load_manifest", "make_mtp_labels",
     "prepare_pinned_code",
     "split_validation",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .config import EOS_ID, PINNED_CODE_SOURCE, SPECIAL_IDS, STDLIB_SOURCE, BuildConfig
+from .config import PINNED_CODE_SOURCE, STDLIB_SOURCE, BuildConfig
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, write_manifest
 from .pinned_code import prepare_pinned_code
 from .shard_writer import SAMPLE_MEMBER, ShardSetWriter, WindowPacker, file_sha256
@@ -26,9 +26,8 @@ from .sources import (
     stdlib_root,
 )
 from .tokenize_parallel import encode_documents
-from .tokenizer import check_tokenizer, train_tokenizer
+from .tokenizer import TOKENIZER_FILES, TokenizerSpec, read_tokenizer, train_tokenizer, trained_spec
 
-TOKENIZER_NAME = "tokenizer.model"
 _SKIP_EXAMPLES = 5
 
 
@@ -104,7 +103,7 @@ def _tokenizer_sample(refs: list[DocRef], config: BuildConfig) -> tuple[list[str
 
 
 def _known_output(name: str) -> bool:
-    return name in (MANIFEST_NAME, TOKENIZER_NAME) or name.endswith((".tar", ".partial"))
+    return name in (MANIFEST_NAME, *TOKENIZER_FILES.values()) or name.endswith((".tar", ".partial"))
 
 
 def _check_out_dir(config: BuildConfig, fingerprint: str) -> Manifest | None:
@@ -147,14 +146,15 @@ def build_dataset(config: BuildConfig) -> Manifest:
     if not refs:
         raise ValueError(f"empty corpus: source {config.source!r} (include {list(config.include)}) "
                          f"matched no documents; check the path and the --include globs")
-    reused_tok = config.tokenizer_path.read_bytes() if config.tokenizer_path else None
-    if reused_tok is not None:
-        check_tokenizer(reused_tok, config.vocab_size, str(config.tokenizer_path))
+    reused = None
+    if config.tokenizer_path is not None:
+        reused = _reused_tokenizer(config)
     fingerprint = hashlib.sha256(json.dumps({
         "format_version": FORMAT_VERSION, "settings": config.fingerprint_fields(),
         "source_kind": source_info["kind"], "corpus": corpus_fingerprint(refs),
         "document_order": "seeded-hash",
-        "tokenizer": hashlib.sha256(reused_tok).hexdigest() if reused_tok else None,
+        "tokenizer": hashlib.sha256(reused.data).hexdigest() if reused else None,
+        "special_ids": reused.special_ids if reused else None,
     }, sort_keys=True).encode()).hexdigest()
     up_to_date = _check_out_dir(config, fingerprint)
     if up_to_date is not None:
@@ -162,7 +162,7 @@ def build_dataset(config: BuildConfig) -> Manifest:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     writers: dict[str, ShardSetWriter] = {}
     try:
-        return _build(config, refs, source_info, fingerprint, reused_tok, writers)
+        return _build(config, refs, source_info, fingerprint, reused, writers)
     except BaseException:
         # Leave no half-built dataset behind (it would block the next run).
         for w in writers.values():
@@ -173,36 +173,48 @@ def build_dataset(config: BuildConfig) -> Manifest:
         raise
 
 
+def _reused_tokenizer(config: BuildConfig) -> TokenizerSpec:
+    spec = read_tokenizer(config.tokenizer_path, config.eos_token)
+    if config.vocab_size is not None and spec.vocab_size != config.vocab_size:
+        raise ValueError(f"tokenizer {config.tokenizer_path} has vocab size {spec.vocab_size} but "
+                         f"vocab_size={config.vocab_size} was requested; pass --vocab-size "
+                         f"{spec.vocab_size} (or leave it out) or train a new tokenizer")
+    if config.add_bos and spec.special_ids["bos"] is None:
+        raise ValueError(f"--add-bos: tokenizer {config.tokenizer_path} has no BOS token")
+    return spec
+
+
 def _build(config: BuildConfig, refs: list[DocRef], source_info: dict, fingerprint: str,
-           reused_tok: bytes | None, writers: dict[str, ShardSetWriter]) -> Manifest:
+           reused: TokenizerSpec | None, writers: dict[str, ShardSetWriter]) -> Manifest:
     val_names = split_validation(refs, config.val_fraction, config.seed)
-    if reused_tok is not None:
-        model_bytes, tok_info = reused_tok, {"trained": False, "source": str(config.tokenizer_path)}
+    if reused is not None:
+        spec, tok_info = reused, {"trained": False, "source": str(config.tokenizer_path)}
     else:
         texts, sample_bytes = _tokenizer_sample([r for r in refs if r.name not in val_names], config)
         if not texts:
             raise ValueError(f"no readable training documents in {config.source!r} to train the "
                              f"tokenizer on (all files unreadable, not UTF-8 or empty)")
-        model_bytes = train_tokenizer(texts, config.vocab_size)
-        check_tokenizer(model_bytes, config.vocab_size, "the trained tokenizer")
+        spec = trained_spec(train_tokenizer(texts, config.vocab_size))
+        assert spec.vocab_size == config.vocab_size, (spec.vocab_size, config.vocab_size)
         tok_info = {"trained": True, "model_type": "bpe", "byte_fallback": True,
                     "sample_documents": len(texts), "sample_bytes": sample_bytes,
                     "sample_limit_bytes": config.tokenizer_sample_bytes,
                     "sample_from": "training split, seeded hash order"}
         del texts
-    dtype = np.dtype("uint16" if config.vocab_size <= 65535 else "uint32")
+    dtype = np.dtype("uint16" if spec.vocab_size <= 65535 else "uint32")
     for split in ("train", "val"):
         writers[split] = ShardSetWriter(config.out_dir, split, config.shard_samples, dtype)
     packers = {s: WindowPacker(config.window_len, config.seq_len, dtype) for s in writers}
     stats = {s: {"documents": 0, "tokens": 0, "text_bytes": 0} for s in writers}
     skipped = {r: 0 for r in SKIP_REASONS}
     examples: dict[str, list[str]] = {}
-    eos = np.array([EOS_ID], dtype=dtype)
+    eos = np.array([spec.special_ids["eos"]], dtype=dtype)
+    bos = np.array([spec.special_ids["bos"]] if config.add_bos else [], dtype=dtype)
     workers = config.num_workers or os.cpu_count() or 1
     bar = tqdm(total=len(refs), unit="doc", desc=f"tokenize ({workers} proc)",
                disable=not config.progress)
-    for doc in encode_documents(document_order(refs, config.seed), model_bytes,
-                                config.jsonl_field, dtype.name, workers):
+    for doc in encode_documents(document_order(refs, config.seed), spec.data,
+                                config.jsonl_field, dtype.name, workers, spec.kind):
         bar.update(1)
         if doc.tokens is None:
             skipped[doc.skip_reason] += 1
@@ -213,9 +225,9 @@ def _build(config: BuildConfig, refs: list[DocRef], source_info: dict, fingerpri
         split = "val" if doc.ref.name in val_names else "train"
         st = stats[split]
         st["documents"] += 1
-        st["tokens"] += len(doc.tokens) + 1
+        st["tokens"] += len(bos) + len(doc.tokens) + 1
         st["text_bytes"] += doc.n_bytes
-        for window in packers[split].add(np.concatenate([doc.tokens, eos])):
+        for window in packers[split].add(np.concatenate([bos, doc.tokens, eos])):
             writers[split].write(window)
     bar.close()
     total_docs = stats["train"]["documents"] + stats["val"]["documents"]
@@ -235,19 +247,21 @@ def _build(config: BuildConfig, refs: list[DocRef], source_info: dict, fingerpri
                                  f"seq_len + max_depth + 1 = {config.window_len} tokens; {fix}")
         splits[split] = {**st, "windows": w.num_samples, "dropped_tail_tokens": packers[split].leftover,
                          "shards": shards}
-    tok_path = config.out_dir / TOKENIZER_NAME
-    tok_path.write_bytes(model_bytes)
+    tok_path = config.out_dir / spec.file_name
+    tok_path.write_bytes(spec.data)
     data = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "build_fingerprint": fingerprint,
         "source": {**source_info, "documents_listed": len(refs)},
         "settings": config.fingerprint_fields(),
-        "tokenizer": {"path": TOKENIZER_NAME, "sha256": file_sha256(tok_path), **tok_info},
-        "vocab_size": config.vocab_size, "special_ids": SPECIAL_IDS,
+        "tokenizer": {"path": spec.file_name, "kind": spec.kind, "sha256": file_sha256(tok_path),
+                      "special_tokens": spec.special_tokens, **tok_info},
+        "vocab_size": spec.vocab_size, "special_ids": spec.special_ids,
         "seq_len": config.seq_len, "max_depth": config.max_depth, "window_len": config.window_len,
         "stride": config.seq_len, "dtype": dtype.name,
         "sample_encoding": f"tar member '<9-digit index>.{SAMPLE_MEMBER}': window_len raw "
                            f"little-endian {dtype.name} values",
-        "document_separator": "eos_id appended after every document; no bos",
+        "document_separator": ("bos_id before and eos_id after every document" if config.add_bos
+                               else "eos_id appended after every document; no bos"),
         "val_fraction": config.val_fraction, "seed": config.seed,
         "skipped": {**skipped, "examples": examples},
         "splits": splits, "notes": config.extra,

@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Fixed special ids. The model config and the loader rely on these never moving, so both the
-# trained and any reused tokenizer are checked against them.
+# Special ids of the tokenizers this pipeline trains. A reused (published) tokenizer keeps its own;
+# the manifest records the ids of whichever was used and the loader reads them from there.
 PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
@@ -35,8 +35,9 @@ class BuildConfig:
     """Glob patterns (relative to a directory source) selecting the documents; one file = one document."""
     jsonl_field: str = "text"
     """Name of the string field holding the document text in each JSONL line."""
-    vocab_size: int = 32000
-    """BPE vocabulary size (trained tokenizer) or the expected size of a reused one."""
+    vocab_size: int | None = 32000
+    """BPE vocabulary size (trained tokenizer), or the expected size of a reused one (None: the
+    reused tokenizer's own size)."""
     seq_len: int = 1024
     """T: input tokens per sample."""
     max_depth: int = 4
@@ -48,7 +49,14 @@ class BuildConfig:
     shard_samples: int = 4096
     """Windows per `.tar` shard (the last shard of a split holds the rest)."""
     tokenizer_path: Path | None = None
-    """Reuse this sentencepiece `.model` instead of training one (its vocab must equal vocab_size)."""
+    """Reuse this tokenizer instead of training one: a Hugging Face `tokenizer.json`, a
+    sentencepiece `.model` (e.g. a published model's), or a directory holding one."""
+    eos_token: str | None = None
+    """The reused tokenizer's end-of-text token, when its files do not name one (or to override
+    them); documents are separated by it."""
+    add_bos: bool = False
+    """Start every document with the tokenizer's BOS token (as published Llama models were
+    trained)."""
     tokenizer_sample_bytes: int = 20_000_000
     """Train the tokenizer on at most this many bytes of training documents (a seeded sample)."""
     num_workers: int | None = None
@@ -92,7 +100,11 @@ class BuildConfig:
             raise bad("include", self.include, "give at least one non-empty glob such as '**/*.py'")
         if not self.jsonl_field:
             raise bad("jsonl_field", self.jsonl_field, "name the JSON field holding the text, e.g. 'text'")
-        if not isinstance(self.vocab_size, int) or not MIN_VOCAB_SIZE <= self.vocab_size <= 2**32 - 1:
+        if self.vocab_size is None:
+            if self.tokenizer_path is None:
+                raise bad("vocab_size", None, "give the vocabulary size of the tokenizer to train")
+        elif not isinstance(self.vocab_size, int) or not 1 <= self.vocab_size <= 2**32 - 1 or (
+                self.tokenizer_path is None and self.vocab_size < MIN_VOCAB_SIZE):
             raise bad("vocab_size", self.vocab_size, f"use an integer >= {MIN_VOCAB_SIZE} (byte fallback alone needs 256 ids)")
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
             raise bad("seq_len", self.seq_len, "use a positive integer such as 1024")
@@ -106,14 +118,18 @@ class BuildConfig:
             raise bad("tokenizer_sample_bytes", self.tokenizer_sample_bytes, "use a positive byte count")
         if self.num_workers is not None and self.num_workers < 1:
             raise bad("num_workers", self.num_workers, "use None (all cores) or a positive count")
-        if self.tokenizer_path is not None and not self.tokenizer_path.is_file():
-            raise bad("tokenizer_path", str(self.tokenizer_path), "point it to an existing sentencepiece .model file")
+        if self.tokenizer_path is not None and not self.tokenizer_path.exists():
+            raise bad("tokenizer_path", str(self.tokenizer_path), "point it to an existing tokenizer.json, sentencepiece .model, or a directory holding one")
+        if self.eos_token is not None and self.tokenizer_path is None:
+            raise bad("eos_token", self.eos_token, "it names a token of a reused tokenizer; give tokenizer_path too")
 
     def fingerprint_fields(self) -> dict:
         """The fields that determine the output bytes (paths and UI switches excluded)."""
         keep = ("include", "jsonl_field", "vocab_size", "seq_len", "max_depth", "val_fraction",
                 "seed", "shard_samples", "tokenizer_sample_bytes")
         d = {k: getattr(self, k) for k in keep}
+        # Only when set, so that datasets built before these options existed stay up to date.
+        d.update({k: getattr(self, k) for k in ("eos_token", "add_bos") if getattr(self, k)})
         d["include"] = list(self.include)
         return d
 

@@ -1,15 +1,16 @@
-"""Deterministic sample order of one epoch, and each data-parallel rank's slice of it.
+"""Deterministic sample order of one epoch of one source.
 
-Everything here is a pure function of (shard sample counts, seed, epoch, dp_rank, dp_size): no
-process ids, no clocks, no worker count. That is what makes the loader's resume exact.
+Everything here is a pure function of (shard sample counts, seed, source index, epoch): no
+process ids, no clocks, no worker count, no data-parallel layout. That is what makes the
+loader's resume exact (data_pipeline/rank_split.py says which rank reads which positions).
 
-Order of epoch e (when shuffling), with rng = numpy Generator(SeedSequence([seed, e])):
+Order of epoch e of source s (when shuffling), with rng = numpy Generator(SeedSequence([seed,
+s, e])):
 1. the shards are permuted; "base order" = their samples concatenated, each shard in stored order
    (the order in which a tar stream delivers them);
 2. base order is cut into consecutive blocks of `shuffle_buffer` samples and each block is
    permuted. This is a sample-buffer shuffle whose reads stay sequential: emitting any sample
    of block c needs only block c read, so a reader holds at most one block in memory.
-The epoch order is then cut into dp_size contiguous slices, one per rank (see `rank_slice`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+def epoch_rng(seed: int, source: int, epoch: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, source, epoch])))
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,19 @@ class EpochOrder:
     base_starts: np.ndarray  # [S+1] first base position of each permuted shard, then N
     order: np.ndarray  # [N] base position of each output position
 
+    def inverse(self) -> np.ndarray:
+        """[N] output position of each base position."""
+        inv = np.empty_like(self.order)
+        inv[self.order] = np.arange(len(self.order), dtype=np.int64)
+        return inv
+
     def locate(self, base_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard index into the loader's list, index within that shard) of base positions."""
         k = np.searchsorted(self.base_starts, base_pos, side="right") - 1
         return self.perm[k], base_pos - self.base_starts[k]
 
 
-def make_epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle: bool,
+def make_epoch_order(shard_sizes: list[int], seed: int, source: int, epoch: int, shuffle: bool,
                      shuffle_buffer: int) -> EpochOrder:
     sizes = np.asarray(shard_sizes, dtype=np.int64)
     n = int(sizes.sum())
@@ -45,7 +52,7 @@ def make_epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle: boo
         perm = np.arange(len(sizes))
         order = np.arange(n, dtype=np.int64)
     else:
-        rng = epoch_rng(seed, epoch)
+        rng = epoch_rng(seed, source, epoch)
         perm = rng.permutation(len(sizes))
         keys = rng.random(n)
         block = np.arange(n, dtype=np.int64) // shuffle_buffer
@@ -53,18 +60,3 @@ def make_epoch_order(shard_sizes: list[int], seed: int, epoch: int, shuffle: boo
         order = np.lexsort((keys, block)).astype(np.int64)
     base_starts = np.concatenate([[0], np.cumsum(sizes[perm])]).astype(np.int64)
     return EpochOrder(perm=perm, base_starts=base_starts, order=order)
-
-
-def rank_slice(num_samples: int, dp_rank: int, dp_size: int, one_pass: bool) -> tuple[int, int]:
-    """[start, stop) of `dp_rank`'s contiguous slice of the epoch order.
-
-    Training (one_pass=False): every rank gets exactly N // dp_size samples per epoch, so ranks
-    stay in step across epochs; the last N % dp_size positions of each epoch's order (different
-    samples every epoch) are left out. One pass (validation): the slices cover all N samples,
-    the first N % dp_size ranks get one sample more.
-    """
-    base, rem = divmod(num_samples, dp_size)
-    if not one_pass:
-        return dp_rank * base, (dp_rank + 1) * base
-    start = dp_rank * base + min(dp_rank, rem)
-    return start, start + base + (1 if dp_rank < rem else 0)

@@ -1,105 +1,150 @@
-"""`ShardLoader`: streaming MTP batches from the shards, split by DP rank and worker, exact resume.
+"""`ShardLoader`: streaming MTP batches from the shards of one or more sources, split by DP rank
+and DataLoader worker, with a resume position that does not depend on the parallel layout.
 
-How samples are assigned (all deterministic, see `epoch_order`):
-* Each epoch has one global order of the split's samples (a function of seed and epoch only).
-  Rank r reads the r-th contiguous slice of it, the same for every TP/PP peer passing the same
-  dp_rank. This is a split at the sample level, so it works for any number of shards (even one
-  shard for many ranks), and a contiguous slice touches only ~1/dp_size of the shards.
-* The rank's stream is the concatenation of its slices over epochs 0, 1, 2, ... (training), or
-  its slice of epoch 0 (one pass). Batch i (counted from the resume point) is stream positions
-  [q0 + i*B, q0 + (i+1)*B). DataLoader worker w builds batches i = w, w+W, w+2W, ...; the
-  DataLoader returns worker outputs round-robin in order, so the rank sees batches 0, 1, 2, ...
-  exactly as with num_workers=0. Each worker only reads the shards holding its samples.
-* Hence the state is one number, the stream position (samples consumed by the caller), and a
-  resume reproduces the uninterrupted stream exactly, even with another num_workers or
-  micro-batch size. Training batches may straddle an epoch boundary (no sample is dropped
-  besides the per-epoch remainder of N % dp_size).
+How samples are assigned (all deterministic):
+* Each source has, per epoch, one seeded order of its samples (`epoch_order`); its stream is
+  its epochs concatenated (a source that runs out starts its next epoch on its own).
+* The sources are interleaved by weight, sample by sample, into one infinite global order
+  (`mixture.SampleMix`; one source: its stream).
+* Training: optimizer step k consumes the window [k·G, (k+1)·G) of the global order (G = the
+  global batch size); rank r takes the r-th contiguous share of the window and walks it in
+  micro-batches (`rank_split.StepSplit`). One pass (validation, one source): rank r reads the
+  r-th contiguous slice of epoch 0 (`rank_split.PassSplit`).
+* DataLoader worker w builds the rank's batches i = w, w+W, ...; the DataLoader returns worker
+  outputs round-robin in order, so the rank sees batches 0, 1, 2, ... exactly as with
+  num_workers=0. A worker reads each shard of an epoch once, in the epoch's read order, keeping
+  only the samples its batches need (at most a shuffle block plus a shard of them at a time).
+
+Hence the state is the global position (samples consumed by all ranks together, a multiple of
+G at a step boundary) and the per-source positions follow from it: a resume continues at the
+next unconsumed sample with any data-parallel size, micro-batch size or worker count, none
+repeated, none skipped (docs/DESIGN.md, Data).
+
+The cost of that: a rank's share of a window is spread over the shuffle block that the window
+comes from, so every data-reading rank streams every shard of the blocks it reads from and
+keeps 1/dp of the samples: a rank reads dp times the bytes it uses (the reads stay sequential;
+the shard reader seeks past the others' members, so the cost in tokens delivered is much less
+than dp: rank 0 of DP=4 delivered 4.1-6.5 M tokens/s over loopback HTTP against 5.2-9.1 M at
+DP=1, benchmarks/RESULTS.md).
+Contiguous per-rank slices of each epoch read only a rank's own bytes but make the set of
+consumed samples depend on dp, so no other dp could resume from them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .epoch_order import EpochOrder, make_epoch_order, rank_slice
+from .epoch_order import make_epoch_order
 from .labels import _labels_numpy
-from .manifest import ShardError, ShardInfo, load_manifest
+from .manifest import Manifest, ShardError, ShardInfo, load_manifest
+from .mixture import DataSource, SampleMix, as_sources, check_same_tokenizer
+from .rank_split import PassSplit, StepSplit
+from .remote import RemoteOptions
 from .shard_reader import stream_shard
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class _SourcePlan:
+    index: int
+    name: str
+    shards: tuple[ShardInfo, ...]
+    dtype: np.dtype
+    window_len: int
+    vocab_size: int
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """Everything a worker needs (picklable, fixed for the loader's life)."""
+    """Everything a worker needs (picklable, fixed for one iteration)."""
 
-    shards: tuple[ShardInfo, ...]
-    dtype: np.dtype
-    window_len: int
+    sources: tuple[_SourcePlan, ...]
+    weights: tuple[int, ...]
+    split: StepSplit | PassSplit
     seq_len: int
     depth: int
     eos_id: int
-    vocab_size: int
     mask_cross_document: bool
     skip_corrupt: bool
     seed: int
     shuffle: bool
     shuffle_buffer: int
-    batch_size: int
-    one_pass: bool
-    rank_start: int
-    rank_len: int  # samples of this rank per epoch
+    remote: RemoteOptions
 
 
-class _EpochView:
-    """This rank's slice of one epoch: sample id of each position, and a lazy reader."""
+class _SourceCursor:
+    """One source's samples for one worker: the shards of the current epoch read once, in the
+    epoch's read order, keeping the samples that `owned` says this worker's batches need."""
 
-    def __init__(self, plan: _Plan, epoch: int):
-        self.plan = plan
-        self.order: EpochOrder = make_epoch_order([s.num_samples for s in plan.shards], plan.seed,
-                                                  epoch, plan.shuffle, plan.shuffle_buffer)
-        self.base = self.order.order[plan.rank_start:plan.rank_start + plan.rank_len]  # [n]
-        shard_idx, local = self.order.locate(self.base)
-        firsts = np.array([s.first_index for s in plan.shards], dtype=np.int64)
-        self.gids = firsts[shard_idx] + local  # [n] sample index at each position of the slice
+    def __init__(self, plan: _Plan, src: _SourcePlan, mix: SampleMix, owned, bad: dict,
+                 events: list):
+        self.plan, self.src, self.mix, self.owned = plan, src, mix, owned
+        self.bad, self.events = bad, events
+        self.epoch = -1
+        self.reader = None
+        self.pending: dict[int, np.ndarray | None] = {}
 
-    def reader(self, positions: np.ndarray, bad: dict[str, str], events: list):
-        """Yield (gid, window or None) for the slice positions given, in read (base) order."""
-        plan = self.plan
-        by_base = positions[np.argsort(self.base[positions])]  # read order = stored order
-        shard_idx, _ = self.order.locate(self.base[by_base])
-        gids = self.gids[by_base]
-        cuts = np.flatnonzero(np.diff(shard_idx)) + 1
-        for idx_run, gid_run in zip(np.split(shard_idx, cuts), np.split(gids, cuts)):
-            shard = plan.shards[int(idx_run[0])]
-            wanted = {int(g) for g in gid_run}
-            if shard.name not in bad:
+    def get(self, j: int) -> np.ndarray | None:
+        """The window at position j of the source's stream (None: lost to a skipped shard)."""
+        epoch = j // self.src.num_samples
+        if epoch != self.epoch:
+            assert not self.pending, "samples of the previous epoch were left unread"
+            self.epoch, self.reader = epoch, self._read_epoch(epoch)
+        while j not in self.pending:
+            got = next(self.reader, None)
+            assert got is not None, f"source {self.src.name}: sample {j} was never scheduled"
+            self.pending[got[0]] = got[1]
+        return self.pending.pop(j)
+
+    def _read_epoch(self, epoch: int):
+        plan, src = self.plan, self.src
+        n = src.num_samples
+        order = make_epoch_order([s.num_samples for s in src.shards], plan.seed, src.index, epoch,
+                                 plan.shuffle, plan.shuffle_buffer)
+        out_pos = order.inverse()  # [N] output position of each base (stored) position
+        for k, shard_idx in enumerate(order.perm):
+            b0, b1 = int(order.base_starts[k]), int(order.base_starts[k + 1])
+            j = epoch * n + out_pos[b0:b1]  # [shard samples] stream position of each
+            mine = np.flatnonzero(self.owned(self.mix.positions(src.index, j)))
+            if mine.size == 0:
+                continue
+            shard = src.shards[int(shard_idx)]
+            wanted = {shard.first_index + int(i): int(j[i]) for i in mine}
+            if shard.label not in self.bad:
                 try:
-                    for gid, window in stream_shard(shard, wanted, plan.dtype, plan.window_len,
-                                                    plan.vocab_size):
-                        wanted.discard(gid)
-                        yield gid, window
+                    for gid, window in stream_shard(shard, set(wanted), src.dtype, src.window_len,
+                                                    src.vocab_size, plan.remote, self._retried):
+                        yield wanted.pop(gid), window
                 except ShardError as err:
                     if not plan.skip_corrupt:
                         raise
-                    bad[shard.name] = err.problem
-                    events.append(("skipped_shard", shard.name, err.problem))
+                    self.bad[shard.label] = err.problem
+                    self.events.append(("skipped_shard", shard.label, err.problem))
             for gid in sorted(wanted):  # lost to a corrupt shard (skip_corrupt=True)
-                events.append(("lost_sample", shard.name, gid))
-                yield gid, None
+                self.events.append(("lost_sample", shard.label, gid))
+                yield wanted[gid], None
+
+    def _retried(self, url: str, detail: str) -> None:
+        self.events.append(("retry", url, detail))
 
 
 class _RankStream(IterableDataset):
-    """The rank's batches from stream position `start`, split over DataLoader workers."""
+    """The rank's batches (as `plan.split` assigns them), split over DataLoader workers."""
 
-    def __init__(self, plan: _Plan, start: int):
+    def __init__(self, plan: _Plan):
         super().__init__()
         self.plan = plan
-        self.start = start
 
     def __iter__(self):
         info = get_worker_info()
@@ -112,35 +157,22 @@ class _RankStream(IterableDataset):
             yield None, 0, [("error", err.shard, err.problem)]
 
     def _batches(self, w: int, nw: int):
-        plan, q0, bsz, n = self.plan, self.start, self.plan.batch_size, self.plan.rank_len
+        plan, split = self.plan, self.plan.split
+        mix = SampleMix(list(plan.weights))
+
+        def owned(p: np.ndarray) -> np.ndarray:
+            i = split.batch_of(p)
+            return (i >= 0) & ((i - split.first_batch) % nw == w)
+
         bad: dict[str, str] = {}
-        view, reader, epoch = None, None, -1
-        pending: dict[int, np.ndarray | None] = {}
         events: list = []
-        i = w
-        while True:
-            start, stop = q0 + i * bsz, q0 + (i + 1) * bsz
-            if plan.one_pass:
-                if start >= n:
-                    return
-                stop = min(stop, n)
-            windows = []
-            for q in range(start, stop):
-                e, o = divmod(q, n)
-                if e != epoch:
-                    assert not pending, "samples of the previous epoch were left unread"
-                    epoch, view = e, _EpochView(plan, e)
-                    qs = np.arange(max(q0, e * n), (e + 1) * n)
-                    mine = qs[((qs - q0) // bsz) % nw == w] - e * n  # this worker's positions
-                    reader = view.reader(mine, bad, events)
-                gid = int(view.gids[o])
-                while gid not in pending:
-                    got_gid, window = next(reader)
-                    pending[got_gid] = window
-                window = pending.pop(gid)
-                if window is not None:
-                    windows.append(window)
-            yield self._collate(windows), stop - start, events[:]
+        cursors = [_SourceCursor(plan, s, mix, owned, bad, events) for s in plan.sources]
+        i = split.first_batch + w
+        while (span := split.batch_range(i)) is not None:
+            sources, positions = mix.locate(*span)
+            windows = [cursors[s].get(int(j)) for s, j in zip(sources, positions)]
+            windows = [x for x in windows if x is not None]
+            yield self._collate(windows), span[1] - span[0], events[:]
             events.clear()
             i += nw
 
@@ -149,8 +181,8 @@ class _RankStream(IterableDataset):
         # the int64 labels and float mask are 16x larger and are built in the main process.
         if not windows:
             return None
-        used = self.plan.seq_len + self.plan.depth + 1
-        return np.stack(windows)[:, :used]  # [B, T+D+1]
+        used = self.plan.seq_len + self.plan.depth + 1  # sources may store longer windows
+        return np.stack([x[:used] for x in windows])  # [B, T+D+1]
 
 
 def _identity(x):
@@ -165,13 +197,17 @@ class ShardLoader:
     0.0 = ignore; see `make_mtp_labels` for the cross-document rule).
 
     Args:
-        manifest_path: `manifest.json` or the dataset directory.
+        data: `manifest.json` or the dataset directory (or its http(s)://, s3:// or pipe:
+            location), or a list of `DataSource`s to interleave by weight (training only; they
+            must share the tokenizer).
         split: "train" or "val".
         dp_rank, dp_size: data-parallel coordinates; TP/PP peers pass the same dp_rank.
         num_workers: DataLoader worker processes (0 = read in the calling process).
         batch_size: micro-batch size B (the last batch of a one-pass iteration may be smaller).
-        seed: shuffle seed; epoch e uses (seed, e).
-        depth: MTP depth D (<= the manifest's max_depth).
+        global_batch_size: samples per optimizer step over all DP ranks (G, a multiple of
+            B · dp_size); default B · dp_size. Training only.
+        seed: shuffle seed; epoch e of source s uses (seed, s, e).
+        depth: MTP depth D (<= every source's max_depth).
         mask_cross_document: mask targets separated from their input by an EOS.
         skip_corrupt: skip shards that are missing, of the wrong size or unreadable, counting
             them (`corrupt_shards`, `num_skipped_samples`) instead of raising ShardError.
@@ -180,18 +216,23 @@ class ShardLoader:
             new pass.
         shuffle: shuffle shards and samples (default True; False reads in stored order).
         shuffle_buffer: samples per shuffle block (also the most samples a worker buffers).
-        verify_checksums: check the split's shard sha256s against the manifest up front (reads
-            every shard once); mismatches raise ShardError, or are skipped with skip_corrupt.
+        verify_checksums: check the split's local shard sha256s against the manifest up front
+            (reads every shard once); mismatches raise ShardError, or are skipped with
+            skip_corrupt. Remote shards are always verified as they stream.
+        remote: retries, backoff, cache directory and s3 command for remote sources.
     """
 
-    def __init__(self, manifest_path: str | os.PathLike, split: str, *, dp_rank: int, dp_size: int,
-                 num_workers: int, batch_size: int, seed: int, depth: int,
+    def __init__(self, data: str | os.PathLike | Sequence[DataSource], split: str, *,
+                 dp_rank: int, dp_size: int, num_workers: int, batch_size: int, seed: int,
+                 depth: int, global_batch_size: int | None = None,
                  mask_cross_document: bool = False, skip_corrupt: bool = False,
                  infinite: bool | None = None, shuffle: bool = True, shuffle_buffer: int = 8192,
                  pin_memory: bool = False, prefetch_factor: int = 4,
-                 verify_checksums: bool = False):
+                 verify_checksums: bool = False, remote: RemoteOptions | None = None):
+        global_batch_size = global_batch_size or batch_size * dp_size
         for name, value, low in (("dp_size", dp_size, 1), ("dp_rank", dp_rank, 0),
                                  ("num_workers", num_workers, 0), ("batch_size", batch_size, 1),
+                                 ("global_batch_size", global_batch_size, 1),
                                  ("seed", seed, 0), ("depth", depth, 0),
                                  ("shuffle_buffer", shuffle_buffer, 1),
                                  ("prefetch_factor", prefetch_factor, 1)):
@@ -201,60 +242,121 @@ class ShardLoader:
         if dp_rank >= dp_size:
             raise ValueError(f"ShardLoader.dp_rank = {dp_rank} is invalid; it must be < "
                              f"dp_size = {dp_size}")
-        self.manifest = load_manifest(manifest_path, check_files=False)
-        m = self.manifest
-        if depth > m.max_depth:
-            raise ValueError(f"ShardLoader depth={depth} exceeds the dataset's max_depth="
-                             f"{m.max_depth} (windows hold seq_len + max_depth + 1 tokens); "
-                             f"rebuild with `mtp prepare --max-depth {depth}` or lower the depth")
+        if global_batch_size % (batch_size * dp_size):
+            raise ValueError(f"ShardLoader.global_batch_size = {global_batch_size} is not a "
+                             f"multiple of batch_size × dp_size = {batch_size} × {dp_size}")
+        self.sources = as_sources(data)
+        self.one_pass = (split != "train") if infinite is None else not infinite
+        if self.one_pass and len(self.sources) > 1:
+            raise ValueError("a one-pass (validation) loader reads one source; make one loader "
+                             "per source")
+        self.remote = remote or RemoteOptions()
+        self.manifests: list[Manifest] = [load_manifest(s.path, check_files=False,
+                                                        remote=self.remote) for s in self.sources]
+        check_same_tokenizer([(s.label, m) for s, m in zip(self.sources, self.manifests)])
+        for s, m in zip(self.sources, self.manifests):
+            if depth > m.max_depth:
+                raise ValueError(f"ShardLoader depth={depth} exceeds the dataset's max_depth="
+                                 f"{m.max_depth} (data source {s.label!r}; windows hold seq_len "
+                                 f"+ max_depth + 1 tokens); rebuild it with `mtp prepare "
+                                 f"--max-depth {depth}` or lower the depth")
         self.split = split
-        shards = m.shards(split)
         self.corrupt_shards: dict[str, str] = {}
-        for err in m.verify(split) if verify_checksums else m.check_shard_sizes(split):
-            if not skip_corrupt:
-                raise err
-            self.corrupt_shards[err.shard] = err.problem
+        self.num_skipped_samples = 0
+        plans = [self._source_plan(i, s, m, verify_checksums, skip_corrupt)
+                 for i, (s, m) in enumerate(zip(self.sources, self.manifests))]
         self._excluded = sorted(self.corrupt_shards)
-        kept = tuple(s for s in shards if s.name not in self.corrupt_shards)
-        total = sum(s.num_samples for s in kept)
-        one_pass = (split != "train") if infinite is None else not infinite
-        if total < dp_size:
-            raise ValueError(f"the {split} split has {total} usable samples, fewer than dp_size="
-                             f"{dp_size}; build more data or lower the data-parallel size")
-        start, stop = rank_slice(total, dp_rank, dp_size, one_pass)
-        self.num_skipped_samples = sum(s.num_samples for s in shards) - total
-        self._plan = _Plan(shards=kept, dtype=m.dtype, window_len=m.window_len, seq_len=m.seq_len,
-                           depth=depth, eos_id=m.eos_id, vocab_size=m.vocab_size,
+        self.mix = SampleMix([s.weight for s in self.sources])
+        if self.one_pass and plans[0].num_samples < dp_size:
+            raise ValueError(f"the {split} split has {plans[0].num_samples} usable samples, fewer "
+                             f"than dp_size={dp_size}; build more data or lower the "
+                             "data-parallel size")
+        m0 = self.manifests[0]
+        self._plan = _Plan(sources=tuple(plans), weights=tuple(self.mix.weights), split=None,
+                           seq_len=m0.seq_len, depth=depth, eos_id=m0.eos_id,
                            mask_cross_document=mask_cross_document, skip_corrupt=skip_corrupt,
                            seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                           batch_size=batch_size, one_pass=one_pass, rank_start=start,
-                           rank_len=stop - start)
+                           remote=self.remote)
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
+        self.batch_size, self.global_batch_size = batch_size, global_batch_size
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self._consumed = 0
+        self.retries: list[str] = []
+        """One line per transient remote failure that was retried (the trainer logs them)."""
+        self._position = 0  # global samples consumed up to the current step's window
+        self._in_step = 0  # this rank's micro-batches consumed of that window
+
+    def _source_plan(self, index: int, source: DataSource, m: Manifest, verify: bool,
+                     skip_corrupt: bool) -> _SourcePlan:
+        label = (lambda name: name) if len(self.sources) == 1 else \
+            (lambda name: f"{source.label}/{name}")
+        shards = [ShardInfo(**{**s.__dict__, "label": label(s.name)}) for s in m.shards(self.split)]
+        bad = {}
+        for err in m.verify(self.split) if verify else m.check_shard_sizes(self.split):
+            if not skip_corrupt:
+                raise ShardError(label(err.shard), err.problem)
+            bad[label(err.shard)] = err.problem
+        self.corrupt_shards.update(bad)
+        kept = tuple(s for s in shards if s.label not in bad)
+        self.num_skipped_samples += sum(s.num_samples for s in shards) - sum(
+            s.num_samples for s in kept)
+        if not kept or sum(s.num_samples for s in kept) == 0:
+            raise ValueError(f"data source {source.label!r} has no usable samples in its "
+                             f"{self.split} split")
+        return _SourcePlan(index=index, name=source.label, shards=kept, dtype=m.dtype,
+                           window_len=m.window_len, vocab_size=m.vocab_size)
+
+    # ------------------------------------------------------------------ positions
+    def _split(self) -> StepSplit | PassSplit:
+        if self.one_pass:
+            return PassSplit(self.dp_rank, self.dp_size, self.batch_size,
+                             self._plan.sources[0].num_samples,
+                             first_batch=self._position // self.batch_size)
+        return StepSplit(self.dp_rank, self.dp_size, self.batch_size, self.global_batch_size,
+                         start=self._position, first_batch=self._in_step)
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches of this rank per optimizer step (training)."""
+        return self.global_batch_size // (self.dp_size * self.batch_size)
 
     @property
     def samples_per_epoch(self) -> int:
-        """Samples this rank reads per epoch (per pass in one-pass mode)."""
-        return self._plan.rank_len
+        """One pass: samples this rank reads in the pass. Training: samples in one epoch of
+        every source together."""
+        if self.one_pass:
+            start, stop = self._split().bounds
+            return stop - start
+        return sum(s.num_samples for s in self._plan.sources)
 
     @property
     def batches_per_epoch(self) -> int:
-        """One pass: batches of one pass (last may be short). Training: full epochs / B, floored."""
-        p = self._plan
-        return -(-p.rank_len // p.batch_size) if p.one_pass else p.rank_len // p.batch_size
+        """One pass: batches of one pass (last may be short)."""
+        return -(-self.samples_per_epoch // self.batch_size)
+
+    def consumed_per_source(self) -> dict[str, int]:
+        """Training samples of each source consumed by all ranks together, up to the current
+        step's window (a global count: the same on every rank)."""
+        return {s.name: c for s, c in zip(self._plan.sources, self.mix.counts_at(self._position))}
+
+    @property
+    def epochs(self) -> dict[str, int]:
+        """Completed epochs of each source."""
+        return {s.name: c // s.num_samples
+                for s, c in zip(self._plan.sources, self.mix.counts_at(self._position))}
 
     @property
     def epoch(self) -> int:
-        return self._consumed // self._plan.rank_len
+        """Epochs completed by every source."""
+        return min(self.epochs.values())
 
+    # ------------------------------------------------------------------ iteration
     def __iter__(self):
         plan = self._plan
-        dataset = _RankStream(plan, self._consumed)
+        plan = _Plan(**{**plan.__dict__, "split": self._split()})
         kw = {}
         if self.num_workers > 0:
             kw = {"prefetch_factor": self.prefetch_factor}
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+        loader = DataLoader(_RankStream(plan), batch_size=None, num_workers=self.num_workers,
                             collate_fn=_identity, **kw)
         for batch, advanced, events in loader:
             for kind, shard, detail in events:
@@ -264,7 +366,9 @@ class ShardLoader:
                     self.corrupt_shards.setdefault(shard, detail)
                 elif kind == "lost_sample":
                     self.num_skipped_samples += 1
-            self._consumed += advanced
+                elif kind == "retry":
+                    self.retries.append(f"{shard}: {detail}")
+            self._advance(advanced)
             if batch is not None:
                 # batch: [B, T+D+1] in the stored dtype; numpy labels (see make_mtp_labels)
                 arrays = _labels_numpy(batch, plan.seq_len, plan.depth, plan.eos_id,
@@ -274,35 +378,78 @@ class ShardLoader:
                 if self.pin_memory:  # page-locked host memory for async host-to-device copies
                     batch = {k: v.pin_memory() for k, v in batch.items()}
                 yield batch
-        if plan.one_pass and self._consumed >= plan.rank_len:
-            self._consumed = 0  # the pass is complete: the next iter() is a new pass
+        if self.one_pass:
+            self._position = 0  # the pass is complete: the next iter() is a new pass
+
+    def _advance(self, samples: int) -> None:
+        if self.one_pass:
+            self._position += samples  # of this rank's pass
+            return
+        self._in_step += 1
+        if self._in_step == self.accumulation:
+            self._position += self.global_batch_size
+            self._in_step = 0
 
     def verify(self) -> list[ShardError]:
-        """sha256 + size of this split's shards against the manifest; returns the problems."""
-        return self.manifest.verify(self.split)
+        """sha256 + size of this split's (local) shards against the manifests."""
+        return [e for m in self.manifests for e in m.verify(self.split)]
 
+    # ------------------------------------------------------------------ state
     def _identity_state(self) -> dict:
         p = self._plan
-        return {"split": self.split, "seed": p.seed, "dp_rank": self.dp_rank,
-                "dp_size": self.dp_size, "shuffle": p.shuffle, "shuffle_buffer": p.shuffle_buffer,
-                "one_pass": p.one_pass, "manifest_fingerprint": self.manifest.fingerprint,
-                "excluded_shards": list(self._excluded)}
+        ident = {"split": self.split, "seed": p.seed, "shuffle": p.shuffle,
+                 "shuffle_buffer": p.shuffle_buffer, "one_pass": self.one_pass,
+                 # The datasets by content, not by name or location: a source may move (local ->
+                 # http) or be renamed between runs without changing the order.
+                 "source_fingerprints": [m.fingerprint for m in self.manifests],
+                 "weights": list(self.mix.weights), "excluded_shards": list(self._excluded)}
+        if self.one_pass:  # a pass is this rank's slice: only the same layout can continue it
+            ident.update(dp_rank=self.dp_rank, dp_size=self.dp_size, batch_size=self.batch_size)
+        return ident
 
     def state_dict(self) -> dict:
-        """Position after the last batch handed out: resume continues right after it."""
-        n = self._plan.rank_len
-        return {"version": STATE_VERSION, **self._identity_state(), "samples_consumed": self._consumed,
-                "epoch": self._consumed // n, "sample_in_epoch": self._consumed % n}
+        """Position after the last batch handed out: resume continues right after it.
+
+        Training: `samples_consumed` is the global position (all ranks together) and
+        `consumed_per_source` what it means per source; both are layout-free. Only a state
+        saved in the middle of an optimizer step (`step_in_progress`) ties the resume to the
+        same layout."""
+        state = {"version": STATE_VERSION, **self._identity_state(),
+                 "sources": [s.label for s in self.sources], "samples_consumed": self._position}
+        if self.one_pass:
+            return state
+        seq = self._plan.seq_len
+        state["consumed_per_source"] = {
+            s.name: {"samples": c, "tokens": c * seq, "epoch": c // s.num_samples}
+            for s, c in zip(self._plan.sources, self.mix.counts_at(self._position))}
+        state["step_in_progress"] = None if self._in_step == 0 else self._layout_state()
+        return state
+
+    def _layout_state(self) -> dict:
+        return {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "batch_size": self.batch_size,
+                "global_batch_size": self.global_batch_size, "micro_batches": self._in_step}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from `state_dict()`; num_workers and batch_size may differ, the order may not."""
+        """Resume from `state_dict()` with any DP size, micro-batch size or worker count (the
+        order, i.e. seed, sources, weights, shuffle and datasets, may not change)."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+            raise ValueError(f"loader state version {state.get('version')!r} is not "
+                             f"{STATE_VERSION}; it was written by another version of the loader")
         for key, value in self._identity_state().items():
             if state.get(key) != value:
                 raise ValueError(f"cannot resume: loader state has {key}={state.get(key)!r} but "
                                  f"this loader has {key}={value!r}; the sample order would differ")
-        consumed = int(state["samples_consumed"])
-        if consumed < 0 or (self._plan.one_pass and consumed > self._plan.rank_len):
-            raise ValueError(f"loader state samples_consumed={consumed} is out of range")
-        self._consumed = consumed
+        position = int(state["samples_consumed"])
+        if position < 0 or (self.one_pass and position > self.samples_per_epoch):
+            raise ValueError(f"loader state samples_consumed={position} is out of range")
+        in_step = 0
+        if not self.one_pass and state.get("step_in_progress"):
+            saved = dict(state["step_in_progress"])
+            in_step = saved.pop("micro_batches")
+            now = {k: v for k, v in self._layout_state().items() if k != "micro_batches"}
+            if saved != now:
+                raise ValueError(
+                    f"cannot resume: the loader state was saved after {in_step} micro-batch(es) "
+                    f"of an optimizer step with {saved}, which this loader ({now}) cannot "
+                    "continue; resume from a state saved at a step boundary")
+        self._position, self._in_step = position, in_step

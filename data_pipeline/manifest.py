@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -9,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SPECIAL_IDS
+from .remote import MANIFEST_NAME, Location, RemoteError, RemoteOptions, fetch, parse_location
 from .shard_writer import file_sha256
 
-MANIFEST_NAME = "manifest.json"
 FORMAT = "mtp-token-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -30,26 +30,52 @@ class ShardError(ValueError):
 @dataclass(frozen=True)
 class ShardInfo:
     name: str
-    path: Path
+    location: Location
     split: str
     first_index: int
     num_samples: int
     size: int
     sha256: str
+    label: str = ""
+    """How messages name the shard: its file name, or `source/name` in a mixture."""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
+
+    @property
+    def path(self) -> Path:
+        """The local file (local datasets only)."""
+        return self.location.local_path(self.name)
+
+    @property
+    def url(self) -> str:
+        return self.location.describe(self.name)
 
 
 @dataclass
 class Manifest:
     """A loaded, validated manifest; `data` is the raw JSON object."""
 
-    path: Path
+    path: Path | str
+    """The manifest file (local), or its URL."""
     data: dict
     status: str = "loaded"
     """"loaded", or from build_dataset: "built" / "up-to-date"."""
+    location: Location | None = None
+    remote: RemoteOptions = RemoteOptions()
+
+    def __post_init__(self) -> None:
+        if self.location is None:
+            self.location = Location("local", str(Path(self.path).parent))
+
+    @property
+    def is_local(self) -> bool:
+        return self.location.is_local
 
     @property
     def root(self) -> Path:
-        return self.path.parent
+        return Path(self.location.base)
 
     @property
     def vocab_size(self) -> int:
@@ -72,8 +98,13 @@ class Manifest:
         return np.dtype(self.data["dtype"]).newbyteorder("<")
 
     @property
-    def special_ids(self) -> dict[str, int]:
+    def special_ids(self) -> dict[str, int | None]:
+        """pad/bos/eos/unk ids of the dataset's tokenizer (None: it has no such token)."""
         return dict(self.data["special_ids"])
+
+    @property
+    def tokenizer_kind(self) -> str:
+        return str(self.data["tokenizer"].get("kind", "sentencepiece"))
 
     @property
     def eos_id(self) -> int:
@@ -81,7 +112,35 @@ class Manifest:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.root / self.data["tokenizer"]["path"]
+        """The tokenizer file of a local dataset (see `read_tokenizer` for any dataset)."""
+        return self.location.local_path(self.data["tokenizer"]["path"])
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(self.data["tokenizer"]["path"])
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return str(self.data["tokenizer"]["sha256"])
+
+    def read_tokenizer(self) -> bytes:
+        """The tokenizer file's bytes (fetched for a remote dataset), checked by sha256."""
+        tok = self.tokenizer_name
+        if self.is_local:
+            path = self.tokenizer_path
+            if not path.is_file():
+                raise ValueError(f"tokenizer {str(path)!r} named by the manifest is missing")
+            data = path.read_bytes()
+        else:
+            try:
+                data = fetch(self.location, tok, self.remote, sha256=self.tokenizer_sha256)
+            except RemoteError as err:
+                raise ValueError(f"tokenizer of the dataset at {self.path}: {err}") from None
+        if hashlib.sha256(data).hexdigest() != self.tokenizer_sha256:
+            raise ValueError(f"tokenizer {self.location.describe(tok)!r} does not match the "
+                             "manifest's sha256 (it was replaced after the shards were built); "
+                             "rebuild with `mtp prepare --overwrite`")
+        return data
 
     @property
     def fingerprint(self) -> str:
@@ -90,7 +149,7 @@ class Manifest:
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in SPLITS:
             raise ValueError(f"split = {split!r} is invalid; use one of {SPLITS}")
-        return [ShardInfo(name=s["name"], path=self.root / s["name"], split=split,
+        return [ShardInfo(name=s["name"], location=self.location, split=split,
                           first_index=int(s["first_index"]), num_samples=int(s["num_samples"]),
                           size=int(s["size"]), sha256=s["sha256"])
                 for s in self.data["splits"][split]["shards"]]
@@ -99,8 +158,11 @@ class Manifest:
         return sum(s.num_samples for s in self.shards(split))
 
     def check_shard_sizes(self, split: str | None = None) -> list[ShardError]:
-        """Cheap check (stat only): every shard exists with the recorded size."""
+        """Cheap check (stat only): every shard exists with the recorded size. Remote shards
+        are checked as they stream (size and sha256), so nothing is checked here for them."""
         problems = []
+        if not self.is_local:
+            return problems
         for sp in (split,) if split else SPLITS:
             for s in self.shards(sp):
                 try:
@@ -115,8 +177,11 @@ class Manifest:
         return problems
 
     def verify(self, split: str | None = None) -> list[ShardError]:
-        """Full check: sizes and sha256 of every shard (reads all data)."""
+        """Full check: sizes and sha256 of every shard (reads all data; local datasets only:
+        remote shards are verified as they stream)."""
         problems = self.check_shard_sizes(split)
+        if not self.is_local:
+            return problems
         bad = {p.shard for p in problems}
         for sp in (split,) if split else SPLITS:
             for s in self.shards(sp):
@@ -130,41 +195,57 @@ _REQUIRED = ("format", "format_version", "build_fingerprint", "vocab_size", "seq
              "window_len", "stride", "dtype", "special_ids", "tokenizer", "splits")
 
 
-def load_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest:
-    """Read and validate a manifest (a `manifest.json` or the dataset directory holding it).
+def load_manifest(path: str | os.PathLike, check_files: bool = True,
+                  remote: RemoteOptions | None = None) -> Manifest:
+    """Read and validate a manifest: a `manifest.json`, the dataset directory holding it, or the
+    same at an http(s)://, s3:// or pipe: location (data_pipeline/remote.py).
 
-    With `check_files`, the tokenizer sha256 and every shard's existence and size are checked
-    (cheap); shard sha256s are only checked by `Manifest.verify()`.
+    With `check_files`, the tokenizer sha256 and (local datasets) every shard's existence and
+    size are checked (cheap); shard sha256s are only checked by `Manifest.verify()`, or as
+    remote shards stream.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST_NAME
+    remote = remote or RemoteOptions()
+    location, name = parse_location(path)
+    where = location.describe(name)
+    if location.is_local:
+        try:
+            text = location.local_path(name).read_text()
+        except FileNotFoundError as exc:
+            raise ValueError(f"no dataset manifest at {where!r}; build one with `mtp prepare`") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"manifest {where!r} is unreadable: {exc}") from exc
+    else:
+        try:
+            text = fetch(location, name, remote).decode()
+        except RemoteError as exc:
+            raise ValueError(f"no dataset manifest readable at {where!r} ({exc.problem})") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"manifest {where!r} is not text: {exc}") from exc
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ValueError(f"no dataset manifest at {str(path)!r}; build one with `mtp prepare`") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"manifest {str(path)!r} is unreadable or not JSON: {exc}") from exc
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"manifest {where!r} is unreadable or not JSON: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not an {FORMAT} manifest")
+        raise ValueError(f"{where!r} is not an {FORMAT} manifest")
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
-        raise ValueError(f"manifest {str(path)!r} lacks {missing}; rebuild with `mtp prepare --overwrite`")
+        raise ValueError(f"manifest {where!r} lacks {missing}; rebuild with `mtp prepare --overwrite`")
     if data["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"manifest {str(path)!r} has format_version {data['format_version']}, this "
+        raise ValueError(f"manifest {where!r} has format_version {data['format_version']}, this "
                          f"code reads {FORMAT_VERSION}; rebuild with `mtp prepare --overwrite`")
-    if data["special_ids"] != SPECIAL_IDS:
-        raise ValueError(f"manifest {str(path)!r} has special ids {data['special_ids']}, expected {SPECIAL_IDS}")
+    ids = data["special_ids"]
+    eos = ids.get("eos") if isinstance(ids, dict) else None
+    if not isinstance(eos, int) or not 0 <= eos < data["vocab_size"] or any(
+            v is not None and not isinstance(v, int) for v in ids.values()):
+        raise ValueError(f"manifest {where!r} has special ids {ids}: an integer eos id below the "
+                         "vocab size is needed (it separates documents); rebuild with "
+                         "`mtp prepare --overwrite`")
     if data["window_len"] != data["seq_len"] + data["max_depth"] + 1:
-        raise ValueError(f"manifest {str(path)!r}: window_len != seq_len + max_depth + 1")
-    m = Manifest(path=path.resolve(), data=data)
+        raise ValueError(f"manifest {where!r}: window_len != seq_len + max_depth + 1")
+    m = Manifest(path=location.local_path(name) if location.is_local else where, data=data,
+                 location=location, remote=remote)
     if check_files:
-        tok = m.tokenizer_path
-        if not tok.is_file():
-            raise ValueError(f"tokenizer {str(tok)!r} named by the manifest is missing")
-        if file_sha256(tok) != data["tokenizer"]["sha256"]:
-            raise ValueError(f"tokenizer {str(tok)!r} does not match the manifest's sha256 (it was "
-                             f"replaced after the shards were built); rebuild with `mtp prepare --overwrite`")
+        m.read_tokenizer()
         problems = m.check_shard_sizes()
         if problems:
             raise problems[0]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .sources import DocRef, read_document
-from .tokenizer import load_processor
+from .tokenizer import TextTokenizer
 
 # Documents per task: large enough to amortise pickling, small enough to balance the pool.
 _DOCS_PER_TASK = 16
@@ -31,8 +31,8 @@ class EncodedDoc:
 _worker_state: dict = {}
 
 
-def _init_worker(model_bytes: bytes, jsonl_field: str, dtype: str) -> None:
-    _worker_state["sp"] = load_processor(model_bytes)
+def _init_worker(kind: str, model_bytes: bytes, jsonl_field: str, dtype: str) -> None:
+    _worker_state["sp"] = TextTokenizer(kind, model_bytes)
     _worker_state["field"] = jsonl_field
     _worker_state["dtype"] = np.dtype(dtype)
 
@@ -50,10 +50,11 @@ def _encode_chunk(refs: list[DocRef]) -> list[tuple[np.ndarray | None, str | Non
 
 
 def encode_documents(refs: list[DocRef], model_bytes: bytes, jsonl_field: str, dtype: str,
-                     num_workers: int) -> Iterator[EncodedDoc]:
-    """Yield one `EncodedDoc` per ref, in the order of `refs`."""
+                     num_workers: int, kind: str = "sentencepiece") -> Iterator[EncodedDoc]:
+    """Yield one `EncodedDoc` per ref, in the order of `refs` (`kind`: of the tokenizer bytes,
+    see data_pipeline/tokenizer.py)."""
     chunks = [refs[i:i + _DOCS_PER_TASK] for i in range(0, len(refs), _DOCS_PER_TASK)]
-    init = (model_bytes, jsonl_field, dtype)
+    init = (kind, model_bytes, jsonl_field, dtype)
     if num_workers <= 1:
         _init_worker(*init)
         results = map(_encode_chunk, chunks)

@@ -14,6 +14,8 @@ from typing import Literal
 
 import yaml
 
+from data_pipeline.mixture import DataSource
+from data_pipeline.remote import RemoteOptions
 from model.config import DecoderConfig, ModelConfig, MTPConfig, require_positive
 from model.mtp.objective import NO_MTP
 from pretrain.config_loader import ConfigError, apply_override, from_dict, load_yaml
@@ -84,9 +86,60 @@ class MTPWeightConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a training mixture."""
+
+    path: str = ""
+    """Dataset directory written by `mtp prepare` (or its manifest.json)."""
+    weight: float = 1.0
+    """Sampling weight; the mixture draws each source in proportion to its weight, sample by
+    sample (only ratios matter)."""
+    name: str = ""
+    """Name in metrics (data/tokens/NAME, val/NAME/...) and messages; default: the dataset
+    directory's name."""
+
+
+@dataclass
+class RemoteConfig:
+    """Reading datasets at http(s)://, s3:// or pipe: locations (data_pipeline/remote.py)."""
+
+    retries: int = 5
+    """Retries per file after a transient failure (dropped connection, timeout, HTTP 5xx, a
+    command exiting non-zero), each resuming at the byte reached; every one is logged."""
+    backoff_s: float = 1.0
+    """Wait before the first retry, doubled for each further one (at most 30 s)."""
+    stall_timeout_s: int = 60
+    """An HTTP transfer that delivers nothing for this long is abandoned and retried."""
+    cache_dir: str = ""
+    """Keep verified remote shards here (named by sha256) and read them locally next time;
+    empty: no cache. Shared by all ranks of a node."""
+    s3_command: str = "aws s3 cp {url} -"
+    """Command printing an s3:// object to stdout ({url}, {bucket}, {key} are filled in), e.g.
+    'aws s3 cp --endpoint-url https://minio:9000 {url} -' or 's5cmd cat {url}'."""
+
+    def validate(self) -> None:
+        require_positive("data.remote.retries", self.retries, allow_zero=True)
+        require_positive("data.remote.backoff_s", self.backoff_s, allow_zero=True)
+        require_positive("data.remote.stall_timeout_s", self.stall_timeout_s)
+        if "{url}" not in self.s3_command and "{key}" not in self.s3_command:
+            raise ValueError(f"data.remote.s3_command = {self.s3_command!r} names no object; "
+                             "include {url} (or {bucket} and {key})")
+
+    def options(self) -> RemoteOptions:
+        return RemoteOptions(retries=self.retries, backoff_s=self.backoff_s,
+                             stall_timeout_s=self.stall_timeout_s,
+                             cache_dir=self.cache_dir or None, s3_command=self.s3_command)
+
+
+@dataclass
 class DataConfig:
     path: str = ""
-    """Dataset directory written by `mtp prepare` (holds manifest.json)."""
+    """Dataset directory written by `mtp prepare` (holds manifest.json), or where it is
+    published: http(s)://HOST/DIR/, s3://BUCKET/DIR/, or pipe:COMMAND printing the file {name}
+    (shards are streamed, never downloaded whole); or use `sources`."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture instead of `path`: [{path, weight, name}, ...]. The sources must share
+    the tokenizer and seq_len; each has its own epochs; validation loss is logged per source."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 reads in the training process)."""
     mask_cross_document: bool | Literal["attention"] = True
@@ -98,19 +151,48 @@ class DataConfig:
     skip_corrupt: bool = False
     """Skip (and count) corrupt shards instead of stopping with an error that names them."""
     verify_checksums: bool = True
-    """Check every training shard's sha256 against the manifest at start-up (reads the split
-    once per data-reading rank); a mismatch is an error naming the shard, or a counted skip with
-    skip_corrupt. Without it a shard altered in place (same size, readable) trains silently."""
+    """Check every local training shard's sha256 against the manifest at start-up (reads the
+    split once per data-reading rank); a mismatch is an error naming the shard, or a counted
+    skip with skip_corrupt. Without it a shard altered in place (same size, readable) trains
+    silently. Remote shards are always checked, as they stream."""
     shuffle_buffer: int = 8192
     """Samples shuffled together within the seeded epoch order."""
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def validate(self) -> None:
-        if not self.path:
+        if self.path and self.sources:
+            raise ValueError(
+                f"data.path = {self.path!r} and data.sources = [{len(self.sources)} sources] are "
+                "both set; use data.path for one dataset or data.sources for a mixture")
+        if not self.path and not self.sources:
             raise ValueError(
                 "data.path is empty; point it at a dataset built by `mtp prepare` "
-                "(e.g. data.path=data/stdlib)")
+                "(e.g. data.path=data/stdlib), or list a mixture in data.sources")
+        for i, src in enumerate(self.sources):
+            if not src.path:
+                raise ValueError(f"data.sources[{i}].path is empty; give the source's dataset "
+                                 "directory")
+            if not src.weight > 0:
+                raise ValueError(f"data.sources[{i}].weight = {src.weight}; use a positive "
+                                 "number (only the ratios between sources matter)")
+        names = [s.label for s in self.source_list()]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"data.sources: the name(s) {dupes} are used by several sources; "
+                             "give each one its own data.sources[i].name")
         require_positive("data.num_workers", self.num_workers, allow_zero=True)
         require_positive("data.shuffle_buffer", self.shuffle_buffer)
+        self.remote.validate()
+
+    def source_list(self) -> list[DataSource]:
+        """The datasets to read: `path` as one source, or the mixture."""
+        if self.path:
+            return [DataSource(self.path)]
+        return [DataSource(s.path, s.weight, s.name) for s in self.sources]
+
+    @property
+    def is_mixture(self) -> bool:
+        return len(self.sources) > 1
 
 
 @dataclass
@@ -158,10 +240,13 @@ class TrainConfig:
     gradients; 'auto' is 'bf16' (see benchmarks/RESULTS.md for the A/B). With fp32 precision
     everything is fp32."""
     init_from: str | None = None
-    """Start the main model (embedding, blocks, final norm; not the MTP tail) from this export
-    or checkpoint/run directory instead of a random init, e.g. to train blockwise heads on a
-    frozen pretrained trunk (mtp.freeze_trunk). The shapes must match; PP = 1 only. A resumed run
-    takes every weight from its checkpoint."""
+    """Start the main model (embedding, blocks, final norm; not the MTP tail, which is freshly
+    initialised) from this export, checkpoint/run directory, or Hugging Face Llama checkpoint
+    directory (config.json + model.safetensors, as transformers saves it) instead of a random
+    init: continued pretraining of a published model with MTP, or blockwise heads on a frozen
+    pretrained trunk (mtp.freeze_trunk). The model section must describe the same shape (an
+    error lists what differs); PP = 1 only. A resumed run takes every weight from its
+    checkpoint."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile the transformer blocks and the fused loss kernels. 'auto': on with GPUs and
     ZeRO <= 2, off on CPU (compiling costs ~30 s per block shape there and gains little).

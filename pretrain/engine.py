@@ -11,6 +11,7 @@ from torch import nn
 
 from model import MTPLanguageModel, ParallelContext
 from model.compile import compile_for_training, use_loss_kernels
+from model.config import ModelConfig
 from model.sharding import load_full_state_dict
 from model.tail import TAIL_PREFIX
 from pretrain.config import ConfigError, Layout, RunConfig
@@ -66,12 +67,38 @@ def param_groups(module: nn.Module, weight_decay: float,
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _init_main_model(module: nn.Module, ctx: ParallelContext, path: str) -> str:
-    """train.init_from: the main model's weights from an export or a checkpoint."""
+# The model fields that decide the main model's weights and outputs (not max_seq_len: RoPE is
+# computed for any position; not the loss settings, which are training-only).
+_INIT_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_heads", "ffn_size",
+                "tie_embeddings", "rope_theta", "norm_eps")
+_CONFIG_KEY = {"kv_heads": "num_kv_heads", "ffn_size": "ffn_hidden_size"}
+
+
+def init_differences(run: ModelConfig, source: ModelConfig) -> list[tuple[str, object, object]]:
+    """(config key, run value, source value) for every field where the run's model section
+    cannot take the source model's weights as they are."""
+    return [(f"model.{_CONFIG_KEY.get(f, f)}", getattr(run, f), getattr(source, f))
+            for f in _INIT_FIELDS if getattr(run, f) != getattr(source, f)]
+
+
+def _init_main_model(module: nn.Module, ctx: ParallelContext, path: str,
+                     run_model: ModelConfig) -> str:
+    """train.init_from: the main model's weights from an export, a training checkpoint or a
+    Hugging Face Llama checkpoint directory (config.json + safetensors); the MTP modules keep
+    their fresh initialisation."""
     from pretrain.export.loading import read_full_state_dict
 
     try:
-        _, full, _, _, source = read_full_state_dict(path)
+        dcfg, full, _, _, source = read_full_state_dict(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"train.init_from = {path!r}: {err}") from None
+    diffs = init_differences(run_model, dcfg.model)
+    if diffs:
+        raise ConfigError(
+            f"train.init_from = {path!r}: the run's model section differs from that model: "
+            + "; ".join(f"{k} = {run!r}, the model has {theirs!r}" for k, run, theirs in diffs)
+            + "; set " + " ".join(f"{k}={theirs}" for k, _, theirs in diffs))
+    try:
         load_full_state_dict(module, full, ctx.tp_group, prefix_excluded=TAIL_PREFIX)
     except (OSError, ValueError) as err:
         raise ConfigError(f"train.init_from = {path!r}: {err}") from None
@@ -92,7 +119,7 @@ def build_engine(cfg: RunConfig, layout: Layout, topo: Topology, policy: Runtime
         mpu = None  # the pipeline engine takes its groups from the topology
     source = None
     if cfg.train.init_from is not None:  # a resume later overwrites every weight
-        source = _init_main_model(module, ctx, cfg.train.init_from)
+        source = _init_main_model(module, ctx, cfg.train.init_from, cfg.model)
     use_loss_kernels(module, policy.loss_kernels)
     if policy.compile:
         compile_for_training(module)

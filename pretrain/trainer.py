@@ -15,13 +15,14 @@ import torch.distributed as dist
 from deepspeed.utils import logger as ds_logger
 
 from data_pipeline import ShardError, load_manifest
+from data_pipeline.mixture import check_same_tokenizer
 from model import accelerator
 from model.cost import forward_flops_per_token
 from pretrain import checkpoint as ckpt
 from pretrain import exit_codes
 from pretrain.acceptance_eval import acceptance_metrics
 from pretrain.config import ConfigError, RunConfig, validate_layout
-from pretrain.data_loading import make_loader
+from pretrain.data_loading import make_loader, weighted_validation
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.distributed import build_topology, detect_launch_env, init_distributed
 from pretrain.engine import build_engine
@@ -98,8 +99,11 @@ class Trainer:
         self.train_loader = train_loader if train_loader is not None else (
             self._loader("train") if reads_data else None)
         self._reported_corrupt: set[str] = set()
+        self._reported_retries = 0
         self._report_skipped_data()
-        self.has_val = self.manifest.num_samples("val") > 0 and cfg.train.eval_interval > 0
+        # Validation runs over each source that has a validation split.
+        self.val_sources = [name for name, m in self.manifests if m.num_samples("val") > 0]
+        self.has_val = bool(self.val_sources) and cfg.train.eval_interval > 0
 
         self.progress = Progress()
         self.skipped_in_a_row = 0
@@ -114,14 +118,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
     def _load_manifest(self):
-        data, m = self.cfg.data, self.cfg.model
+        """The first source's manifest, after checking every source against the model and each
+        other (a mixture shares one tokenizer); all of them in self.manifests."""
+        data = self.cfg.data
+        self.manifests = []
+        for i, source in enumerate(data.source_list()):
+            key = "data.path" if data.path else f"data.sources[{i}].path"
+            try:
+                # With skip_corrupt the loader checks (and skips, counting) the shards itself.
+                manifest = load_manifest(source.path, check_files=not data.skip_corrupt,
+                                         remote=data.remote.options())
+            except ShardError:
+                raise
+            except ValueError as err:  # no/unreadable manifest, tokenizer replaced after the build
+                raise ConfigError(f"{key} = {source.path!r}: {err}") from None
+            self._check_dataset(manifest, source.path)
+            self.manifests.append((source.label, manifest))
         try:
-            # With skip_corrupt the loader checks (and skips, counting) the shards itself.
-            manifest = load_manifest(data.path, check_files=not data.skip_corrupt)
-        except ShardError:
-            raise
-        except ValueError as err:  # no/unreadable manifest, tokenizer replaced after the build
-            raise ConfigError(f"data.path = {data.path!r}: {err}") from None
+            check_same_tokenizer(self.manifests)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return self.manifests[0][1]
+
+    def _check_dataset(self, manifest, path: str) -> None:
+        m = self.cfg.model
         if manifest.vocab_size > m.vocab_size:
             raise ConfigError(
                 f"the dataset's tokenizer has {manifest.vocab_size} tokens but model.vocab_size = "
@@ -129,7 +149,7 @@ class Trainer:
                 "multiple of the TP size is fine)")
         if self.cfg.mtp.depth > manifest.max_depth:
             raise ConfigError(
-                f"mtp.depth = {self.cfg.mtp.depth} but the dataset at {data.path} was built for "
+                f"mtp.depth = {self.cfg.mtp.depth} but the dataset at {path} was built for "
                 f"max_depth {manifest.max_depth}; rebuild it with `mtp prepare --max-depth "
                 f"{self.cfg.mtp.depth}` or lower mtp.depth")
         if manifest.seq_len > m.max_seq_len:
@@ -142,13 +162,13 @@ class Trainer:
                 f"parallel.sequence_parallel = true splits the sequence over parallel.tp = {tp} "
                 f"ranks, but the dataset's seq_len {manifest.seq_len} is not divisible by {tp}; "
                 "build the data with a divisible --seq-len or turn sequence parallelism off")
-        return manifest
 
-    def _loader(self, purpose: str):
+    def _loader(self, purpose: str, source: str | None = None):
         t = self.cfg.train
         return make_loader(self.cfg.data, purpose, dp_rank=self.topo.dp_rank,
                            dp_size=self.layout.dp, batch_size=t.micro_batch_size, seed=t.seed,
-                           depth=self.cfg.mtp.depth, pin_memory=self.policy.pin_memory)
+                           depth=self.cfg.mtp.depth, pin_memory=self.policy.pin_memory,
+                           global_batch_size=t.global_batch_size, source=source)
 
     def _print_header(self, n_params: int) -> None:
         lay, cfg = self.layout, self.cfg
@@ -190,17 +210,21 @@ class Trainer:
 
     def _marker(self) -> dict:
         lay = self.layout
+        # The data position is global (samples consumed by all ranks together, per source):
+        # saved once, from rank 0 (always a data-reading rank), and any layout resumes from it.
+        position = self.train_loader.state_dict() if self.train_loader is not None else None
         return {"config": self.cfg.to_dict(),
                 "layout": {"world": lay.world, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
                 "manifest": str(self.manifest.path),
-                "dataset_fingerprint": self.manifest.fingerprint}
+                "dataset_fingerprint": self.manifest.fingerprint,
+                "data_position": position}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> ckpt.CheckpointRef | None:
         """None when the save failed and checkpoint.on_save_error = 'continue'."""
         trainer_state = {**self.progress.state_dict(), "mtp_weight": self.mtp_weight.state_dict(),
                          "config": self.cfg.to_dict()}
-        rank_state = {"loader": self.train_loader.state_dict() if self.train_loader else None}
+        rank_state: dict = {}  # the data position is global: in the marker (_marker)
         keep_going = self.cfg.checkpoint.on_save_error == "continue"
         try:
             ref = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, trainer_state,
@@ -237,7 +261,14 @@ class Trainer:
         self.progress.load_state_dict(state)
         self.mtp_weight.load_state_dict(state["mtp_weight"])
         if self.train_loader is not None:
-            self.train_loader.load_state_dict(rank_state["loader"])
+            position = ref.marker().get("data_position")
+            if position is None:
+                raise ConfigError(f"cannot resume from {ref.path}: its COMPLETE.json records no "
+                                  "data position (written by an older version); start a new run")
+            try:
+                self.train_loader.load_state_dict(position)
+            except ValueError as err:
+                raise ConfigError(f"cannot resume from {ref.path}: {err}") from None
         ckpt.set_rng_states(rank_state["rng"])
         self.logger.print(f"resumed from {ref.path} at step {self.step}")
 
@@ -252,20 +283,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """val/... metrics; with a mixture, val/NAME/... per source and val/... their mean
+        weighted like the training mixture."""
         reads_data = self.topo.is_first_stage or self.topo.is_last_stage
-        batches = iter(self._loader("validation")) if reads_data else None
         mtp_weight = self.mtp_weight(self.progress.consumed_tokens)
         self.engine.eval()
-        outputs = self.runner.evaluate(batches, self.cfg.train.eval_batches, mtp_weight,
-                                       self.step)
-        stats = StepStats(outputs=outputs, lr=0.0, mtp_weight=mtp_weight, applied=True)
-        metrics = gather_to_rank0(stats, self.topo, self.cfg.mtp.depth, prefix="val/")
+        per_source = {}
+        for name in self.val_sources:
+            batches = iter(self._loader("validation", name)) if reads_data else None
+            outputs = self.runner.evaluate(batches, self.cfg.train.eval_batches, mtp_weight,
+                                           self.step)
+            stats = StepStats(outputs=outputs, lr=0.0, mtp_weight=mtp_weight, applied=True)
+            per_source[name] = gather_to_rank0(stats, self.topo, self.cfg.mtp.depth, prefix="val/")
+        metrics = weighted_validation(per_source, self.cfg.data)
         t = self.cfg.train
         if t.eval_acceptance_prompts:
             prompt_len = min(64, self.cfg.model.max_seq_len - t.eval_acceptance_tokens
                              - 2 * self.cfg.mtp.depth - 2)
             metrics.update(acceptance_metrics(
-                self.engine.module, self._loader("prompts"), t.eval_acceptance_prompts,
+                self.engine.module, self._loader("prompts", self.val_sources[0]),
+                t.eval_acceptance_prompts,
                 prompt_len, t.eval_acceptance_tokens, self.topo.dp_group,
                 self.policy.device_graphs))
         self.engine.train()
@@ -318,6 +355,8 @@ class Trainer:
             "optim/skipped_steps": float(self.progress.skipped_steps),
             "perf/tokens_per_s": tps,
             "train/consumed_tokens": float(self.progress.consumed_tokens),
+            **self._tokens_per_source(),
+            "data/remote_retries": float(len(getattr(self.train_loader, "retries", []))),
             "perf/mfu": (tps * self.train_flops_per_token / (self.layout.world * self.peak)
                          if self.peak else None),
             "memory/peak_gib": peak / 2**30 if peak is not None else None,
@@ -328,13 +367,22 @@ class Trainer:
             result.losses.append({"step": self.step, **metrics})
         self._t_last, self._steps_since = time.perf_counter(), 0
 
+    def _tokens_per_source(self) -> dict[str, float]:
+        """data/tokens/NAME: input tokens consumed from each source by all ranks together."""
+        per_source = getattr(self.train_loader, "consumed_per_source", None)
+        if per_source is None:  # a rank without data, or a replacement loader
+            return {}
+        return {f"data/tokens/{name}": float(n * self.seq_len)
+                for name, n in per_source().items()}
+
     def _validate(self, result: TrainResult) -> None:
         val = self.evaluate()
         if self.rank == 0:
             self.logger.scalars(self.step, val)
             self.logger.print("validation: " + ", ".join(
                 f"{k[4:]} {v:.4f}" for k, v in val.items()
-                if k.startswith(("val/loss", "val/acceptance"))))
+                if k.startswith(("val/loss", "val/acceptance"))
+                or (self.cfg.data.is_mixture and k.endswith("/loss/total"))))
             result.validation.append({"step": self.step, **val})
         self._t_last = time.perf_counter()  # validation time does not count as training time
 
@@ -346,8 +394,14 @@ class Trainer:
         return flag.item() > 0
 
     def _report_skipped_data(self) -> None:
-        """Shards skipped with data.skip_corrupt are reported by every rank that skips them."""
+        """Shards skipped with data.skip_corrupt, and retried remote reads, are reported by
+        every rank that meets them."""
         loader = self.train_loader
+        retries = getattr(loader, "retries", [])
+        for line in retries[self._reported_retries:]:
+            print(f"mtp train: warning: rank {self.rank}: remote read failed, retrying: {line}",
+                  file=sys.stderr, flush=True)
+        self._reported_retries = len(retries)
         new = sorted(set(getattr(loader, "corrupt_shards", {})) - self._reported_corrupt)
         for name in new:
             print(f"mtp train: warning: rank {self.rank}: skipping corrupt shard {name} "

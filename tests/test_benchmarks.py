@@ -81,3 +81,23 @@ def test_bench_loss_kernels_smoke(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/bench_loss_kernels.py", "--rows", "0"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "--rows must be >= 1" in bad.stderr
+
+
+def test_bench_mixture_http_smoke(tmp_path):
+    from tests.test_data_common import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_files=30)  # pkg0, pkg1, pkg2: the three sources
+    res = subprocess.run(
+        [sys.executable, "benchmarks/bench_mixture_http.py", "--source", str(corpus),
+         "--vocab-size", "320", "--seq-len", "16", "--max-depth", "2", "--shard-samples", "16",
+         "--tokenizer-sample-bytes", "100000", "--build-workers", "1", "--batch-size", "4",
+         "--batches", "20",
+         "--workers", "0", "1", "--dp", "2"],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    table = res.stdout.split("| reader |")[1].splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in table] == [
+        "local files", "local files", "loopback HTTP", "loopback HTTP",
+        "loopback HTTP, rank 0 of DP=2"]
+    for row in table:
+        assert float(row.split("|")[3].replace(",", "")) > 0, row

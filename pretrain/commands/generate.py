@@ -43,9 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sentencepiece as spm
     import torch
 
+    from data_pipeline.tokenizer import TextTokenizer
     from model.generation import generate, generate_speculative
     from model.generation.sampling import SamplingConfig
     from pretrain.export.loading import load_for_inference
@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = load_for_inference(args.model, dtype)
         if loaded.tokenizer_path is None:
-            raise ValueError(f"{args.model} comes with no tokenizer.model; export it with its "
-                             "dataset's tokenizer")
-        sp = spm.SentencePieceProcessor(model_file=str(loaded.tokenizer_path))
+            raise ValueError(f"{args.model} comes with no tokenizer (tokenizer.model or "
+                             "tokenizer.json); export it with its dataset's tokenizer")
+        sp = TextTokenizer.from_file(loaded.tokenizer_path)
         ids = [sp.encode(p) for p in prompts]
         sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
         graphs = False if args.no_graphs else None  # None: graphs where supported

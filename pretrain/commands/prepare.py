@@ -14,6 +14,11 @@ in parallel, pack documents (separated by EOS) into windows of SEQ_LEN + MAX_DEP
 write webdataset .tar shards for a train split and a held-out validation split (by document),
 plus DATA/manifest.json with every shard's size and sha256.
 
+--tokenizer reuses a published model's tokenizer: its Hugging Face tokenizer.json (special tokens
+from the tokenizer_config.json beside it) or its sentencepiece tokenizer.model, with its own
+special ids (recorded in the manifest; its EOS separates documents, --eos-token names it where
+the files do not). Train such a model further with train.init_from=ITS_DIRECTORY.
+
 Sources:
   stdlib         the Python standard library of this interpreter (no download; CPU demos, tests)
   pinned-code    Python files of ansible 11.12.0, homeassistant 2025.4.4, Django 5.2.8 and
@@ -31,7 +36,8 @@ examples:
   mtp prepare --source stdlib --out data/stdlib --vocab-size 8192 --seq-len 512
   mtp prepare --source pinned-code --out data/code --vocab-size 32000 --seq-len 1024 --max-depth 4
   mtp prepare --source ~/src/myrepo --include '**/*.py' --include '**/*.pyi' --out data/repo
-  mtp prepare --source corpus.jsonl --jsonl-field content --out data/jsonl --tokenizer data/code/tokenizer.model --vocab-size 32000
+  mtp prepare --source corpus.jsonl --jsonl-field content --out data/jsonl --tokenizer data/code/tokenizer.model
+  mtp prepare --source ~/src/myrepo --out data/llama --tokenizer ~/models/TinyLlama/tokenizer.json --add-bos
 """
 
 
@@ -47,8 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="glob selecting files of a DIR source, repeatable (default: **/*.py)")
     p.add_argument("--jsonl-field", default="text", metavar="NAME",
                    help="JSON field holding the text of a .jsonl source (default: text)")
-    p.add_argument("--vocab-size", type=int, default=32000, metavar="N",
-                   help="BPE vocabulary size, or the size of the --tokenizer given (default: 32000)")
+    p.add_argument("--vocab-size", type=int, metavar="N",
+                   help="BPE vocabulary size (default: 32000), or the expected size of the "
+                        "--tokenizer given (default: its own)")
     p.add_argument("--seq-len", type=int, default=1024, metavar="T",
                    help="input tokens per sample (default: 1024)")
     p.add_argument("--max-depth", type=int, default=4, metavar="D",
@@ -58,8 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split and tokenizer sample (default: 0)")
     p.add_argument("--shard-samples", type=int, default=4096, metavar="N",
                    help="windows per shard (default: 4096)")
-    p.add_argument("--tokenizer", type=Path, metavar="MODEL",
-                   help="reuse this sentencepiece .model instead of training one")
+    p.add_argument("--tokenizer", type=Path, metavar="FILE",
+                   help="reuse this tokenizer instead of training one: a Hugging Face "
+                        "tokenizer.json, a sentencepiece .model, or a model directory holding one")
+    p.add_argument("--eos-token", metavar="TOKEN",
+                   help="the --tokenizer's end-of-text token, if its files do not name one")
+    p.add_argument("--add-bos", action="store_true",
+                   help="start every document with the tokenizer's BOS token")
     p.add_argument("--tokenizer-sample-mb", type=float, default=20.0, metavar="MB",
                    help="train the tokenizer on at most this many MB of training documents (default: 20)")
     p.add_argument("--workers", type=int, metavar="N",
@@ -77,7 +89,8 @@ def _summary(m) -> str:
     lines = [f"dataset {'is up to date' if m.status == 'up-to-date' else 'built'}: {m.path}",
              f"  tokenizer {m.tokenizer_path.name} (vocab {d['vocab_size']}, sha256 "
              f"{d['tokenizer']['sha256'][:12]}), windows of {d['window_len']} tokens "
-             f"(seq_len {d['seq_len']} + max_depth {d['max_depth']} + 1), {d['dtype']}"]
+             f"(seq_len {d['seq_len']} + max_depth {d['max_depth']} + 1), {d['dtype']}",
+             f"  special ids {m.special_ids} (documents end with eos {m.eos_id})"]
     for split, s in d["splits"].items():
         lines.append(f"  {split}: {s['documents']} documents, {s['tokens']} tokens, "
                      f"{s['windows']} windows in {len(s['shards'])} shards")
@@ -94,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = BuildConfig(
             source=args.source, out_dir=args.out, include=tuple(args.include or ("**/*.py",)),
-            jsonl_field=args.jsonl_field, vocab_size=args.vocab_size, seq_len=args.seq_len,
+            jsonl_field=args.jsonl_field,
+            vocab_size=args.vocab_size or (None if args.tokenizer else 32000),
+            seq_len=args.seq_len, eos_token=args.eos_token, add_bos=args.add_bos,
             max_depth=args.max_depth, val_fraction=args.val_fraction, seed=args.seed,
             shard_samples=args.shard_samples, tokenizer_path=args.tokenizer,
             tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 1e6), num_workers=args.workers,

@@ -86,7 +86,8 @@ def export_main_model(
     check_shapes(_main_part(full_state_dict), main_shapes(dcfg), "the state dict")
     dtype = _target_dtype(full_state_dict, dtype)
     source = _json_ready(metadata, "metadata")
-    tokenizer = _tokenizer_files(tokenizer_model_path, dcfg) if tokenizer_model_path else None
+    tokenizer = (_tokenizer_files(tokenizer_model_path, dcfg, special_token_ids)
+                 if tokenizer_model_path else None)
     ids = _special_ids(special_token_ids, tokenizer[2] if tokenizer else {},
                        dcfg.model.vocab_size)
     tail = tail_tensors(full_state_dict, dcfg) if include_mtp else None
@@ -96,7 +97,8 @@ def export_main_model(
         _write_json(tmp / "generation_config.json",
                     {f"{k}_token_id": ids.get(k) for k in ("bos", "eos", "pad")})
         if tokenizer is not None:
-            (tmp / "tokenizer.model").write_bytes(tokenizer[0])
+            for name, data in tokenizer[0].items():
+                (tmp / name).write_bytes(data)
             _write_json(tmp / "tokenizer_config.json", tokenizer[1])
         _save(to_hf_tensors(full_state_dict, dcfg.model), tmp / WEIGHTS_FILE, dtype)
         if tail is not None:
@@ -225,10 +227,13 @@ def _read_tail(root: Path, main_cfg: ModelConfig) -> tuple[MTPConfig, dict[str, 
 # --- tokenizer --------------------------------------------------------------------------------
 
 def _tokenizer_files(
-    path: str | os.PathLike, dcfg: DecoderConfig
-) -> tuple[bytes, dict[str, Any], dict[str, int]]:
-    """(tokenizer.model bytes, tokenizer_config.json for transformers' LlamaTokenizer, the
-    tokenizer's special ids)."""
+    path: str | os.PathLike, dcfg: DecoderConfig, given_ids: dict[str, int] | None
+) -> tuple[dict[str, bytes], dict[str, Any], dict[str, int]]:
+    """({file name: bytes}, tokenizer_config.json, the tokenizer's special ids) for transformers:
+    a sentencepiece model as tokenizer.model + LlamaTokenizer, a tokenizer.json as itself +
+    PreTrainedTokenizerFast (its special tokens named by `given_ids`, the dataset's)."""
+    if Path(path).suffix == ".json":
+        return _fast_tokenizer_files(Path(path), dcfg, given_ids or {})
     model_bytes = Path(path).read_bytes()
     sp = spm.SentencePieceProcessor()
     try:
@@ -256,7 +261,35 @@ def _tokenizer_files(
     }
     ids = {k: i for k, i in ids.items() if i >= 0}  # -1: the tokenizer has no such token
     config.update({f"{k}_token": sp.id_to_piece(i) for k, i in ids.items()})
-    return model_bytes, config, ids
+    return {"tokenizer.model": model_bytes}, config, ids
+
+
+def _fast_tokenizer_files(
+    path: Path, dcfg: DecoderConfig, given_ids: dict[str, int]
+) -> tuple[dict[str, bytes], dict[str, Any], dict[str, int]]:
+    from tokenizers import Tokenizer
+
+    data = path.read_bytes()
+    try:
+        tok = Tokenizer.from_str(data.decode())
+    except Exception as exc:  # tokenizers raises plain Exception subclasses on a bad file
+        raise ValueError(f"tokenizer {path} is not a tokenizers JSON file: {exc}") from exc
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > dcfg.model.vocab_size:
+        raise ValueError(f"tokenizer {path} has {size} tokens but model.vocab_size is "
+                         f"{dcfg.model.vocab_size}; export with the tokenizer the model was "
+                         "trained with")
+    ids = {k: i for k, i in given_ids.items() if i is not None and tok.id_to_token(i) is not None}
+    config: dict[str, Any] = {
+        # transformers >= 4 loads this class from tokenizer.json alone (5.x maps it onto its
+        # tokenizers backend). The training data holds no special tokens the encoder would add.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": dcfg.model.max_seq_len,
+    }
+    config.update({f"{k}_token": tok.id_to_token(i) for k, i in ids.items()})
+    return {"tokenizer.json": data}, config, ids
 
 
 def _special_ids(

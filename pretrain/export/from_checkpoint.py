@@ -104,9 +104,16 @@ def checkpoint_tokenizer(ref: CheckpointRef) -> tuple[Path | None, dict[str, int
 
     try:
         manifest = load_manifest(ref.marker()["manifest"], check_files=False)
+        if manifest.is_local:
+            path = manifest.tokenizer_path
+        else:  # a published dataset: a local copy, named by content
+            path = Path(tempfile.gettempdir()) / (f"mtp-tokenizer-{manifest.tokenizer_sha256}-"
+                                                  f"{manifest.tokenizer_name}")
+            if not path.is_file():
+                path.write_bytes(manifest.read_tokenizer())
     except (OSError, ValueError, KeyError) as err:
         return None, {}, f"dataset manifest unavailable ({err})"
-    return manifest.tokenizer_path, manifest.special_ids, None
+    return path, {k: v for k, v in manifest.special_ids.items() if v is not None}, None
 
 
 def export_checkpoint(ref: CheckpointRef, out_dir: str | os.PathLike, *, with_mtp: bool,

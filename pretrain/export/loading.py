@@ -29,7 +29,8 @@ def read_full_state_dict(path: str | Path):
         from pretrain.export.files import load_exported_model
 
         dcfg, full = load_exported_model(path)
-        tokenizer = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
+        tokenizer = next((path / n for n in ("tokenizer.model", "tokenizer.json")
+                          if (path / n).is_file()), None)
         return dcfg, full, tokenizer, _specials_from_tokenizer_config(path), f"export {path}"
     from pretrain.checkpoint import resolve_checkpoint
     from pretrain.export.from_checkpoint import (
