@@ -1,11 +1,12 @@
-"""Sharded DeepSpeed checkpoints that are complete or ignored.
+"""Sharded checkpoints that are complete or ignored, and resume onto any layout.
 
-Layout: RUN/checkpoints/step_XXXXXXXX/ holds DeepSpeed's model and ZeRO optimizer shards (with
-the trainer state and resolved config as client state), one `trainer_rankNNNNN.pt` per rank (RNG
-states and that rank's data-loader position), and, written last by rank 0 once every rank has
-finished, `COMPLETE.json`. Only directories with that marker count: a crash during a save leaves
-an unmarked directory that resume ignores and the next save prunes. `latest` (read by DeepSpeed's
-tools such as zero_to_fp32) is replaced atomically after the marker.
+Layout: RUN/checkpoints/step_XXXXXXXX/ holds every rank's fragments of the fp32 master weights
+and Adam moments (pretrain/checkpoint_state.py: layout-free, any TP × PP × DP and ZeRO stage
+resumes from them), one `trainer_rankNNNNN.pt` per rank (its RNG states), and, written last by
+rank 0 once every rank has finished, `COMPLETE.json` (the trainer state, the data position, the
+resolved config and the layout). Only directories with that marker count: a crash during a save
+leaves an unmarked directory that resume ignores and the next save prunes. `latest` names the
+newest complete checkpoint and is replaced atomically after the marker.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,16 @@ import torch
 import torch.distributed as dist
 
 from model import accelerator
+from pretrain.checkpoint_state import (
+    SavedState,
+    link_optimizer_state,
+    load_into,
+    snapshot,
+    write_rank_files,
+)
 
 COMPLETE = "COMPLETE.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layout-free state files (1: DeepSpeed's own checkpoint files)
 
 
 class CheckpointError(RuntimeError):
@@ -134,27 +143,6 @@ def parameters_finite(module: torch.nn.Module) -> bool:
     return bad.item() == 0
 
 
-def _guard_writes(engine, errors: list[str]):
-    """Make DeepSpeed's file writes record their failure instead of raising, so that a rank whose
-    write fails still walks through DeepSpeed's remaining collectives with its peers (an exception
-    in the middle of `engine.save_checkpoint` would leave them waiting in its final barrier).
-    Returns the undo function."""
-    ce = engine.checkpoint_engine
-    real = ce.save
-
-    def save(state_dict, path, *args, **kwargs):
-        if errors:
-            return None  # one failure decides; do not keep writing to a full disk
-        try:
-            return real(state_dict, path, *args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - torch.save reports ENOSPC as RuntimeError
-            errors.append(f"{path}: {type(err).__name__}: {err}")
-            return None
-
-    ce.save = save
-    return lambda: ce.__dict__.pop("save", None)
-
-
 def _any_rank(failed: bool) -> bool:
     """Collective (also the barrier between the save's phases): did any rank fail?"""
     flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.current_device())
@@ -162,69 +150,188 @@ def _any_rank(failed: bool) -> bool:
     return flag.item() > 0
 
 
-def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, rank_state: dict,
-                    marker: dict, keep_last: int, remove_partial: bool = False) -> CheckpointRef:
-    """Collective: every rank calls it. Refuses to save non-finite weights.
+@dataclass
+class SaveRequest:
+    """What one save writes: where, and what each rank holds (host copies of its fragments,
+    made before the call returns, so training may change the weights while files are
+    written)."""
 
-    A write error on any rank (disk full, I/O error) raises CheckpointSaveError on every rank:
-    the step's directory gets no marker (so resume keeps using the previous checkpoint and
-    `latest` keeps naming it), and with `remove_partial` rank 0 deletes it."""
-    if not parameters_finite(engine.module):
-        raise CheckpointError(
-            f"refusing to save step {step}: the weights hold non-finite values; the previous "
-            "checkpoint is kept")
-    tag = tag_for(step)
-    rank = dist.get_rank()
-    path = root / tag
-    errors: list[str] = []
-    if rank == 0:
+    root: Path
+    step: int
+    rank: int
+    world: int
+    index: dict
+    tensors: dict
+    rank_state: dict
+    marker: dict
+    keep_last: int
+    remove_partial: bool
+    wait_timeout_s: float
+
+    @property
+    def path(self) -> Path:
+        return self.root / tag_for(self.step)
+
+
+def _write_rank(req: SaveRequest) -> None:
+    """This rank's files, fsynced, then a DONE file that says so (rank 0 waits for them)."""
+    path = req.path
+    path.mkdir(parents=True, exist_ok=True)
+    write_rank_files(path, req.rank, req.index, req.tensors)
+    torch.save({"rng": req.rank_state}, path / f"trainer_rank{req.rank:05d}.pt")
+    for name in (f"state_rank{req.rank:05d}.safetensors", f"state_rank{req.rank:05d}.json",
+                 f"trainer_rank{req.rank:05d}.pt"):
+        with open(path / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    _atomic_write(path / f"DONE_rank{req.rank:05d}", "ok")
+
+
+def _mark_complete(req: SaveRequest) -> None:
+    """Rank 0: the marker, once every rank's DONE file is there; then `latest` and pruning."""
+    deadline = time.monotonic() + req.wait_timeout_s
+    path = req.path
+    while True:
+        failed = sorted(path.glob("FAILED_rank*"))
+        if failed:
+            raise CheckpointSaveError(f"{failed[0].name}: {failed[0].read_text().strip()}")
+        if len(list(path.glob("DONE_rank*"))) == req.world:
+            break
+        if time.monotonic() > deadline:
+            raise CheckpointSaveError(f"not every rank finished writing {path} within "
+                                      f"{req.wait_timeout_s:.0f} s")
+        time.sleep(0.05)
+    _atomic_write(path / COMPLETE, json.dumps(
+        {"format": FORMAT_VERSION, "step": req.step, "time": time.time(), **req.marker},
+        indent=1))
+    for done in path.glob("DONE_rank*"):
+        done.unlink(missing_ok=True)
+    _atomic_write(req.root / "latest", tag_for(req.step))
+    _prune(req.root, req.keep_last)
+
+
+def _run_save(req: SaveRequest) -> str | None:
+    """The writing part of a save (on the training thread, or the background one). Returns what
+    went wrong on this rank, or None."""
+    try:
+        _write_rank(req)
+    except Exception as err:  # noqa: BLE001 - torch/safetensors report ENOSPC as RuntimeError
+        message = f"{req.path}: {type(err).__name__}: {err}"
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            # A marker left from an earlier life of this step would make a partial rewrite look whole.
-            (path / COMPLETE).unlink(missing_ok=True)
-        except OSError as err:
-            errors.append(f"{path}: {err}")
-    if not _any_rank(bool(errors)):
-        undo = _guard_writes(engine, errors)
+            _atomic_write(req.path / f"FAILED_rank{req.rank:05d}", message)
+        except OSError:
+            pass
+        return message
+    if req.rank == 0:
         try:
-            engine.save_checkpoint(str(root), tag=tag, client_state={"trainer": trainer_state},
-                                   save_latest=False)
-        finally:
-            undo()
-        if not errors:
+            _mark_complete(req)
+        except (OSError, CheckpointSaveError) as err:
+            (req.path / COMPLETE).unlink(missing_ok=True)
+            return f"{req.path}: {err}"
+    return None
+
+
+class CheckpointWriter:
+    """Saves checkpoints, synchronously or in the background (checkpoint.async_save).
+
+    In the background: the call returns once this rank's fragments are copied to host memory;
+    a thread writes them and a DONE file, and rank 0's thread writes COMPLETE.json when every
+    rank's DONE file is there (no collective runs off the training thread). A save waits for
+    the previous one first, and a failure of the previous one is reported then, on every rank
+    alike (or at `finish`): its directory has no marker, so resume keeps using the checkpoint
+    before it.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._pending: SaveRequest | None = None
+        self._error: str | None = None
+
+    def _join(self) -> SaveRequest | None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        req, self._pending = self._pending, None
+        return req
+
+    def finish(self) -> None:
+        """Collective: wait for a background save; CheckpointSaveError on every rank if it
+        failed on any."""
+        req = self._join()
+        error, self._error = self._error, None
+        if _any_rank(error is not None) and req is not None:
+            self._fail(req, error)
+
+    def save(self, engine, owners, root: Path, step: int, trainer_state: dict, marker: dict,
+             keep_last: int, remove_partial: bool = False, background: bool = False,
+             wait_timeout_s: float = 600) -> CheckpointRef:
+        """Collective: every rank calls it. Refuses to save non-finite weights. A write error on
+        any rank (disk full, I/O error) raises CheckpointSaveError on every rank (for a
+        background save: at the next save or at `finish`): the step's directory gets no marker
+        (so resume keeps using the previous checkpoint and `latest` keeps naming it), and with
+        `remove_partial` rank 0 deletes it."""
+        self.finish()
+        if not parameters_finite(engine.module):
+            raise CheckpointError(
+                f"refusing to save step {step}: the weights hold non-finite values; the previous "
+                "checkpoint is kept")
+        rank, path = dist.get_rank(), root / tag_for(step)
+        errors = []
+        if rank == 0:
             try:
                 path.mkdir(parents=True, exist_ok=True)
-                torch.save({"rng": rng_states(), **rank_state}, path / f"trainer_rank{rank:05d}.pt")
-            except Exception as err:  # noqa: BLE001 - see _guard_writes
-                errors.append(f"{path / f'trainer_rank{rank:05d}.pt'}: {type(err).__name__}: {err}")
-    if not _any_rank(bool(errors)) and rank == 0:
-        try:
-            _atomic_write(path / COMPLETE, json.dumps(
-                {"format": FORMAT_VERSION, "step": step, "time": time.time(), **marker}, indent=1))
-            _atomic_write(root / "latest", tag)
-        except OSError as err:
-            errors.append(f"{path / COMPLETE}: {err}")
-            (path / COMPLETE).unlink(missing_ok=True)  # complete means every write succeeded
-        else:
-            _prune(root, keep_last)
-    if _any_rank(bool(errors)):
-        if rank == 0 and remove_partial:
-            shutil.rmtree(path, ignore_errors=True)
-        if remove_partial:
+                # A marker left from an earlier life of this step would make a partial rewrite
+                # look whole; so would DONE/FAILED files.
+                for stale in (COMPLETE, *(p.name for p in path.glob("DONE_rank*")),
+                              *(p.name for p in path.glob("FAILED_rank*"))):
+                    (path / stale).unlink(missing_ok=True)
+            except OSError as err:
+                errors.append(f"{path}: {err}")
+        req = None
+        if not _any_rank(bool(errors)):
+            link_optimizer_state(engine.optimizer)
+            index, tensors = snapshot(owners)
+            req = SaveRequest(root, step, rank, dist.get_world_size(), index, tensors,
+                              rng_states(), {**marker, "trainer": trainer_state}, keep_last,
+                              remove_partial, wait_timeout_s)
+            if background:
+                self._pending = req
+                self._thread = threading.Thread(target=self._background, args=(req,),
+                                                name=f"checkpoint-{step}", daemon=True)
+                self._thread.start()
+                return CheckpointRef(root, tag_for(step), step)
+            error = _run_save(req)
+            if error:
+                errors.append(error)
+        if _any_rank(bool(errors)):
+            self._fail(req or SaveRequest(root, step, rank, dist.get_world_size(), {}, {}, {},
+                                          {}, keep_last, remove_partial, wait_timeout_s),
+                       "; ".join(errors) or None)
+        return CheckpointRef(root, tag_for(step), step)
+
+    def _background(self, req: SaveRequest) -> None:
+        self._error = _run_save(req)
+
+    def _fail(self, req: SaveRequest, error: str | None) -> None:
+        """Collective: the failed save's directory unmarked (removed with remove_partial), and
+        CheckpointSaveError raised on every rank."""
+        path, root, rank = req.path, req.root, dist.get_rank()
+        if rank == 0:
+            (path / COMPLETE).unlink(missing_ok=True)
+            if req.remove_partial:
+                shutil.rmtree(path, ignore_errors=True)
+        if req.remove_partial:
             dist.barrier()  # the directory is gone before any rank goes on
-        previous = [r.step for r in complete_checkpoints(root) if r.step != step]
-        try:  # torch.save reports a full disk as "unexpected pos N vs M": say how full it is
+        previous = [r.step for r in complete_checkpoints(root) if r.step != req.step]
+        try:  # a full disk shows as "unexpected pos N vs M" or an OSError: say how full it is
             free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free"
         except OSError:
             free = "free space unknown"
         raise CheckpointSaveError(
-            f"could not write checkpoint step {step} ({'; '.join(errors) or 'on another rank'}; "
-            f"{free} under {root}); "
-            f"the partial directory {path} was {'removed' if remove_partial else 'left unmarked'}, "
-            f"and the newest complete checkpoint is "
-            f"{f'step {previous[-1]}' if previous else 'none'}. Free space under {root} "
-            "(or move run_dir) and resume with --resume auto")
-    return CheckpointRef(root, tag, step)
+            f"could not write checkpoint step {req.step} ({error or 'on another rank'}; {free} "
+            f"under {root}); the partial directory {path} was "
+            f"{'removed' if req.remove_partial else 'left unmarked'}, and the newest complete "
+            f"checkpoint is {f'step {previous[-1]}' if previous else 'none'}. Free space under "
+            f"{root} (or move run_dir) and resume with --resume auto")
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -241,24 +348,31 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(engine, ref: CheckpointRef) -> tuple[dict, dict]:
-    """Collective. Returns (trainer_state, this rank's state)."""
-    rank = dist.get_rank()
-    rank_file = ref.path / f"trainer_rank{rank:05d}.pt"
-    if not rank_file.is_file():
-        raise CheckpointError(f"{ref.path} has no state for rank {rank} ({rank_file.name})")
-    path, client = engine.load_checkpoint(
-        str(ref.root), tag=ref.tag, load_optimizer_states=True, load_lr_scheduler_states=False,
-        load_module_strict=True)
-    if path is None or client is None or "trainer" not in client:
-        raise CheckpointError(f"DeepSpeed could not load {ref.path}")
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-    return client["trainer"], rank_state
+def load_checkpoint(engine, owners, ref: CheckpointRef, same_layout: bool) -> dict:
+    """Collective. Loads the model and optimizer state into this rank's fragments (any layout)
+    and, when the layout is the one the checkpoint was written with, this rank's RNG states.
+    Returns the trainer state recorded in the marker."""
+    marker = ref.marker()
+    trainer_state = marker.get("trainer")
+    if trainer_state is None:
+        raise CheckpointError(f"{ref.path} was written by an older version of the project (no "
+                              "trainer state in COMPLETE.json); start a new run directory")
+    try:
+        load_into(owners, SavedState(ref.path), engine.optimizer, trainer_state["adam_step"])
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{ref.path} cannot be loaded ({err}); use an earlier "
+                              "checkpoint") from None
+    if same_layout:
+        rank_file = ref.path / f"trainer_rank{dist.get_rank():05d}.pt"
+        if rank_file.is_file():
+            set_rng_states(torch.load(rank_file, map_location="cpu", weights_only=False)["rng"])
+    return trainer_state
 
 
-def resume_differences(marker: dict, cfg, layout) -> list[str]:
+def resume_differences(marker: dict, cfg) -> list[str]:
     """What differs between a checkpoint (its COMPLETE.json) and the run about to resume from it,
-    in ways a resume cannot bridge; empty when it can resume."""
+    in ways a resume cannot bridge (the model, the MTP objective, the data order); empty when it
+    can resume. The parallel layout is not among them: the state resumes onto any layout."""
     from model.config import ModelConfig
 
     now, saved = cfg.to_dict(), marker["config"]
@@ -270,15 +384,15 @@ def resume_differences(marker: dict, cfg, layout) -> list[str]:
             old = saved[section].get(key)
             if old != value:
                 diffs.append(f"{section}.{key}: checkpoint {old!r}, now {value!r}")
-    for key in ("tp", "pp", "zero_stage"):
-        old = saved["parallel"][key]
-        if old != now["parallel"][key]:
-            diffs.append(f"parallel.{key}: checkpoint {old}, now {now['parallel'][key]}")
-    if marker["layout"]["dp"] != layout.dp:
-        diffs.append(f"data-parallel size: checkpoint {marker['layout']['dp']}, now {layout.dp} "
-                     "(ZeRO optimizer shards are per data-parallel rank)")
-    for key in ("micro_batch_size", "global_batch_size", "seed"):
+    for key in ("global_batch_size", "seed"):
         old = saved["train"][key]
         if old != now["train"][key]:
             diffs.append(f"train.{key}: checkpoint {old}, now {now['train'][key]}")
     return diffs
+
+
+def layout_of(marker: dict) -> dict:
+    """The parallel layout a checkpoint was written with."""
+    lay = marker["layout"]
+    return {"tp": lay["tp"], "pp": lay["pp"], "dp": lay["dp"],
+            "zero": lay.get("zero", marker["config"]["parallel"]["zero_stage"])}

@@ -107,6 +107,16 @@ def _read_local(owner: Owner, field: str) -> torch.Tensor | None:
     return None if not optim or field not in optim else optim[field]
 
 
+def link_optimizer_state(optimizer) -> None:
+    """Point every parameter's fragment at its optimizer state. DeepSpeed links them once,
+    lazily, after the first step's first group: the moments of later groups would stay
+    unlinked (and unsaved)."""
+    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        optimizer._hp_optimizer_states_linked = False
+        link()
+
+
 def snapshot(owners: list[Owner]) -> tuple[dict, dict[str, torch.Tensor]]:
     """(index, host copies of every owned fragment): what a save writes. Copying to the host
     is all that has to happen before training may go on; the writing can follow later."""
@@ -217,10 +227,7 @@ def _ensure_optimizer_state(optimizer) -> None:
         p.grad = None
     for g, lr in zip(inner.param_groups, lrs):
         g["lr"] = lr
-    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        optimizer._hp_optimizer_states_linked = False
-        link()
+    link_optimizer_state(optimizer)
 
 
 def load_into(owners: list[Owner], saved: SavedState, optimizer, adam_step: int) -> None:

@@ -196,12 +196,23 @@ def build_pipeline(dcfg: DecoderConfig, ctx: ParallelContext, seed: int, topo: T
     return pipe, loss
 
 
-def pipeline_layer_names(dcfg: DecoderConfig, layer_index: int, key: str) -> str | None:
-    """Our full parameter name of a key in a pipeline layer's state dict (None: not saved)."""
-    n = dcfg.model.num_layers
-    if layer_index == 0 or layer_index == n + 1:
-        return key  # "embedding.…" and "tail.…" already are the full names
-    if layer_index <= n:
-        assert key.startswith("block.")
-        return f"blocks.{layer_index - 1}.{key[len('block.'):]}"
-    return None  # the tied copy on the last stage is saved as layer 0
+def full_parameter_names(module: nn.Module) -> tuple[dict[str, nn.Parameter], set[str]]:
+    """(full name → parameter, as MTPLanguageModel names them) of a model or a pipeline stage,
+    and the names whose parameter here is a second copy (the tied embedding on the last stage
+    of a pipeline that also has it on the first: its state is the first stage's to save)."""
+    if not isinstance(module, PipelineModule):
+        return dict(module.named_parameters()), set()
+    out = {}
+    for name, p in module.named_parameters():
+        head, _, rest = name.partition(".")
+        if head == "tied_modules":  # tied_modules.embed.embedding.…
+            out[rest.partition(".")[2]] = p
+        elif rest.startswith("block."):  # LAYER.block.…: the trunk block LAYER - 1
+            out[f"blocks.{int(head) - 1}.{rest[len('block.'):]}"] = p
+        else:
+            assert rest.startswith("tail."), name
+            out[rest] = p
+    copies = set()
+    if module.stage_id > 0:  # the first stage holds the tied embedding's saved copy
+        copies = {n for n in out if n.startswith("embedding.")}
+    return out, copies

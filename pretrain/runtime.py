@@ -36,6 +36,8 @@ class RuntimePolicy:
     """DeepSpeed's gradient reduction overlapped with the backward pass (parallel.overlap_comm)."""
     device_graphs: bool
     """Decoding during training (acceptance evaluation) replays captured device graphs."""
+    async_save: bool = False
+    """Interval checkpoints are written in the background (checkpoint.async_save)."""
     document_attention: str = "off"
     """data.mask_cross_document = attention: 'flex' (FlexAttention block masks) or 'dense'
     (an SDPA mask); 'off' otherwise."""
@@ -48,7 +50,8 @@ class RuntimePolicy:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
-        switches = ("compile", "fused_adam", "pin_memory", "overlap_comm", "device_graphs")
+        switches = ("compile", "fused_adam", "pin_memory", "overlap_comm", "device_graphs",
+                    "async_save")
         on = [name for name in switches if getattr(self, name)]
         off = [name for name in switches if not getattr(self, name)]
         docs = ("" if self.document_attention == "off"
@@ -88,5 +91,7 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
         precision="bf16" if bf16 else "fp32", grad_accum_dtype=accum, compile=compiled, loss_kernels=kernels, fused_adam=on_gpu, pin_memory=on_gpu,
         overlap_comm=overlap,
         device_graphs=accelerator.graphs_supported() and layout.tp == 1,
+        async_save=cfg.checkpoint.async_save is True or (cfg.checkpoint.async_save == "auto"
+                                                          and on_gpu),
         document_attention=("off" if cfg.data.mask_cross_document != "attention" else
                             "flex" if accelerator.flex_attention_supported() else "dense"))

@@ -3,6 +3,7 @@ loader, the schedules, metrics, checkpoints and preemption handling, composed in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -21,6 +22,7 @@ from model.cost import forward_flops_per_token
 from pretrain import checkpoint as ckpt
 from pretrain import exit_codes
 from pretrain.acceptance_eval import acceptance_metrics
+from pretrain.checkpoint_state import owned
 from pretrain.config import ConfigError, RunConfig, validate_layout
 from pretrain.data_loading import make_loader, weighted_validation
 from pretrain.deepspeed_config import deepspeed_config
@@ -28,6 +30,7 @@ from pretrain.distributed import build_topology, detect_launch_env, init_distrib
 from pretrain.engine import build_engine
 from pretrain.memory_plan import GIB, plan_memory
 from pretrain.metrics import MetricsLogger, format_line, peak_flops
+from pretrain.model_builder import full_parameter_names
 from pretrain.preemption import PreemptionFlag
 from pretrain.runtime import resolve_runtime
 from pretrain.schedules import MTPWeightSchedule, learning_rate
@@ -87,6 +90,11 @@ class Trainer:
         built = build_engine(cfg, self.layout, self.topo, self.policy, self.device, self.seq_len,
                              self.manifest.eos_id)
         self.engine, self.runner = built.engine, built.runner
+        named, copies = full_parameter_names(self.engine.module)
+        self.owners = [o if o.name not in copies else dataclasses.replace(o, writes=False)
+                       for o in owned(named, self.topo.tp_rank, self.layout.tp, self.topo.dp_rank)]
+        self.writer = ckpt.CheckpointWriter()
+        self._t_last, self._steps_since = time.perf_counter(), 0  # throughput window
         self.fused_overflow_check = built.fused_overflow_check
         if built.init_source:
             self.logger.print(f"main model initialised from {built.init_source}")
@@ -208,35 +216,56 @@ class Trainer:
         (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds, indent=1))
         (self.run_dir / "runtime.json").write_text(json.dumps(self.policy.to_dict(), indent=1))
 
-    def _marker(self) -> dict:
+    def _layout(self) -> dict:
         lay = self.layout
+        return {"world": lay.world, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp,
+                "zero": self.cfg.parallel.zero_stage}
+
+    def _marker(self) -> dict:
         # The data position is global (samples consumed by all ranks together, per source):
         # saved once, from rank 0 (always a data-reading rank), and any layout resumes from it.
         position = self.train_loader.state_dict() if self.train_loader is not None else None
-        return {"config": self.cfg.to_dict(),
-                "layout": {"world": lay.world, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp},
+        return {"config": self.cfg.to_dict(), "layout": self._layout(),
+                "runtime": self.policy.to_dict(),
                 "manifest": str(self.manifest.path),
                 "dataset_fingerprint": self.manifest.fingerprint,
                 "data_position": position}
 
+    def _adam_step(self) -> int:
+        """Optimizer steps Adam has taken (steps skipped for non-finite gradients excluded)."""
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        for state in inner.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
+
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> ckpt.CheckpointRef | None:
-        """None when the save failed and checkpoint.on_save_error = 'continue'."""
+    def save(self, final: bool = False) -> ckpt.CheckpointRef | None:
+        """Collective. Interval saves may finish in the background (checkpoint.async_save); a
+        `final` one (at the end, or on a signal) is on disk when this returns, after any earlier
+        one. None when a save failed and checkpoint.on_save_error = 'continue'."""
         trainer_state = {**self.progress.state_dict(), "mtp_weight": self.mtp_weight.state_dict(),
-                         "config": self.cfg.to_dict()}
-        rank_state: dict = {}  # the data position is global: in the marker (_marker)
+                         "adam_step": self._adam_step()}
         keep_going = self.cfg.checkpoint.on_save_error == "continue"
+        background = self.policy.async_save and not final
+        t0 = time.perf_counter()
         try:
-            ref = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, trainer_state,
-                                       rank_state, self._marker(), self.cfg.checkpoint.keep_last,
-                                       remove_partial=keep_going)
+            ref = self.writer.save(
+                self.engine, self.owners, self.ckpt_root, self.step, trainer_state,
+                self._marker(), self.cfg.checkpoint.keep_last, remove_partial=keep_going,
+                background=background, wait_timeout_s=2 * self.cfg.train.collective_timeout_s)
+            if final:
+                self.writer.finish()
         except ckpt.CheckpointSaveError as err:
             if not keep_going:
                 raise
-            self.logger.print(f"ERROR: checkpoint save failed at step {self.step} ({err}); "
-                              "training continues (checkpoint.on_save_error = 'continue')")
+            self.logger.print(f"ERROR: checkpoint save failed ({err}); training continues "
+                              "(checkpoint.on_save_error = 'continue')")
             return None
-        self.logger.print(f"saved checkpoint {ref.path}")
+        stall = time.perf_counter() - t0
+        self.logger.print(f"{'writing' if background else 'saved'} checkpoint {ref.path} "
+                          f"(training paused {stall:.1f} s)")
+        self._t_last += stall  # a save's pause is not training time
         return ref
 
     def _maybe_resume(self) -> None:
@@ -250,14 +279,25 @@ class Trainer:
             ref = refs[-1]
         else:
             ref = ckpt.resolve_checkpoint(self.resume)
-        diffs = ckpt.resume_differences(ref.marker(), self.cfg, self.layout)
+        marker = ref.marker()
+        diffs = ckpt.resume_differences(marker, self.cfg)
         if diffs:
             raise ConfigError(
                 f"cannot resume from {ref.path}: the checkpoint was written by an incompatible "
                 "run:\n  " + "\n  ".join(diffs) +
                 "\nresume with the checkpoint's settings (its config is in COMPLETE.json) or "
                 "start a new run directory")
-        state, rank_state = ckpt.load_checkpoint(self.engine, ref)
+        before, now = ckpt.layout_of(marker), {k: v for k, v in self._layout().items()
+                                               if k != "world"}
+        if before != now:
+            self.logger.print(f"resharding {ref.path}: written at {_describe(before)}, resuming "
+                              f"at {_describe(now)}")
+        t0 = time.perf_counter()
+        state = ckpt.load_checkpoint(self.engine, self.owners, ref, same_layout=before == now)
+        self._record_history({"event": "resume", "checkpoint": str(ref.path), "step": ref.step,
+                              "from_layout": before, "to_layout": now,
+                              "resharded": before != now,
+                              "load_seconds": round(time.perf_counter() - t0, 3)})
         self.progress.load_state_dict(state)
         self.mtp_weight.load_state_dict(state["mtp_weight"])
         if self.train_loader is not None:
@@ -269,8 +309,15 @@ class Trainer:
                 self.train_loader.load_state_dict(position)
             except ValueError as err:
                 raise ConfigError(f"cannot resume from {ref.path}: {err}") from None
-        ckpt.set_rng_states(rank_state["rng"])
         self.logger.print(f"resumed from {ref.path} at step {self.step}")
+
+    def _record_history(self, event: dict) -> None:
+        """One JSON line per event in RUN_DIR/history.jsonl (rank 0): resumes and reshards."""
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "history.jsonl", "a") as fh:
+            fh.write(json.dumps({"time": time.time(), **event}) + "\n")
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches, mtp_weight: float) -> StepStats:
@@ -332,17 +379,30 @@ class Trainer:
                 self._validate(result)
             if self._preemption_requested():
                 self.logger.print(f"signal received: checkpointing at step {self.step} and exiting")
-                self.save()  # if it fails (on_save_error=continue), the resume starts earlier
+                self.save(final=True)  # if it fails (on_save_error=continue), resume earlier
                 result.exit_code = exit_codes.PREEMPTED
             elif cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 \
                     and self.step < cfg.train.steps:
                 self.save()
-        if result.exit_code == exit_codes.OK and cfg.checkpoint.save_at_exit \
-                and self.save() is None:
-            result.exit_code = exit_codes.SAVE_FAILED  # trained to the end, but not saved
+        if result.exit_code == exit_codes.OK and cfg.checkpoint.save_at_exit:
+            if self.save(final=True) is None:
+                result.exit_code = exit_codes.SAVE_FAILED  # trained to the end, but not saved
+        else:
+            self._finish_background_save(result)
         self.logger.close()
         result.step = self.step
         return result
+
+    def _finish_background_save(self, result: TrainResult) -> None:
+        """A background save still running when training stops is waited for."""
+        try:
+            self.writer.finish()
+        except ckpt.CheckpointSaveError as err:
+            if self.cfg.checkpoint.on_save_error != "continue":
+                raise
+            self.logger.print(f"ERROR: checkpoint save failed ({err})")
+            if result.exit_code == exit_codes.OK:
+                result.exit_code = exit_codes.SAVE_FAILED
 
     def _log_step(self, stats: StepStats, result: TrainResult) -> None:
         metrics = gather_to_rank0(stats, self.topo, self.cfg.mtp.depth)
@@ -427,3 +487,7 @@ class Trainer:
                 "with a lower optim.lr, or set train.nonfinite=skip")
         self.logger.print(f"step {self.step}: non-finite loss or gradient, step skipped "
                           f"({self.skipped_in_a_row} in a row)")
+
+
+def _describe(layout: dict) -> str:
+    return f"TP {layout['tp']} × PP {layout['pp']} × DP {layout['dp']}, ZeRO {layout['zero']}"

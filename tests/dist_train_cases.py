@@ -165,10 +165,12 @@ def behaviours(rank, world, data, tmp):
 
     # 5. λ follows consumed tokens (boundary after 3 steps of 4 × 16 tokens) and is saved.
     out["mtp_weight"] = [m["mtp/weight"] for m in clean.losses]
-    state = torch.load(tmp / "clean" / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt",
-                       weights_only=False)
-    out["lambda_saved"] = state["trainer"]["mtp_weight"]
-    out["consumed_saved"] = state["trainer"]["consumed_tokens"]
+    import json
+
+    marker = json.loads((tmp / "clean" / "checkpoints" / "step_00000006" / "COMPLETE.json")
+                        .read_text())
+    out["lambda_saved"] = marker["trainer"]["mtp_weight"]
+    out["consumed_saved"] = marker["trainer"]["consumed_tokens"]
     return out
 
 
