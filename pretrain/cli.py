@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from pretrain import exit_codes
+from pretrain.launch import exit_with_launcher
 
 # Subcommand modules under pretrain.commands, in the order `--help` lists them.
 COMMANDS = ("prepare", "train", "export", "generate", "eval")
@@ -62,7 +63,9 @@ def entry() -> None:
     """The process entry point (console script and `python -m pretrain`). Unlike `main`, which
     tests call repeatedly inside one live world, it owns the process and so its process groups.
     They are released after a clean finish (0) or a checkpointed stop (75) only: after a failed
-    collective (exit 5) the peers are gone and a shutdown could block."""
+    collective (exit 5) the peers are gone and a shutdown could block. A worker of a launcher
+    (torchrun, srun) dies with it rather than train on as an orphan."""
+    exit_with_launcher()
     code = main()
     if code in (exit_codes.OK, exit_codes.PREEMPTED):
         _release_process_groups()

@@ -23,8 +23,9 @@ from pretrain.acceptance_eval import acceptance_metrics
 from pretrain.config import ConfigError, RunConfig, validate_layout
 from pretrain.data_loading import make_loader
 from pretrain.deepspeed_config import deepspeed_config
-from pretrain.distributed import build_topology, detect_launch_env, init_distributed
+from pretrain.distributed import build_topology, init_distributed
 from pretrain.engine import build_engine
+from pretrain.launch import detect_launch_env
 from pretrain.metrics import MetricsLogger, format_line, peak_flops
 from pretrain.preemption import PreemptionFlag
 from pretrain.runtime import resolve_runtime

@@ -295,7 +295,7 @@ def finished_reference(tmp_path_factory, world: int) -> Path:
 def launch_ranks(argv: list[str], world: int, log_dir: Path, name: str) -> list[Job]:
     """`world` ranks started directly with RANK/WORLD_SIZE/MASTER_* (as srun's tasks are): no
     agent watches them, so a dead peer must be noticed by the survivors themselves."""
-    from pretrain.distributed import free_port
+    from pretrain.launch import free_port
 
     port = str(free_port())
     return [Job(argv, log_dir / f"{name}-rank{r}.log",
