@@ -8,6 +8,7 @@ import sys
 
 from pretrain import exit_codes
 from pretrain.launch import exit_with_launcher
+from pretrain.quiet import quiet_third_party
 
 # Subcommand modules under pretrain.commands, in the order `--help` lists them.
 COMMANDS = ("prepare", "train", "export", "generate", "eval")
@@ -27,20 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_third_party() -> None:
-    """Silence import-time notices that do not concern our users (no Transformer Engine/Apex is
-    expected; megatron's CUDA_DEVICE_MAX_CONNECTIONS hint is for its own overlap path)."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
-    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _quiet_third_party()
+    quiet_third_party()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

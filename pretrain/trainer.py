@@ -18,7 +18,7 @@ from data_pipeline import ShardError, load_manifest
 from model import accelerator
 from model.cost import forward_flops_per_token
 from pretrain import checkpoint as ckpt
-from pretrain import exit_codes
+from pretrain import exit_codes, quiet
 from pretrain.acceptance_eval import acceptance_metrics
 from pretrain.config import ConfigError, RunConfig, validate_layout
 from pretrain.data_loading import make_loader
@@ -158,7 +158,8 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
         ds = deepspeed_config(self.cfg, self.layout, self.policy)
         (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds, indent=1))
-        (self.run_dir / "runtime.json").write_text(json.dumps(self.policy.to_dict(), indent=1))
+        runtime = {**self.policy.to_dict(), "suppressed_notices": list(quiet.SUPPRESSED)}
+        (self.run_dir / "runtime.json").write_text(json.dumps(runtime, indent=1))
 
     def _marker(self) -> dict:
         lay = self.layout
