@@ -28,6 +28,7 @@ from pretrain.engine import build_engine
 from pretrain.launch import detect_launch_env
 from pretrain.metrics import MetricsLogger, format_line, peak_flops
 from pretrain.preemption import PreemptionFlag
+from pretrain.run_lock import STALE_AFTER_S, RunDirBusy, RunLock
 from pretrain.runtime import resolve_runtime
 from pretrain.schedules import MTPWeightSchedule, learning_rate
 from pretrain.step_metrics import StepStats, gather_to_rank0
@@ -35,6 +36,11 @@ from pretrain.step_metrics import StepStats, gather_to_rank0
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class RunDirLost(RuntimeError):
+    """Another job took the run directory's lock over while this one was running (its heartbeat
+    stalled long enough to look dead): this job must not write another checkpoint there."""
 
 
 @dataclass
@@ -73,13 +79,23 @@ class Trainer:
         ds_logger.setLevel(logging.WARNING)
         self.rank = dist.get_rank()
         self.layout = validate_layout(cfg, dist.get_world_size())
+        self.run_dir = Path(cfg.run_dir)
+        self.run_lock: RunLock | None = None
+        self.logger: MetricsLogger | None = None
+        try:
+            self._set_up(cfg, train_loader, preempt)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, cfg: RunConfig, train_loader, preempt) -> None:
         self.topo = build_topology(self.layout, cfg.train.collective_timeout_s)
         self.policy = resolve_runtime(cfg, self.layout)
         self.device = accelerator.current_device()
-        self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.logger = MetricsLogger(self.run_dir, active=self.rank == 0)
         self.manifest = self._load_manifest()
+        self._take_run_dir()  # before anything is written there
+        self.logger = MetricsLogger(self.run_dir, active=self.rank == 0)
         self.seq_len = self.manifest.seq_len
         self.tokens_per_step = cfg.train.global_batch_size * self.seq_len
 
@@ -161,6 +177,52 @@ class Trainer:
         runtime = {**self.policy.to_dict(), "suppressed_notices": list(quiet.SUPPRESSED)}
         (self.run_dir / "runtime.json").write_text(json.dumps(runtime, indent=1))
 
+    # ------------------------------------------------------------------ one writer per run dir
+    def _take_run_dir(self) -> None:
+        """Global rank 0 takes RUN_DIR's lock (pretrain/run_lock.py) for the job; the other ranks
+        wait for the outcome, so a refused job stops on every rank before any of them writes."""
+        refusal = None
+        if self.rank == 0:
+            def warn(text: str) -> None:
+                print(f"mtp train: warning: {text}", file=sys.stderr, flush=True)
+
+            wait_s = min(STALE_AFTER_S, self.cfg.train.collective_timeout_s / 2)
+            try:
+                if self.run_dir.exists() and not self.run_dir.is_dir():
+                    raise NotADirectoryError(f"{self.run_dir} is a file")
+                self.run_lock = RunLock(self.run_dir).acquire(wait_s=wait_s, notify=warn)
+            except RunDirBusy as err:
+                refusal = str(err)
+            except OSError as err:
+                refusal = (f"run_dir = {str(self.run_dir)!r} cannot be written ({err}); choose a "
+                           "writable directory for run_dir")
+        if self._on_any_rank(refusal is not None):
+            raise ConfigError(refusal or "run_dir is in use by another job (rank 0 says which)")
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        if dist.get_world_size() == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=accelerator.current_device())
+        dist.all_reduce(t)
+        return t.item() > 0
+
+    def _check_run_dir_held(self) -> None:
+        """Before a checkpoint: is the run directory still this job's? (one collective)"""
+        why = self.run_lock.lost() if self.run_lock is not None else None
+        if self._on_any_rank(why is not None):
+            raise RunDirLost(
+                f"{why or 'rank 0 lost the run directory lock'}: another job writes "
+                f"run_dir = {str(self.run_dir)!r} now, so this one stops without writing "
+                f"checkpoint step {self.step}; resume from that job's checkpoints, not this one's")
+
+    def close(self) -> None:
+        """Release the run directory (idempotent). Runs after train() and on every failure."""
+        if self.logger is not None:
+            self.logger.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
     def _marker(self) -> dict:
         lay = self.layout
         return {"config": self.cfg.to_dict(),
@@ -171,6 +233,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> ckpt.CheckpointRef | None:
         """None when the save failed and checkpoint.on_save_error = 'continue'."""
+        self._check_run_dir_held()
         trainer_state = {**self.progress.state_dict(), "mtp_weight": self.mtp_weight.state_dict(),
                          "config": self.cfg.to_dict()}
         rank_state = {"loader": self.train_loader.state_dict() if self.train_loader else None}
@@ -246,6 +309,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> TrainResult:
         self._write_run_files()
         cfg = self.cfg
         batches = iter(self.train_loader) if self.train_loader is not None else None
@@ -276,7 +345,6 @@ class Trainer:
         if result.exit_code == exit_codes.OK and cfg.checkpoint.save_at_exit \
                 and self.save() is None:
             result.exit_code = exit_codes.SAVE_FAILED  # trained to the end, but not saved
-        self.logger.close()
         result.step = self.step
         return result
 

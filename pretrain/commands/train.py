@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
 
-    from pretrain.trainer import NonFiniteError, Trainer
+    from pretrain.trainer import NonFiniteError, RunDirLost, Trainer
 
     trainer = None
     try:
@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         return trainer.train().exit_code
     except CheckpointSaveError as err:
         print(f"mtp train: checkpoint save failed: {err}", file=sys.stderr)
+        return exit_codes.SAVE_FAILED
+    except RunDirLost as err:
+        print(f"mtp train: error: {err}", file=sys.stderr)
         return exit_codes.SAVE_FAILED
     except (ConfigError, CheckpointError) as err:
         print(f"mtp train: error: {err}", file=sys.stderr)
@@ -102,3 +105,6 @@ def run(args: argparse.Namespace) -> int:
               "the newest complete checkpoint is kept: restart the job with --resume auto.",
               file=sys.stderr, flush=True)
         return exit_codes.PEER_LOST
+    finally:
+        if trainer is not None:
+            trainer.close()
