@@ -6,7 +6,7 @@ label construction on any [B, L] window tensor.
 """
 
 from .build import build_dataset, document_order, split_validation
-from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, BuildConfig
+from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, BuildConfig, BuildConfigError
 from .labels import make_mtp_labels
 from .loader import ShardLoader
 from .manifest import Manifest, ShardError, ShardInfo, load_manifest
@@ -14,7 +14,7 @@ from .pinned_code import PINNED_CODE, PinnedDistribution, prepare_pinned_code
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "SPECIAL_IDS", "UNK_ID", "PINNED_CODE",
-    "BuildConfig", "Manifest", "PinnedDistribution", "ShardError", "ShardInfo", "ShardLoader",
+    "BuildConfig", "BuildConfigError", "Manifest", "PinnedDistribution", "ShardError", "ShardInfo", "ShardLoader",
     "build_dataset", "document_order", "load_manifest", "make_mtp_labels", "prepare_pinned_code",
     "split_validation",
 ]

@@ -94,7 +94,17 @@ def resolve_checkpoint(path: str | Path) -> CheckpointRef:
         refs = complete_checkpoints(root)
         if refs:
             return refs[-1]
-    raise CheckpointError(f"no complete checkpoint under {p}")
+    if not p.exists():
+        why = "it does not exist"
+    elif not p.is_dir():
+        why = "it is a file, not a run or checkpoint directory"
+    else:
+        partial = sorted(c.name for root in (p / "checkpoints", p) if root.is_dir()
+                         for c in root.iterdir() if _step_of(c) is not None)
+        why = (f"it holds only incomplete ones ({', '.join(partial[-3:])}: no {COMPLETE}, their "
+               "saves did not finish)" if partial else
+               "it holds no checkpoints (a run directory keeps them in checkpoints/step_*)")
+    raise CheckpointError(f"no complete checkpoint under {p}: {why}")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -245,8 +255,11 @@ def load_checkpoint(engine, ref: CheckpointRef) -> tuple[dict, dict]:
     """Collective. Returns (trainer_state, this rank's state)."""
     rank = dist.get_rank()
     rank_file = ref.path / f"trainer_rank{rank:05d}.pt"
-    if not rank_file.is_file():
-        raise CheckpointError(f"{ref.path} has no state for rank {rank} ({rank_file.name})")
+    if _any_rank(not rank_file.is_file()):  # every rank refuses alike, not only the one short
+        raise CheckpointError(
+            f"{ref.path} lacks the trainer state of some rank (trainer_rankNNNNN.pt, one per "
+            f"rank of {dist.get_world_size()}): the checkpoint is damaged; resume from another "
+            "one (pass its directory to --resume)")
     path, client = engine.load_checkpoint(
         str(ref.root), tag=ref.tag, load_optimizer_states=True, load_lr_scheduler_states=False,
         load_module_strict=True)

@@ -4,35 +4,67 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from pretrain import exit_codes
-from pretrain.launch import exit_with_launcher
+from pretrain.errors import CommandError, UsageError
+from pretrain.launch import exit_with_launcher, job_rank
 from pretrain.quiet import quiet_third_party
 
 # Subcommand modules under pretrain.commands, in the order `--help` lists them.
 COMMANDS = ("prepare", "train", "export", "generate", "eval")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (and once per job, like every other mistake)."""
+
+    def error(self, message: str):
+        _report(self.prog, UsageError(f"{message} (see `{self.prog} --help`)"))
+        raise SystemExit(exit_codes.USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mtp",
         description=(
             "Multi-Token Prediction pretraining: prepare token shards, train with "
             "DeepSpeed/megatron-core parallelism, export and generate."
         ),
+        epilog="Mistakes in the input (paths, flags, configs, data) are reported as one line "
+               f"naming the fix, with exit code {exit_codes.USAGE}.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"pretrain.commands.{name}").register(sub)
+    parser.set_defaults(subparsers=sub.choices)
     return parser
+
+
+def _report(prog: str, err: CommandError) -> None:
+    """One line on stderr, from one process of the job: every rank of a torchrun/srun job runs
+    the command and meets a shared mistake alike, so rank 0 speaks for them all; a mistake of
+    one rank only is reported by that rank, naming it."""
+    rank = job_rank()
+    if err.every_rank and rank != 0:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"rank {rank}: " if not err.every_rank and world > 1 else ""
+    message = " ".join(str(err).split())  # one line, whatever the message's own layout
+    print(f"{prog}: {err.label}: {where}{message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand, whose --help lists what it takes
+        args.subparsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
+    except CommandError as err:
+        _report(f"mtp {args.command}", err)
+        return err.exit_code
     except KeyboardInterrupt:
         print("mtp: interrupted", file=sys.stderr)
         return exit_codes.INTERRUPTED

@@ -17,6 +17,7 @@ from deepspeed.utils import logger as ds_logger
 from data_pipeline import ShardError, load_manifest
 from model import accelerator
 from model.cost import forward_flops_per_token
+from model.generation.runner import positions_needed
 from pretrain import checkpoint as ckpt
 from pretrain import exit_codes, quiet
 from pretrain.acceptance_eval import acceptance_metrics
@@ -266,9 +267,8 @@ class Trainer:
         if diffs:
             raise ConfigError(
                 f"cannot resume from {ref.path}: the checkpoint was written by an incompatible "
-                "run:\n  " + "\n  ".join(diffs) +
-                "\nresume with the checkpoint's settings (its config is in COMPLETE.json) or "
-                "start a new run directory")
+                f"run ({'; '.join(diffs)}); resume with the checkpoint's settings (its config is "
+                "in COMPLETE.json) or start a new run directory")
         state, rank_state = ckpt.load_checkpoint(self.engine, ref)
         self.progress.load_state_dict(state)
         self.mtp_weight.load_state_dict(state["mtp_weight"])
@@ -298,8 +298,8 @@ class Trainer:
         metrics = gather_to_rank0(stats, self.topo, self.cfg.mtp.depth, prefix="val/")
         t = self.cfg.train
         if t.eval_acceptance_prompts:
-            prompt_len = min(64, self.cfg.model.max_seq_len - t.eval_acceptance_tokens
-                             - 2 * self.cfg.mtp.depth - 2)
+            room = positions_needed(0, t.eval_acceptance_tokens, self.cfg.mtp.depth)
+            prompt_len = min(64, self.cfg.model.max_seq_len - room)
             metrics.update(acceptance_metrics(
                 self.engine.module, self._loader("prompts"), t.eval_acceptance_prompts,
                 prompt_len, t.eval_acceptance_tokens, self.topo.dp_group,

@@ -93,7 +93,7 @@ def full_state_dict_from_checkpoint(ref: CheckpointRef) -> tuple[RunConfig, dict
     if problems:
         raise CheckpointError(
             f"{ref.path} does not match the model its own config describes (wrong or mixed "
-            "files?):\n  " + "\n  ".join(problems[:10]))
+            f"files?): {'; '.join(problems[:10])}")
     return cfg, full
 
 
