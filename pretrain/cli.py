@@ -50,7 +50,8 @@ def _report(prog: str, err: CommandError) -> None:
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     where = f"rank {rank}: " if not err.every_rank and world > 1 else ""
-    message = " ".join(str(err).split())  # one line, whatever the message's own layout
+    # one line, whatever the message's own layout (spaces inside a line are left alone)
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     print(f"{prog}: {err.label}: {where}{message}", file=sys.stderr, flush=True)
 
 

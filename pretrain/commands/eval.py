@@ -103,8 +103,11 @@ def run(args: argparse.Namespace) -> int:
                              seed=0, depth=depth, split=args.split, shuffle=False)
     except ShardError as err:
         raise _shard_error(err) from None
-    except ValueError as err:  # every shard of the split skipped as corrupt
-        raise UsageError(f"--data {manifest.root}: {err}", label="data error") from None
+    except ValueError:  # --skip-corrupt, and every shard of the split is corrupt
+        bad = ", ".join(e.shard for e in manifest.check_shard_sizes(args.split))
+        raise UsageError(f"--data {manifest.root}: no usable shard in its {args.split} split "
+                         f"(corrupt or missing: {bad}); rebuild the dataset with `mtp prepare "
+                         "--overwrite`", label="data error") from None
 
     device = model.embedding.output_weight.device
     sums = torch.zeros(2, depth + 1, dtype=torch.float64)
