@@ -349,7 +349,7 @@ def _worker_megatron(shape: dict, mtp_layers: int, steps: int, warmup: int) -> d
 
     from benchmarks.training_baselines import megatron_gpt
     from model import accelerator
-    from pretrain.distributed import free_port
+    from pretrain.launch import free_port
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))

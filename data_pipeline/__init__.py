@@ -6,7 +6,7 @@ label construction on any [B, L] window tensor.
 """
 
 from .build import build_dataset, document_order, split_validation
-from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, BuildConfig
+from .config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, BuildConfig, BuildConfigError
 from .labels import document_ids, make_mtp_labels
 from .loader import ShardLoader
 from .manifest import Manifest, ShardError, ShardInfo, load_manifest
@@ -16,8 +16,8 @@ from .remote import RemoteError, RemoteOptions
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "SPECIAL_IDS", "UNK_ID", "PINNED_CODE",
-    "BuildConfig", "DataSource", "Manifest", "PinnedDistribution", "RemoteError",
-    "RemoteOptions", "SampleMix", "ShardError", "ShardInfo", "ShardLoader",
+    "BuildConfig", "BuildConfigError", "DataSource", "Manifest", "PinnedDistribution",
+    "RemoteError", "RemoteOptions", "SampleMix", "ShardError", "ShardInfo", "ShardLoader",
     "build_dataset", "document_ids", "document_order", "load_manifest", "make_mtp_labels",
     "prepare_pinned_code",
     "split_validation",

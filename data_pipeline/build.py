@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .config import PINNED_CODE_SOURCE, STDLIB_SOURCE, BuildConfig
+from .config import (
+    PINNED_CODE_SOURCE,
+    STDLIB_SOURCE,
+    BuildConfig,
+    BuildConfigError,
+)
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, write_manifest
 from .pinned_code import prepare_pinned_code
 from .shard_writer import SAMPLE_MEMBER, ShardSetWriter, WindowPacker, file_sha256
@@ -48,8 +53,9 @@ def resolve_source(config: BuildConfig) -> tuple[list[DocRef], dict]:
     if path.is_file() and path.suffix == ".jsonl":
         return list_jsonl(path), {"kind": "jsonl", "path": str(path.resolve()),
                                   "field": config.jsonl_field}
-    raise ValueError(f"BuildConfig.source = {src!r} is neither '{STDLIB_SOURCE}', "
-                     f"'{PINNED_CODE_SOURCE}', an existing directory nor an existing .jsonl file")
+    raise BuildConfigError("source", src, f"is neither '{STDLIB_SOURCE}', '{PINNED_CODE_SOURCE}', "
+                           "an existing directory nor an existing .jsonl file",
+                           "check the path (a .jsonl file must end in .jsonl)")
 
 
 def _rank_key(seed: int, purpose: str, name: str) -> bytes:
@@ -112,7 +118,8 @@ def _check_out_dir(config: BuildConfig, fingerprint: str) -> Manifest | None:
     if not out.exists():
         return None
     if not out.is_dir():
-        raise ValueError(f"BuildConfig.out_dir = {str(out)!r} exists and is not a directory")
+        raise BuildConfigError("out_dir", str(out), "exists and is not a directory",
+                               "choose a directory path")
     existing = None
     if (out / MANIFEST_NAME).exists():
         try:
@@ -129,8 +136,8 @@ def _check_out_dir(config: BuildConfig, fingerprint: str) -> Manifest | None:
     if not config.overwrite:
         what = ("a different dataset (other inputs or settings)" if (out / MANIFEST_NAME).exists()
                 else f"other files ({', '.join(sorted(others)[:3])}...)")
-        raise ValueError(f"output directory {str(out)!r} already holds {what}; pass "
-                         f"overwrite=True (`--overwrite`) to replace it, or choose another --out")
+        raise BuildConfigError("out_dir", str(out), f"already holds {what}",
+                               "use {overwrite} to replace it, or choose another {out_dir}")
     for name in others:
         if _known_output(name) and (out / name).is_file():
             (out / name).unlink()

@@ -23,6 +23,25 @@ PINNED_CODE_SOURCE = "pinned-code"
 MIN_VOCAB_SIZE = 300
 
 
+class BuildConfigError(ValueError):
+    """A BuildConfig field whose value cannot work: `field = value problem; fix`. The fix may name
+    fields as {field}. str() spells fields as this package's API does; `render(spell)` takes a
+    front end's own spelling (`mtp prepare` names its flags)."""
+
+    def __init__(self, field: str, value: object, problem: str, fix: str):
+        self.field, self.value, self.problem, self.fix = field, value, problem, fix
+        super().__init__(self.render(_python_name))
+
+    def render(self, spell) -> str:
+        """`spell(field)` → how the reader sets that field (e.g. "--out", "overwrite=True")."""
+        names = {f.name: spell(f.name) for f in dataclasses.fields(BuildConfig)}
+        return f"{spell(self.field)} = {self.value!r} {self.problem}; {self.fix.format(**names)}"
+
+
+def _python_name(field: str) -> str:
+    return f"{field}=True" if field in ("overwrite", "progress") else f"BuildConfig.{field}"
+
+
 @dataclass
 class BuildConfig:
     """Everything `build_dataset` needs; every field that changes the output is fingerprinted."""
@@ -91,8 +110,8 @@ class BuildConfig:
         return self.download_dir if self.download_dir is not None else self.out_dir / "downloads"
 
     def validate(self) -> None:
-        def bad(name: str, value: object, fix: str) -> ValueError:
-            return ValueError(f"BuildConfig.{name} = {value!r} is invalid; {fix}")
+        def bad(name: str, value: object, fix: str) -> BuildConfigError:
+            return BuildConfigError(name, value, "is invalid", fix)
 
         if not isinstance(self.source, str) or not self.source:
             raise bad("source", self.source, f"give '{STDLIB_SOURCE}', '{PINNED_CODE_SOURCE}', a directory or a .jsonl file")
@@ -117,7 +136,7 @@ class BuildConfig:
         if self.tokenizer_sample_bytes < 1:
             raise bad("tokenizer_sample_bytes", self.tokenizer_sample_bytes, "use a positive byte count")
         if self.num_workers is not None and self.num_workers < 1:
-            raise bad("num_workers", self.num_workers, "use None (all cores) or a positive count")
+            raise bad("num_workers", self.num_workers, "use a positive count (or none: all cores)")
         if self.tokenizer_path is not None and not self.tokenizer_path.exists():
             raise bad("tokenizer_path", str(self.tokenizer_path), "point it to an existing tokenizer.json, sentencepiece .model, or a directory holding one")
         if self.eos_token is not None and self.tokenizer_path is None:

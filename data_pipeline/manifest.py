@@ -19,12 +19,20 @@ SPLITS = ("train", "val")
 
 
 class ShardError(ValueError):
-    """A shard file is missing, has the wrong size/sha256, or cannot be read as a tar archive."""
+    """A shard file is missing, has the wrong size/sha256, or cannot be read as a tar archive.
+
+    `problem` says what is wrong with the shard; the fix depends on who reads it, so
+    `describe(skip)` appends it with the caller's own way to skip a shard (a flag, a config key);
+    str() names this package's (ShardLoader's `skip_corrupt`)."""
 
     def __init__(self, shard: str, problem: str):
         self.shard = shard
         self.problem = problem
-        super().__init__(f"shard {shard}: {problem}")
+        super().__init__(self.describe("pass skip_corrupt=True"))
+
+    def describe(self, skip: str) -> str:
+        return (f"shard {self.shard}: {self.problem}; rebuild the dataset with "
+                f"`mtp prepare --overwrite`, or {skip} to skip the shard")
 
 
 @dataclass(frozen=True)
@@ -172,8 +180,7 @@ class Manifest:
                     continue
                 if size != s.size:
                     problems.append(ShardError(s.name, f"has {size} bytes but the manifest records "
-                                                       f"{s.size} (truncated or replaced); rebuild "
-                                                       f"with `mtp prepare --overwrite`"))
+                                                       f"{s.size} (truncated or replaced)"))
         return problems
 
     def verify(self, split: str | None = None) -> list[ShardError]:
@@ -187,7 +194,7 @@ class Manifest:
             for s in self.shards(sp):
                 if s.name not in bad and file_sha256(s.path) != s.sha256:
                     problems.append(ShardError(s.name, "sha256 differs from the manifest "
-                                                       "(corrupted); rebuild with `mtp prepare --overwrite`"))
+                                                       "(corrupted)"))
         return problems
 
 

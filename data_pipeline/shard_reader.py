@@ -142,15 +142,12 @@ def _members(shard: ShardInfo, opener, wanted: set[int], dtype: np.dtype, window
     except FileNotFoundError as exc:
         raise ShardError(shard.label, f"is missing ({shard.path})") from exc
     except _TarFormatError as exc:
-        raise ShardError(shard.label, f"is truncated or corrupt ({exc}); rebuild with "
-                                     "`mtp prepare --overwrite` or pass skip_corrupt=True") from exc
+        raise ShardError(shard.label, f"is truncated or corrupt ({exc})") from exc
     except (OSError, EOFError, ValueError) as exc:
         raise ShardError(shard.label, f"is corrupt or truncated ({type(exc).__name__}: "
-                                     f"{str(exc).split(' @ ')[0]}); rebuild with "
-                                     f"`mtp prepare --overwrite` or pass skip_corrupt=True") from exc
+                                     f"{str(exc).split(' @ ')[0]})") from exc
     if remaining:
         first_missing = min(remaining)
         raise ShardError(shard.label, f"is truncated or corrupt: the tar stream ended without sample "
                                      f"{first_missing:0{KEY_DIGITS}d} (and {len(remaining) - 1} more "
-                                     f"wanted); rebuild with `mtp prepare --overwrite` or pass "
-                                     f"skip_corrupt=True")
+                                     f"wanted)")

@@ -212,3 +212,20 @@ class TextTokenizer:
         if self.kind == SENTENCEPIECE:
             return self._sp.decode(ids)
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    @property
+    def size(self) -> int:
+        """Ids the tokenizer has pieces for: 0 .. size - 1."""
+        if self.kind == SENTENCEPIECE:
+            return self._sp.get_piece_size()
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def known(self, ids: list[int]) -> list[int]:
+        """`ids` with those past the tokenizer's pieces (a model's vocabulary may be padded
+        beyond them, and a barely trained model can still produce such ids) replaced by the
+        unknown piece, or dropped when the tokenizer has none."""
+        unk = self._sp.unk_id() if self.kind == SENTENCEPIECE else self._tok.token_to_id("<unk>")
+        size = self.size
+        if unk is None or unk < 0:
+            return [t for t in ids if t < size]
+        return [t if t < size else unk for t in ids]

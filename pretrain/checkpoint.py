@@ -103,7 +103,17 @@ def resolve_checkpoint(path: str | Path) -> CheckpointRef:
         refs = complete_checkpoints(root)
         if refs:
             return refs[-1]
-    raise CheckpointError(f"no complete checkpoint under {p}")
+    if not p.exists():
+        why = "it does not exist"
+    elif not p.is_dir():
+        why = "it is a file, not a run or checkpoint directory"
+    else:
+        partial = sorted(c.name for root in (p / "checkpoints", p) if root.is_dir()
+                         for c in root.iterdir() if _step_of(c) is not None)
+        why = (f"it holds only incomplete ones ({', '.join(partial[-3:])}: no {COMPLETE}, their "
+               "saves did not finish)" if partial else
+               "it holds no checkpoints (a run directory keeps them in checkpoints/step_*)")
+    raise CheckpointError(f"no complete checkpoint under {p}: {why}")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -253,6 +263,12 @@ class CheckpointWriter:
         req, self._pending = self._pending, None
         return req
 
+    def wait_local(self) -> None:
+        """Wait for this rank's background writing, without the collective of `finish` (for
+        shutting down after a failure, when the peers may be gone)."""
+        if self._thread is not None:
+            self._thread.join()
+
     def finish(self) -> None:
         """Collective: wait for a background save; CheckpointSaveError on every rank if it
         failed on any."""
@@ -351,17 +367,22 @@ def _prune(root: Path, keep_last: int) -> None:
 def load_checkpoint(engine, owners, ref: CheckpointRef, same_layout: bool) -> dict:
     """Collective. Loads the model and optimizer state into this rank's fragments (any layout)
     and, when the layout is the one the checkpoint was written with, this rank's RNG states.
-    Returns the trainer state recorded in the marker."""
+    Returns the trainer state recorded in the marker. A checkpoint that cannot be read is
+    refused on every rank alike (not only on the one that reads the damaged part)."""
     marker = ref.marker()
     trainer_state = marker.get("trainer")
     if trainer_state is None:
         raise CheckpointError(f"{ref.path} was written by an older version of the project (no "
                               "trainer state in COMPLETE.json); start a new run directory")
     try:
-        load_into(owners, SavedState(ref.path), engine.optimizer, trainer_state["adam_step"])
+        saved = SavedState(ref.path)
+        problem = None
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{ref.path} cannot be loaded ({err}); use an earlier "
-                              "checkpoint") from None
+        problem = str(err)
+    if _any_rank(problem is not None):
+        raise CheckpointError(f"{ref.path} cannot be loaded ({problem or 'on another rank'}); "
+                              "resume from another checkpoint (pass its directory to --resume)")
+    load_into(owners, saved, engine.optimizer, trainer_state["adam_step"])
     if same_layout:
         rank_file = ref.path / f"trainer_rank{dist.get_rank():05d}.pt"
         if rank_file.is_file():

@@ -1,5 +1,6 @@
-"""Process-group setup: launcher detection, the distributed backend, and one topology shared by
-megatron-core (TP groups for the layers) and DeepSpeed (pipeline/data groups), checked to agree.
+"""Process-group setup: the distributed backend, and one topology shared by megatron-core (TP
+groups for the layers) and DeepSpeed (pipeline/data groups), checked to agree. Which launcher
+started the process, and its rank: pretrain/launch.py.
 
 Rank layout (both libraries): TP fastest, then DP, then PP — global rank = tp + TP·(dp + DP·pp).
 """
@@ -7,8 +8,6 @@ Rank layout (both libraries): TP fastest, then DP, then PP — global rank = tp 
 from __future__ import annotations
 
 import datetime
-import os
-import socket
 from dataclasses import dataclass
 
 import deepspeed
@@ -18,47 +17,7 @@ from megatron.core import parallel_state
 
 from model import accelerator
 from pretrain.config import Layout
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    launcher: str  # "single", "torchrun" (also the deepspeed launcher) or "slurm"
-
-
-def free_port() -> int:
-    """A TCP port on the loopback that nothing listens on (for a rendezvous of one host)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def detect_launch_env() -> LaunchEnv:
-    """Read rank/world from torchrun (RANK, WORLD_SIZE, LOCAL_RANK), from SLURM's srun (one task
-    per process: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), or run as a world of one. Exports the
-    torch.distributed variables so the rest of the stack sees one convention."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        launch = LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]),
-                           int(env.get("LOCAL_RANK", 0)), "torchrun")
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
-        launch = LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                           int(env.get("SLURM_LOCALID", 0)), "slurm")
-        if "MASTER_ADDR" not in env:
-            raise RuntimeError(
-                "launched by srun without MASTER_ADDR: export MASTER_ADDR (the first host of "
-                "$SLURM_JOB_NODELIST) and MASTER_PORT in the batch script, as "
-                "scripts/slurm/train.sbatch does")
-    else:
-        launch = LaunchEnv(0, 1, 0, "single")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(free_port()))
-    env.update(RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size),
-               LOCAL_RANK=str(launch.local_rank))
-    env.setdefault("MASTER_PORT", "29500")
-    return launch
+from pretrain.launch import LaunchEnv
 
 
 def init_distributed(launch: LaunchEnv, timeout_s: int) -> None:

@@ -19,9 +19,10 @@ INTERRUPTED = 130
 """Ctrl-C."""
 
 TRAIN_EPILOG = f"""\
-exit codes: {OK} done; {USAGE} bad config or input (nothing was trained); {NONFINITE} non-finite loss with
-train.nonfinite=stop; {SAVE_FAILED} a checkpoint could not be written (disk full, write error; the previous
-complete checkpoint is kept); {PEER_LOST} a peer process died or a collective timed out
+exit codes: {OK} done; {USAGE} bad config or input, or RUN_DIR in use by another job (nothing was
+trained); {NONFINITE} non-finite loss with train.nonfinite=stop; {SAVE_FAILED} a checkpoint could not be
+written (disk full, write error, or another job took RUN_DIR over; the previous complete
+checkpoint is kept); {PEER_LOST} a peer process died or a collective timed out
 (train.collective_timeout_s); {PREEMPTED} stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue
 and resume with --resume auto). Under torchrun, whose exit code is 1 whenever a worker fails,
 read the workers' codes in its failure report."""

@@ -45,6 +45,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+        self.active = False  # closed: nothing more is logged (and closing again is a no-op)
 
 
 def format_line(step: int, total: int, m: dict[str, float]) -> str:

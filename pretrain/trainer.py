@@ -19,19 +19,22 @@ from data_pipeline import ShardError, load_manifest
 from data_pipeline.mixture import check_same_tokenizer
 from model import accelerator
 from model.cost import forward_flops_per_token
+from model.generation.runner import positions_needed
 from pretrain import checkpoint as ckpt
-from pretrain import exit_codes
+from pretrain import exit_codes, quiet
 from pretrain.acceptance_eval import acceptance_metrics
 from pretrain.checkpoint_state import owned
 from pretrain.config import ConfigError, RunConfig, validate_layout
 from pretrain.data_loading import make_loader, weighted_validation
 from pretrain.deepspeed_config import deepspeed_config
-from pretrain.distributed import build_topology, detect_launch_env, init_distributed
+from pretrain.distributed import build_topology, init_distributed
 from pretrain.engine import build_engine
+from pretrain.launch import detect_launch_env
 from pretrain.memory_plan import GIB, plan_memory
 from pretrain.metrics import MetricsLogger, format_line, peak_flops
 from pretrain.model_builder import full_parameter_names
 from pretrain.preemption import PreemptionFlag
+from pretrain.run_lock import STALE_AFTER_S, RunDirBusy, RunLock
 from pretrain.runtime import resolve_runtime
 from pretrain.schedules import MTPWeightSchedule, learning_rate
 from pretrain.step_metrics import StepStats, gather_to_rank0
@@ -39,6 +42,11 @@ from pretrain.step_metrics import StepStats, gather_to_rank0
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class RunDirLost(RuntimeError):
+    """Another job took the run directory's lock over while this one was running (its heartbeat
+    stalled long enough to look dead): this job must not write another checkpoint there."""
 
 
 @dataclass
@@ -77,13 +85,23 @@ class Trainer:
         ds_logger.setLevel(logging.WARNING)
         self.rank = dist.get_rank()
         self.layout = validate_layout(cfg, dist.get_world_size())
+        self.run_dir = Path(cfg.run_dir)
+        self.run_lock: RunLock | None = None
+        self.logger: MetricsLogger | None = None
+        try:
+            self._set_up(cfg, train_loader, preempt)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, cfg: RunConfig, train_loader, preempt) -> None:
         self.topo = build_topology(self.layout, cfg.train.collective_timeout_s)
         self.policy = resolve_runtime(cfg, self.layout)
         self.device = accelerator.current_device()
-        self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.logger = MetricsLogger(self.run_dir, active=self.rank == 0)
         self.manifest = self._load_manifest()
+        self._take_run_dir()  # before anything is written there
+        self.logger = MetricsLogger(self.run_dir, active=self.rank == 0)
         self.seq_len = self.manifest.seq_len
         self.tokens_per_step = cfg.train.global_batch_size * self.seq_len
 
@@ -214,7 +232,58 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
         ds = deepspeed_config(self.cfg, self.layout, self.policy)
         (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds, indent=1))
-        (self.run_dir / "runtime.json").write_text(json.dumps(self.policy.to_dict(), indent=1))
+        runtime = {**self.policy.to_dict(), "suppressed_notices": list(quiet.SUPPRESSED)}
+        (self.run_dir / "runtime.json").write_text(json.dumps(runtime, indent=1))
+
+    # ------------------------------------------------------------------ one writer per run dir
+    def _take_run_dir(self) -> None:
+        """Global rank 0 takes RUN_DIR's lock (pretrain/run_lock.py) for the job; the other ranks
+        wait for the outcome, so a refused job stops on every rank before any of them writes."""
+        refusal = None
+        if self.rank == 0:
+            def warn(text: str) -> None:
+                print(f"mtp train: warning: {text}", file=sys.stderr, flush=True)
+
+            wait_s = min(STALE_AFTER_S, self.cfg.train.collective_timeout_s / 2)
+            try:
+                if self.run_dir.exists() and not self.run_dir.is_dir():
+                    raise NotADirectoryError(f"{self.run_dir} is a file")
+                self.run_lock = RunLock(self.run_dir).acquire(wait_s=wait_s, notify=warn)
+            except RunDirBusy as err:
+                refusal = str(err)
+            except OSError as err:
+                refusal = (f"run_dir = {str(self.run_dir)!r} cannot be written ({err}); choose a "
+                           "writable directory for run_dir")
+        if self._on_any_rank(refusal is not None):
+            raise ConfigError(refusal or "run_dir is in use by another job (rank 0 says which)")
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        if dist.get_world_size() == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=accelerator.current_device())
+        dist.all_reduce(t)
+        return t.item() > 0
+
+    def _check_run_dir_held(self) -> None:
+        """Before a checkpoint: is the run directory still this job's? (one collective)"""
+        why = self.run_lock.lost() if self.run_lock is not None else None
+        if self._on_any_rank(why is not None):
+            raise RunDirLost(
+                f"{why or 'rank 0 lost the run directory lock'}: another job writes "
+                f"run_dir = {str(self.run_dir)!r} now, so this one stops without writing "
+                f"checkpoint step {self.step}; resume from that job's checkpoints, not this one's")
+
+    def close(self) -> None:
+        """Release the run directory (idempotent). Runs after train() and on every failure; a
+        background checkpoint write still running is let finish first (unmarked if a peer's
+        part is missing), so that no file lands in a run directory another job may own."""
+        if getattr(self, "writer", None) is not None:
+            self.writer.wait_local()
+        if self.logger is not None:
+            self.logger.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     def _layout(self) -> dict:
         lay = self.layout
@@ -244,6 +313,7 @@ class Trainer:
         """Collective. Interval saves may finish in the background (checkpoint.async_save); a
         `final` one (at the end, or on a signal) is on disk when this returns, after any earlier
         one. None when a save failed and checkpoint.on_save_error = 'continue'."""
+        self._check_run_dir_held()
         trainer_state = {**self.progress.state_dict(), "mtp_weight": self.mtp_weight.state_dict(),
                          "adam_step": self._adam_step()}
         keep_going = self.cfg.checkpoint.on_save_error == "continue"
@@ -284,9 +354,8 @@ class Trainer:
         if diffs:
             raise ConfigError(
                 f"cannot resume from {ref.path}: the checkpoint was written by an incompatible "
-                "run:\n  " + "\n  ".join(diffs) +
-                "\nresume with the checkpoint's settings (its config is in COMPLETE.json) or "
-                "start a new run directory")
+                f"run ({'; '.join(diffs)}); resume with the checkpoint's settings (its config is "
+                "in COMPLETE.json) or start a new run directory")
         before, now = ckpt.layout_of(marker), {k: v for k, v in self._layout().items()
                                                if k != "world"}
         if before != now:
@@ -345,8 +414,8 @@ class Trainer:
         metrics = weighted_validation(per_source, self.cfg.data)
         t = self.cfg.train
         if t.eval_acceptance_prompts:
-            prompt_len = min(64, self.cfg.model.max_seq_len - t.eval_acceptance_tokens
-                             - 2 * self.cfg.mtp.depth - 2)
+            room = positions_needed(0, t.eval_acceptance_tokens, self.cfg.mtp.depth)
+            prompt_len = min(64, self.cfg.model.max_seq_len - room)
             metrics.update(acceptance_metrics(
                 self.engine.module, self._loader("prompts", self.val_sources[0]),
                 t.eval_acceptance_prompts,
@@ -357,6 +426,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> TrainResult:
         self._write_run_files()
         cfg = self.cfg
         batches = iter(self.train_loader) if self.train_loader is not None else None
@@ -389,7 +464,6 @@ class Trainer:
                 result.exit_code = exit_codes.SAVE_FAILED  # trained to the end, but not saved
         else:
             self._finish_background_save(result)
-        self.logger.close()
         result.step = self.step
         return result
 

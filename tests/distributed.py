@@ -49,7 +49,7 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
     """Run `fn(rank, world_size, *args)` on a fresh gloo world; return results by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    from pretrain.distributed import free_port
+    from pretrain.launch import free_port
 
     port = free_port()
     # Collectives time out a little before the harness does, so a stuck rank usually explains

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # torchrun forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT by default; SIGUSR1 kills torchrun
-# itself and orphans the workers unless it is listed here.
+# itself (and, by their parent-death signal, the workers, unsaved) unless it is listed here.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 LOSS_TAGS = ("loss/total", "loss/main", "loss/depth_1", "loss/depth_2")
 
@@ -132,7 +132,8 @@ class Job:
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
         """Signal the launcher's process group and those of its children: torchrun starts each
-        worker in a session of its own, so killing torchrun's group alone orphans the ranks."""
+        worker in a session of its own, so a signal to torchrun's group alone does not reach the
+        ranks (a SIGKILL ends them through their parent-death signal; a SIGSTOP would not)."""
         groups = [self.proc.pid]
         for pid in self.children():
             with contextlib.suppress(ProcessLookupError):
@@ -295,7 +296,7 @@ def finished_reference(tmp_path_factory, world: int) -> Path:
 def launch_ranks(argv: list[str], world: int, log_dir: Path, name: str) -> list[Job]:
     """`world` ranks started directly with RANK/WORLD_SIZE/MASTER_* (as srun's tasks are): no
     agent watches them, so a dead peer must be noticed by the survivors themselves."""
-    from pretrain.distributed import free_port
+    from pretrain.launch import free_port
 
     port = str(free_port())
     return [Job(argv, log_dir / f"{name}-rank{r}.log",

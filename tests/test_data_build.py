@@ -109,7 +109,7 @@ def test_rebuild_is_byte_identical_for_any_worker_count(tmp_path):
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").iterdir()}
     # changed inputs: refused without overwrite, rebuilt with it
     (corpus / "pkg0" / "mod_00.py").write_text("x = 1\n" * 50)
-    with pytest.raises(ValueError, match="already holds a different dataset.*--overwrite"):
+    with pytest.raises(ValueError, match="already holds a different dataset.*overwrite=True"):
         build_dataset(tiny_config(corpus, tmp_path / "a"))
     m4 = build_dataset(tiny_config(corpus, tmp_path / "a", overwrite=True))
     assert m4.status == "built" and m4.fingerprint != m1.fingerprint

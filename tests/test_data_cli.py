@@ -55,11 +55,11 @@ def test_prepare_user_errors_exit_2_with_one_message(tmp_path, capsys):
     base = ["--out", str(tmp_path / "data"), "--vocab-size", "320", "--no-progress"]
     assert cli.main(["prepare", "--source", str(tmp_path / "missing"), *base]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mtp prepare: error: BuildConfig.source = ") and "Traceback" not in err
+    assert err.startswith("mtp prepare: error: --source = ") and "Traceback" not in err
     assert cli.main(["prepare", "--source", str(corpus), "--seq-len", "100000", *base]) == 2
     err = capsys.readouterr().err
     assert "fewer than one window" in err and err.count("\n") == 1
     assert cli.main(["prepare", "--source", str(corpus), "--val-fraction", "2", *base]) == 2
-    assert "BuildConfig.val_fraction = 2.0 is invalid" in capsys.readouterr().err
+    assert "--val-fraction = 2.0 is invalid" in capsys.readouterr().err
     assert cli.main(["prepare", "--source", str(corpus), *base, "--vocab-size", "260"]) == 2
-    assert "BuildConfig.vocab_size = 260 is invalid" in capsys.readouterr().err
+    assert "--vocab-size = 260 is invalid" in capsys.readouterr().err

@@ -137,6 +137,8 @@ def test_bad_config_and_cli_input_is_refused_before_any_work(outcome):
         r"mtp train: error: parallel\.tp × parallel\.pp = 2 × 2 = 4 does not divide the world "
         r"size 2; choose sizes whose product divides the number of processes", code=1)
     assert "exitcode: 2" in outcome["layout_torchrun"][1]
+    # said once for the job, by rank 0, not once per rank
+    assert outcome["layout_torchrun"][1].count("mtp train: error: parallel.tp") == 1
     took["batch"] = _refused(outcome, "batch", r"train\.global_batch_size = 5 is not a multiple "
                                                r"of .* = 2 × 1 = 2; use e\.g\. train\.global_"
                                                r"batch_size=4")
@@ -153,8 +155,8 @@ def test_bad_config_and_cli_input_is_refused_before_any_work(outcome):
     took["resume_other_model"] = _refused(
         outcome, "resume_other_model",
         r"cannot resume from \S+step_00000003: the checkpoint was written by an incompatible "
-        r"run:\n  model\.hidden_size: checkpoint 32, now 64\n  model\.ffn_hidden_size: "
-        r"checkpoint 64, now 128\nresume with the checkpoint's settings")
+        r"run \(model\.hidden_size: checkpoint 32, now 64; model\.ffn_hidden_size: "
+        r"checkpoint 64, now 128\); resume with the checkpoint's settings")
     took["resume_nowhere"] = _refused(outcome, "resume_nowhere",
                                       r"error: no complete checkpoint under \S+no-such-run")
     runs = {"batch": "e", "tokenizer": "f", "vocab": "g", "no_data": "h", "depth": "i",
@@ -171,7 +173,7 @@ def test_export_refuses_incomplete_or_foreign_checkpoints(outcome):
                                            r"checkpoint \(no COMPLETE\.json")
     _refused(outcome, "export_mixed",
              r"mtp export: error: \S+step_00000003 does not match the model its own config "
-             r"describes \(wrong or mixed files\?\):\n  .*: shape \(\d+, 64\) but the config "
+             r"describes \(wrong or mixed files\?\): .*: shape \(\d+, 64\) but the config "
              r"implies \(\d+, 32\)")
     _refused(outcome, "export_truncated", r"mtp export: error: \S+mp_rank_00_model_states\.pt is "
                                           r"unreadable \(.*\); the checkpoint is damaged")

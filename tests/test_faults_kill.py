@@ -4,11 +4,15 @@ checkpoint save. After each kill, `mtp train --resume auto` must start from the 
 checkpoint, `latest` must never be half-written or name an incomplete checkpoint, and once the
 chain of killed lives finally finishes, every step's losses (TensorBoard, last write wins) must
 equal the uninterrupted run's bit for bit. One chain runs one process, one a torchrun world of 2.
+And `kill -9` of the torchrun launcher alone: its workers must not train on as orphans, and no
+two jobs may write one run directory.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import signal
 import time
 
@@ -81,6 +85,7 @@ def _kill_chain(tmp_path, data, world: int, plan: list[tuple], seed: int) -> dic
     run_dir = tmp_path / "run"
     cfg = long_run_config(data, run_dir)
     kills = []
+    stale_lock = False
     for i, (kind, arg) in enumerate(plan):
         before = complete_steps(run_dir)
         job = Job(train_argv(cfg, world=world), tmp_path / f"life{i}.log")
@@ -112,6 +117,12 @@ def _kill_chain(tmp_path, data, world: int, plan: list[tuple], seed: int) -> dic
         if before and "mtp train: world" in log:
             # the life resumed from the newest complete checkpoint it could see
             assert resumed_step(log) == before[-1], log[-3000:]
+        if "mtp train: world" in log:  # printed after the run directory's lock was taken
+            # a killed life left its lock behind: this one took it over, saying from whom
+            assert not stale_lock or re.search(
+                r"^mtp train: warning: took over the lock \S+ from pid \d+ on .*: that process "
+                r"is gone$", log, re.M), log[-3000:]
+            stale_lock = True  # killed holding it
         after = complete_steps(run_dir)
         check_latest(run_dir)
         reached = max(steps_logged(log), default=before[-1] if before else 0)
@@ -125,6 +136,7 @@ def _kill_chain(tmp_path, data, world: int, plan: list[tuple], seed: int) -> dic
     rc = final.wait(timeout=300)
     log = final.log()
     assert rc == 0, log[-4000:]
+    assert not stale_lock or "took over the lock" in log, log[-3000:]
     newest = kills[-1]["newest_complete"]
     assert resumed_step(log) == newest, log[-3000:]
     assert steps_logged(log)[0] == (newest or 0) + 1
@@ -165,3 +177,63 @@ def test_kill9_torchrun_world2_at_random_moments_resumes_exactly(tmp_path, tmp_p
     out = _kill_chain(tmp_path, data, 2, plan, seed=12)
     _check_and_record("kill9_torchrun_world2", out, finished_reference(tmp_path_factory, 2),
                       len(plan))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_kill9_of_the_torchrun_launcher_ends_its_workers_and_one_job_writes_a_run_dir(
+        tmp_path, tmp_path_factory):
+    """torchrun starts each worker in a session of its own, so a `kill -9` of torchrun alone (the
+    OOM killer's choice; a plain node without SLURM's cgroups) used to leave both ranks training
+    and checkpointing. Now a second job on the same run directory while the first lives is
+    refused on every rank (one line, naming the holder) before it writes anything, and killing
+    the first job's launcher ends its workers within seconds. (The next job's takeover of the
+    dead job's lock: the kill chains above, every life after the first.)"""
+    data = fault_dataset(tmp_path_factory)
+    run_dir = tmp_path / "run"
+    cfg = long_run_config(data, run_dir, train={"steps": 100000},
+                          checkpoint={"interval": 50, "keep_last": 1})
+    first = Job(train_argv(cfg, world=2, resume=None), tmp_path / "first.log")
+    second = None
+    try:
+        first.wait_for_text(r"^step 5/", timeout=180)
+        ranks = first.children()
+        assert len(ranks) == 2, ranks
+        # Paused (still alive: a holder is judged by its process, not its pace) so that the
+        # second job's start-up does not compete with two busy ranks for the CI's two cores.
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            second = Job(train_argv(cfg, world=2), tmp_path / "second.log")
+            assert second.wait(timeout=180) == 1  # torchrun's code for failed workers
+        finally:
+            for pid in ranks:
+                os.kill(pid, signal.SIGCONT)
+        refused_s = time.monotonic() - t0
+        log = second.log()
+        refusals = re.findall(r"^mtp train: error: run directory \S+ is in use by another job: "
+                              r"pid (\d+) on .*$", log, re.M)
+        assert len(refusals) == 1 and int(refusals[0]) in ranks, log[-3000:]
+        # rank 0 exited 2 (torchrun then stops any rank still exiting: its code varies)
+        assert re.search(r"exitcode\s*: 2 ", log), log[-3000:]
+        assert "mtp train: world" not in log and not steps_logged(log)  # no work, no write
+        assert first.proc.poll() is None and all(alive(pid) for pid in ranks)
+        paused_at = max(steps_logged(first.log()))
+        first.wait_for_text(rf"^step {paused_at + 2}/", timeout=60)  # the first job trains on
+
+        reached = max(steps_logged(first.log()))
+        first.proc.kill()  # kill -9 of torchrun alone: its workers are in sessions of their own
+        t0 = time.monotonic()
+        while any(alive(pid) for pid in ranks) and time.monotonic() - t0 < 20:
+            time.sleep(0.01)
+        gone_s = time.monotonic() - t0
+        assert not any(alive(pid) for pid in ranks), "a worker outlived its launcher"
+        assert first.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        first.kill_group()
+        if second is not None:
+            second.kill_group()
+    assert max(steps_logged(first.log())) <= reached + 50  # nothing trained on after the kill
+    record("kill9_launcher", workers_gone_s=round(gone_s, 3), first_step_s=round(
+        first.first_step_s, 1), second_job_refused_s=round(refused_s, 1), reached_step=reached)

@@ -5,8 +5,8 @@ run's losses equal the uninterrupted run's bit for bit.
 What torchrun does (torch 2.13, measured here): it forwards SIGTERM (and SIGINT/SIGHUP/SIGQUIT)
 to its workers, waits for them (up to its shutdown timeout) and then exits **1** with a
 SignalException traceback, whatever the workers returned; SIGUSR1 is forwarded only when listed
-in `--signals-to-handle` (otherwise it kills torchrun at once and leaves the workers running,
-orphaned). When a rank is signalled directly, the ranks stop together and torchrun reports
+in `--signals-to-handle` (otherwise it kills torchrun at once, and with it, through their
+parent-death signal, the workers: no checkpoint). When a rank is signalled directly, the ranks stop together and torchrun reports
 `failed (exitcode: 75)` for them — again exiting 1. So under torchrun, "checkpointed and
 stopped" is the log line plus the complete checkpoint, not the launcher's exit code; a single
 process (and each srun task, tests/test_slurm.py) exits 75 itself.

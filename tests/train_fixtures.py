@@ -11,8 +11,10 @@ SEQ = 16
 MAX_DEPTH = 3
 
 
-def build_tiny_dataset(root: Path, max_depth: int = MAX_DEPTH) -> Path:
-    """Shards of a few stdlib packages (real code), vocab 512, windows of 16 + max_depth + 1."""
+def build_tiny_dataset(root: Path, max_depth: int = MAX_DEPTH, seq_len: int = SEQ,
+                       shard_samples: int = 256) -> Path:
+    """Shards of a few stdlib packages (real code), vocab 512, windows of seq_len (16) +
+    max_depth + 1."""
     from data_pipeline import BuildConfig, build_dataset
 
     src = root / "corpus"
@@ -20,8 +22,8 @@ def build_tiny_dataset(root: Path, max_depth: int = MAX_DEPTH) -> Path:
     for pkg in ("json", "email", "html"):
         shutil.copytree(stdlib / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     out = root / "data"
-    build_dataset(BuildConfig(source=str(src), out_dir=out, vocab_size=VOCAB, seq_len=SEQ,
-                              max_depth=max_depth, val_fraction=0.05, shard_samples=256,
+    build_dataset(BuildConfig(source=str(src), out_dir=out, vocab_size=VOCAB, seq_len=seq_len,
+                              max_depth=max_depth, val_fraction=0.05, shard_samples=shard_samples,
                               num_workers=1, progress=False))
     return out
 

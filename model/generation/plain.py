@@ -13,7 +13,14 @@ import time
 import torch
 
 from model import accelerator
-from model.generation.runner import done, finish, main_forward, new_cache, pad_prompts
+from model.generation.runner import (
+    check_fits,
+    done,
+    finish,
+    main_forward,
+    new_cache,
+    pad_prompts,
+)
 from model.generation.sampling import GREEDY, SamplingConfig, choose
 from model.generation.stats import GenerationResult
 from model.transformer import MTPLanguageModel
@@ -55,11 +62,7 @@ def generate(model: MTPLanguageModel, prompts: list[list[int]], max_new_tokens: 
     t0 = time.perf_counter()
     tokens, lengths = pad_prompts(prompts, pad_id, device)
     b, width = tokens.shape
-    max_len = width + max_new_tokens + 1
-    if max_len > model.config.model.max_seq_len:
-        raise ValueError(
-            f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds model.max_seq_len = "
-            f"{model.config.model.max_seq_len}")
+    max_len = check_fits(width, max_new_tokens, model.config.model.max_seq_len)
     cache = new_cache(model, len(model.blocks), b, max_len, device)
     gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
 

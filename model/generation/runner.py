@@ -25,6 +25,27 @@ def main_forward(model: MTPLanguageModel, cache: KVCache, tokens: torch.Tensor,
     return h
 
 
+def positions_needed(prompt_len: int, new_tokens: int, draft_depth: int | None = None) -> int:
+    """Positions (cache slots, rotary angles) that decoding `new_tokens` after a prompt of
+    `prompt_len` tokens uses: one beyond them for plain decoding (`draft_depth` None: the slot of
+    the last sampled token); 2·depth + 2 beyond them for self-speculative decoding with drafts of
+    `draft_depth` tokens (the last round verifies a full draft past the final kept token)."""
+    extra = 1 if draft_depth is None else 2 * draft_depth + 2
+    return prompt_len + new_tokens + extra
+
+
+def check_fits(prompt_len: int, new_tokens: int, max_seq_len: int,
+               draft_depth: int | None = None) -> int:
+    """`positions_needed`, or ValueError when it exceeds the model's context."""
+    need = positions_needed(prompt_len, new_tokens, draft_depth)
+    if need > max_seq_len:
+        extra = "1" if draft_depth is None else f"2·depth + 2 ({2 * draft_depth + 2})"
+        raise ValueError(
+            f"prompt ({prompt_len}) + max_new_tokens ({new_tokens}) + {extra} = {need} exceeds "
+            f"model.max_seq_len = {max_seq_len}; shorten the prompt or generate fewer tokens")
+    return need
+
+
 def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device):
     """Right-padded [B, P] tokens and the prompt lengths [B]."""
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -19,7 +19,14 @@ import time
 import torch
 
 from model import accelerator
-from model.generation.runner import done, finish, main_forward, new_cache, pad_prompts
+from model.generation.runner import (
+    check_fits,
+    done,
+    finish,
+    main_forward,
+    new_cache,
+    pad_prompts,
+)
 from model.generation.sampling import GREEDY, SamplingConfig, probabilities
 from model.generation.stats import GenerationResult, SpeculativeStats
 from model.mtp.objective import NO_MTP, objective_class
@@ -87,11 +94,7 @@ class SpeculativeDecoder:
         self.device = device = model.embedding.output_weight.device
         self.prompt_tokens, self.lengths = pad_prompts(prompts, pad_id, device)
         b, width = self.prompt_tokens.shape
-        self.max_len = width + max_new_tokens + 2 * depth + 2
-        if self.max_len > model.config.model.max_seq_len:
-            raise ValueError(
-                f"prompt ({width}) + max_new_tokens ({max_new_tokens}) + 2·depth exceeds "
-                f"model.max_seq_len = {model.config.model.max_seq_len}")
+        self.max_len = check_fits(width, max_new_tokens, model.config.model.max_seq_len, depth)
         self.gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
         dtype = model.embedding.output_weight.dtype
         self.tokens = torch.full((b, self.max_len), pad_id, dtype=torch.long, device=device)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from pretrain import exit_codes
+from pretrain.commands import positive_float, positive_int
+from pretrain.errors import UsageError
 
 DESCRIPTION = """\
 Build a training dataset: train a sentencepiece BPE tokenizer (or reuse one), tokenize the corpus
@@ -53,17 +53,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="glob selecting files of a DIR source, repeatable (default: **/*.py)")
     p.add_argument("--jsonl-field", default="text", metavar="NAME",
                    help="JSON field holding the text of a .jsonl source (default: text)")
-    p.add_argument("--vocab-size", type=int, metavar="N",
+    p.add_argument("--vocab-size", type=positive_int, metavar="N",
                    help="BPE vocabulary size (default: 32000), or the expected size of the "
                         "--tokenizer given (default: its own)")
-    p.add_argument("--seq-len", type=int, default=1024, metavar="T",
+    p.add_argument("--seq-len", type=positive_int, default=1024, metavar="T",
                    help="input tokens per sample (default: 1024)")
     p.add_argument("--max-depth", type=int, default=4, metavar="D",
                    help="largest MTP depth the data must support (default: 4)")
     p.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
                    help="fraction of documents held out for validation, 0 for none (default: 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and tokenizer sample (default: 0)")
-    p.add_argument("--shard-samples", type=int, default=4096, metavar="N",
+    p.add_argument("--shard-samples", type=positive_int, default=4096, metavar="N",
                    help="windows per shard (default: 4096)")
     p.add_argument("--tokenizer", type=Path, metavar="FILE",
                    help="reuse this tokenizer instead of training one: a Hugging Face "
@@ -72,9 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the --tokenizer's end-of-text token, if its files do not name one")
     p.add_argument("--add-bos", action="store_true",
                    help="start every document with the tokenizer's BOS token")
-    p.add_argument("--tokenizer-sample-mb", type=float, default=20.0, metavar="MB",
+    p.add_argument("--tokenizer-sample-mb", type=positive_float, default=20.0, metavar="MB",
                    help="train the tokenizer on at most this many MB of training documents (default: 20)")
-    p.add_argument("--workers", type=int, metavar="N",
+    p.add_argument("--workers", type=positive_int, metavar="N",
                    help="tokenizer processes (default: all cores; the output does not depend on it)")
     p.add_argument("--download-dir", type=Path, metavar="DIR",
                    help="pinned-code download/extract cache (default: DATA/downloads)")
@@ -100,9 +100,19 @@ def _summary(m) -> str:
     return "\n".join(lines)
 
 
+# BuildConfig's fields as this command's flags, for its error messages.
+FLAGS = {"source": "--source", "out_dir": "--out", "include": "--include",
+         "jsonl_field": "--jsonl-field", "vocab_size": "--vocab-size", "seq_len": "--seq-len",
+         "max_depth": "--max-depth", "val_fraction": "--val-fraction", "seed": "--seed",
+         "shard_samples": "--shard-samples", "tokenizer_path": "--tokenizer",
+         "tokenizer_sample_bytes": "--tokenizer-sample-mb", "num_workers": "--workers",
+         "download_dir": "--download-dir", "overwrite": "--overwrite",
+         "progress": "--no-progress"}
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `mtp --help` stays fast.
-    from data_pipeline import BuildConfig, build_dataset
+    from data_pipeline import BuildConfig, BuildConfigError, build_dataset
 
     try:
         config = BuildConfig(
@@ -115,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
             tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 1e6), num_workers=args.workers,
             download_dir=args.download_dir, overwrite=args.overwrite, progress=not args.no_progress)
         manifest = build_dataset(config)
-    except (ValueError, OSError) as exc:
-        msg = " ".join(str(exc).split())
-        print(f"mtp prepare: error: {msg}", file=sys.stderr)
-        return exit_codes.USAGE
+    except BuildConfigError as err:
+        raise UsageError(err.render(lambda field: FLAGS.get(field, field))) from None
+    except (ValueError, OSError) as err:
+        raise UsageError(str(err)) from None
     print(_summary(manifest))
     return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from pretrain import exit_codes
+from pretrain.errors import CommandError, UsageError
 
 EPILOG = f"""\
 Launch it as one process (CPU demo), under torchrun / the deepspeed launcher, or with srun (one task
@@ -63,30 +64,32 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"mtp train: config error: {err}", file=sys.stderr)
-        return exit_codes.USAGE
+        raise UsageError(str(err), label="config error") from None
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
 
-    from pretrain.trainer import NonFiniteError, Trainer
+    from pretrain.trainer import NonFiniteError, RunDirLost, Trainer
 
     trainer = None
+    started = False  # past start-up: a mistake met now may be one rank's alone
     try:
         trainer = Trainer(cfg, resume=args.resume, preempt=preempt)
+        started = True
         return trainer.train().exit_code
     except CheckpointSaveError as err:
-        print(f"mtp train: checkpoint save failed: {err}", file=sys.stderr)
+        # Each rank says what failed on it (the rank that hit the write error names the file).
+        print(f"mtp train: checkpoint save failed: {err}", file=sys.stderr, flush=True)
         return exit_codes.SAVE_FAILED
+    except RunDirLost as err:
+        raise CommandError(str(err), exit_codes.SAVE_FAILED) from None
     except (ConfigError, CheckpointError) as err:
-        print(f"mtp train: error: {err}", file=sys.stderr)
-        return exit_codes.USAGE
+        raise UsageError(str(err), every_rank=not started) from None
     except ShardError as err:
-        print(f"mtp train: data error: {err}", file=sys.stderr)
-        return exit_codes.USAGE
+        raise UsageError(err.describe("set data.skip_corrupt=true"), label="data error",
+                         every_rank=not started) from None
     except NonFiniteError as err:
-        print(f"mtp train: {err}", file=sys.stderr)
-        return exit_codes.NONFINITE
+        raise CommandError(str(err), exit_codes.NONFINITE, label="stopped") from None
     except RuntimeError as err:
         if not _collective_failure(err):
             raise
@@ -102,3 +105,6 @@ def run(args: argparse.Namespace) -> int:
               "the newest complete checkpoint is kept: restart the job with --resume auto.",
               file=sys.stderr, flush=True)
         return exit_codes.PEER_LOST
+    finally:
+        if trainer is not None:
+            trainer.close()

@@ -239,7 +239,7 @@ def _tokenizer_files(
     try:
         sp.LoadFromSerializedProto(model_bytes)
     except Exception as exc:  # sentencepiece raises plain RuntimeError on a bad file
-        raise ValueError(f"tokenizer_model_path {path} is not a sentencepiece model: {exc}") from exc
+        raise ValueError(f"tokenizer {path} is not a sentencepiece model: {exc}") from exc
     if sp.get_piece_size() > dcfg.model.vocab_size:
         raise ValueError(f"tokenizer {path} has {sp.get_piece_size()} pieces but model.vocab_size "
                          f"is {dcfg.model.vocab_size}; export with the tokenizer the model was "
@@ -319,8 +319,8 @@ def _target_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -
     if dtype is None:
         found = {t.dtype for t in tensors.values()}
         if len(found) != 1:
-            raise ValueError(f"the state dict mixes dtypes {sorted(map(str, found))}; pass dtype= "
-                             "to choose the exported one")
+            raise ValueError(f"the state dict mixes dtypes {sorted(map(str, found))}; choose the "
+                             "exported one (dtype=, or `mtp export --dtype`)")
         dtype = found.pop()
     if dtype not in DTYPES:
         raise ValueError(f"dtype = {dtype} cannot be exported; use one of {DTYPES}")

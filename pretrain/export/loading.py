@@ -21,24 +21,57 @@ class LoadedModel:
     source: str
 
 
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded: missing, incomplete, damaged or not a model."""
+
+
+_GIVE = ("give an export directory (written by `mtp export`) or a training run or checkpoint "
+         "directory")
+# Files of an export besides config.json: a directory holding some of them but no config.json is
+# an export whose writing did not finish (or that lost a file), not a run directory.
+_EXPORT_FILES = ("model.safetensors", "model.safetensors.index.json", "export_metadata.json",
+                 "mtp.safetensors", "mtp_config.json", "generation_config.json")
+
+
 def read_full_state_dict(path: str | Path):
     """(decoder config, full TP=1 state dict, tokenizer path or None, special ids, a description)
-    of an export directory or a training checkpoint / run directory."""
+    of an export directory or a training checkpoint / run directory. A path that holds no usable
+    model raises ModelLoadError (or CheckpointError for a damaged checkpoint)."""
+    from safetensors import SafetensorError
+
+    from pretrain.checkpoint import CheckpointError, complete_checkpoints, resolve_checkpoint
+
     path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path} does not exist; {_GIVE}")
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is a file, not a model directory; {_GIVE}")
     if (path / "config.json").is_file():
         from pretrain.export.files import load_exported_model
 
-        dcfg, full = load_exported_model(path)
+        try:
+            dcfg, full = load_exported_model(path)
+        except (ValueError, OSError, SafetensorError) as err:
+            raise ModelLoadError(f"the export {path} cannot be loaded ({err}); export it "
+                                 f"again (`mtp export RUN --out {path} --overwrite`)") from None
         tokenizer = next((path / n for n in ("tokenizer.model", "tokenizer.json")
                           if (path / n).is_file()), None)
         return dcfg, full, tokenizer, _specials_from_tokenizer_config(path), f"export {path}"
-    from pretrain.checkpoint import resolve_checkpoint
+    present = [n for n in _EXPORT_FILES if (path / n).exists()]
+    if present and not complete_checkpoints(path / "checkpoints"):
+        raise ModelLoadError(f"{path} is an incomplete export: it has {', '.join(present)} but no "
+                             f"config.json; export it again (`mtp export RUN --out {path} "
+                             "--overwrite`)")
     from pretrain.export.from_checkpoint import (
         checkpoint_tokenizer,
         full_state_dict_from_checkpoint,
     )
 
-    ref = resolve_checkpoint(path)
+    try:
+        ref = resolve_checkpoint(path)
+    except CheckpointError as err:
+        raise ModelLoadError(f"{path} is neither an export (no config.json) nor a run or "
+                             f"checkpoint directory ({err}); {_GIVE}") from None
     cfg, full = full_state_dict_from_checkpoint(ref)
     tokenizer, specials, _ = checkpoint_tokenizer(ref)
     return cfg.decoder, full, tokenizer, specials, f"checkpoint {ref.path}"
