@@ -13,7 +13,6 @@ import contextlib
 import torch
 from torch import nn
 
-from model import accelerator
 from model.attention import DocumentMask, document_mask
 from model.block import TransformerBlock
 from model.config import DecoderConfig
@@ -97,6 +96,10 @@ class MTPLanguageModel(nn.Module):
         `doc_ids` [B, T] (data_pipeline.document_ids): attention stays within documents."""
         mask = None
         if doc_ids is not None:
+            # Imported here: `import model` must not import DeepSpeed (whose import announces
+            # the accelerator it picked before a command can quiet it).
+            from model import accelerator
+
             mask = document_mask(doc_ids, accelerator.flex_attention_supported())
         return self.tail(self.trunk(input_ids, mask), labels, loss_mask, self.embedding,
                          mtp_weight, step, mask)

@@ -109,7 +109,7 @@ def outcome(tmp_path_factory):
         "prepare_no_tokenizer": (["prepare", "--out", str(base / "d3"), "--tokenizer",
                                   str(missing)],
                                  r"--tokenizer = '\S+nowhere' is invalid; point it to an existing "
-                                 r"sentencepiece \.model file", ()),
+                                 r"tokenizer\.json, sentencepiece \.model", ()),
         # train
         "train_no_config": (["train", "--config", str(missing)],
                             r"config error: config file '\S+nowhere' does not exist", ()),
