@@ -200,9 +200,20 @@ class OptimConfig:
     lr: float = 3e-4
     """Peak learning rate (after warmup)."""
     min_lr: float = 3e-5
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay."""
     warmup_steps: int = 100
     """Linear warmup from 0 over this many optimizer steps."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """'cosine': after the warmup, a cosine decay to min_lr at train.steps (lengthening
+    train.steps on resume stretches the whole remaining curve: the learning rate jumps up to
+    where the longer cosine stands). 'wsd' (warmup-stable-decay): lr held after the warmup, then
+    a linear decay to min_lr over the last decay_steps (or decay_fraction of train.steps) —
+    a run can be extended from any checkpoint of its stable phase, or annealed by setting
+    train.steps to that step plus the decay."""
+    decay_steps: int | None = None
+    """wsd: steps of the final decay (null: decay_fraction of train.steps)."""
+    decay_fraction: float = 0.1
+    """wsd: the final decay's share of train.steps when decay_steps is null."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay (not applied to norms)."""
     beta1: float = 0.9
@@ -219,6 +230,11 @@ class OptimConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"optim.min_lr = {self.min_lr} exceeds optim.lr = {self.lr}; "
                              "lower optim.min_lr")
+        if self.decay_steps is not None:
+            require_positive("optim.decay_steps", self.decay_steps)
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction = {self.decay_fraction} must be in (0, 1]; "
+                             "e.g. 0.1 for a decay over the last tenth of the steps")
 
 
 @dataclass
