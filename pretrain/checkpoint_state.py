@@ -214,19 +214,30 @@ def _ensure_optimizer_state(optimizer) -> None:
     """Create Adam's state (zeros) where the optimizer has not stepped yet, through the
     optimizer's own code: one step at lr 0 on zero gradients, which changes no weight."""
     inner = getattr(optimizer, "optimizer", optimizer)
+    lists = [g["params"] for g in inner.param_groups]
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        # ZeRO-3 fills its inner optimizer's parameter lists only while it steps.
+        for g in inner.param_groups:
+            g["params"] = []
+        for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat):
+            inner.param_groups[optimizer.sub_group_to_group_id[i]]["params"].append(flat)
     masters = [p for g in inner.param_groups for p in g["params"]]
-    if all(p in inner.state and "exp_avg" in inner.state[p] for p in masters):
-        return
-    lrs = [g["lr"] for g in inner.param_groups]
-    for g in inner.param_groups:
-        g["lr"] = 0.0
-    for p in masters:
-        p.grad = torch.zeros_like(p)
-    inner.step()
-    for p in masters:
-        p.grad = None
-    for g, lr in zip(inner.param_groups, lrs):
-        g["lr"] = lr
+    try:
+        if all(p in inner.state and "exp_avg" in inner.state[p] for p in masters):
+            return
+        lrs = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+        for p in masters:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        for p in masters:
+            p.grad = None
+        for g, lr in zip(inner.param_groups, lrs):
+            g["lr"] = lr
+    finally:
+        for g, params in zip(inner.param_groups, lists):
+            g["params"] = params
     link_optimizer_state(optimizer)
 
 
@@ -266,7 +277,7 @@ def _write_local(owner: Owner, field: str, value: torch.Tensor) -> None:
         return
     if owner.zero3:
         target = p._z3_optimizer.get_local_fp32_param(p, None if field == MASTER else field)
-        target[: owner.numel].copy_(value.to(target.device))
+        target.data[: owner.numel].copy_(value.to(target.device))  # the master is a leaf
         return
     target = (p._hp_mapping.get_hp_fragment() if field == MASTER
               else p._hp_mapping.optim_fragment[field])

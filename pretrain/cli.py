@@ -13,7 +13,7 @@ from pretrain.launch import exit_with_launcher, job_rank
 from pretrain.quiet import quiet_third_party
 
 # Subcommand modules under pretrain.commands, in the order `--help` lists them.
-COMMANDS = ("prepare", "train", "plan", "export", "generate", "eval")
+COMMANDS = ("prepare", "train", "plan", "checkpoint", "export", "generate", "eval")
 
 
 class _Parser(argparse.ArgumentParser):

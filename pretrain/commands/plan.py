@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from pretrain import exit_codes
+from pretrain.errors import UsageError
 
 EPILOG = """\
 examples:
@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
                     else accelerator.device_memory_bytes())
         plan = plan_for_run(cfg, layout, seq_len, capacity)
     except ConfigError as err:
-        print(f"mtp plan: config error: {err}", file=sys.stderr)
-        return exit_codes.USAGE
+        raise UsageError(str(err), label="config error") from None
     p = cfg.parallel
     print(f"{args.config}: {gpus} GPU(s) = TP {layout.tp} × PP {layout.pp} × DP {layout.dp}, "
           f"ZeRO {p.zero_stage}, sequence parallel {'on' if p.sequence_parallel else 'off'}, "
