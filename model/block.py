@@ -25,6 +25,7 @@ class TransformerBlock(nn.Module):
         # The cache-free (training/scoring) forward compiled by `compile_training_forward`; a
         # plain attribute, not a submodule, so state dicts and parameters are unchanged.
         self._compiled_forward = None
+        self._compiled_decoding = None  # the cached (decoding) forward, compile_decoding_forward
 
     def compile_training_forward(self) -> list[nn.Module]:
         """torch.compile the cache-free forward (RMSNorm, RoPE, SwiGLU become fused kernels
@@ -34,9 +35,18 @@ class TransformerBlock(nn.Module):
         self._compiled_forward = torch.compile(self._forward)
         return list(self.modules())
 
+    def compile_decoding_forward(self) -> list[nn.Module]:
+        """torch.compile the cached forward that decoding runs. A separate region from the
+        training one: its shapes are the decoder's buckets (a few, fixed), and it runs inside
+        captured device graphs, which replay its fused kernels."""
+        self._compiled_decoding = torch.compile(self._forward)
+        return list(self.modules())
+
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         if cache is None and self._compiled_forward is not None:
             return self._compiled_forward(x)
+        if cache is not None and self._compiled_decoding is not None:
+            return self._compiled_decoding(x, cache)
         return self._forward(x, cache)
 
     def _forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:

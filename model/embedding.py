@@ -8,6 +8,8 @@ parallelism it is the tied layer of the first and the last stage.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.tensor_parallel import (
     VocabParallelEmbedding,
 )
@@ -84,6 +86,20 @@ class SharedEmbedding(nn.Module):
     ) -> HeadLoss:
         """Cross-entropy of the head over rows: hidden [N, d], targets [N], row_weights [N]."""
         return HeadLoss(*self(hidden=hidden, targets=targets, row_weights=row_weights))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding lookup for inference, [B, T] → [B, T, d], with no host synchronisation
+        at any TP size, so decoding steps can be captured as device graphs: megatron's lookup
+        masks out-of-shard ids by boolean indexing, which waits for the device. Same values;
+        no autograd and no ZeRO-3 gathering (inference holds whole weights)."""
+        weight = self.word_embeddings.weight
+        if self.tp_group.size() == 1:
+            return F.embedding(input_ids, weight)
+        local = input_ids - self.vocab_start
+        inside = (local >= 0) & (local < weight.shape[0])
+        out = F.embedding(local.clamp(0, weight.shape[0] - 1), weight) * inside[..., None]
+        dist.all_reduce(out, group=self.tp_group)
+        return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [..., V] (gathered over TP; no autograd) for inference."""

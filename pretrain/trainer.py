@@ -17,6 +17,7 @@ from deepspeed.utils import logger as ds_logger
 from data_pipeline import ShardError, load_manifest
 from model import accelerator
 from model.cost import forward_flops_per_token
+from model.generation import DecodingEngine
 from pretrain import checkpoint as ckpt
 from pretrain import exit_codes
 from pretrain.acceptance_eval import acceptance_metrics
@@ -88,6 +89,7 @@ class Trainer:
         if built.init_source:
             self.logger.print(f"main model initialised from {built.init_source}")
         self.mtp_weight = MTPWeightSchedule(cfg.mtp_weight)
+        self._decoding: DecodingEngine | None = None  # acceptance evaluation, built on first use
         flops = forward_flops_per_token(cfg.decoder, self.seq_len)
         self.train_flops_per_token = 3 * (flops["main"] + flops["mtp"])
         self.peak = peak_flops(self.policy.device, cfg.train.peak_tflops)
@@ -235,10 +237,12 @@ class Trainer:
         if t.eval_acceptance_prompts:
             prompt_len = min(64, self.cfg.model.max_seq_len - t.eval_acceptance_tokens
                              - 2 * self.cfg.mtp.depth - 2)
+            if self._decoding is None:
+                self._decoding = DecodingEngine(self.engine.module,
+                                                graphs=self.policy.device_graphs, compile=False)
             metrics.update(acceptance_metrics(
-                self.engine.module, self._loader("prompts"), t.eval_acceptance_prompts,
-                prompt_len, t.eval_acceptance_tokens, self.topo.dp_group,
-                self.policy.device_graphs))
+                self._decoding, self._loader("prompts"), t.eval_acceptance_prompts,
+                prompt_len, t.eval_acceptance_tokens, self.topo.dp_group))
         self.engine.train()
         return metrics
 

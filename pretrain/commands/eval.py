@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", type=int, default=32, help="prompts for the acceptance run")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--acceptance-batch-size", type=int, default=16,
+                   help="prompts decoded together per request of the acceptance run")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.set_defaults(func=run)
 
@@ -35,11 +37,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from data_pipeline import load_manifest
+    from model.generation import DecodingEngine
     from model.generation.acceptance import real_acceptance
     from pretrain.config import DataConfig
     from pretrain.data_loading import make_loader
     from pretrain.export.loading import load_for_inference
 
+    if args.acceptance_batch_size < 1:
+        print(f"mtp eval: error: --acceptance-batch-size {args.acceptance_batch_size} must be "
+              ">= 1", file=sys.stderr)
+        return exit_codes.USAGE
     try:
         loaded = load_for_inference(args.model)
         model = loaded.model
@@ -72,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     print("loss per depth: " + " ".join(f"{x:.4f}" for x in result["loss_per_depth"]))
     print("teacher-forced accuracy per depth: " + " ".join(f"{x:.3f}" for x in result["accuracy_per_depth"]))
     if depth > 0:
-        st = real_acceptance(model, prompts, args.new_tokens)
+        st = real_acceptance(DecodingEngine(model), prompts, args.new_tokens,
+                             batch_size=args.acceptance_batch_size)
         result["acceptance"] = st.to_dict()
         print("real acceptance per depth: " + " ".join(f"{x:.3f}" for x in st.acceptance_rate())
               + f"; mean tokens per forward {st.mean_tokens_per_forward():.2f}")
