@@ -37,9 +37,11 @@ class TransformerBlock(nn.Module):
 
     def compile_decoding_forward(self) -> list[nn.Module]:
         """torch.compile the cached forward that decoding runs. A separate region from the
-        training one: its shapes are the decoder's buckets (a few, fixed), and it runs inside
-        captured device graphs, which replay its fused kernels."""
-        self._compiled_decoding = torch.compile(self._forward)
+        training one, compiled with dynamic shapes: the batch, token and cache-length buckets
+        of prefills, steps, rounds and draft windows then share a handful of compilations
+        (sizes 1 and larger), below dynamo's recompile limit; captured device graphs replay its
+        fused kernels."""
+        self._compiled_decoding = torch.compile(self._forward, dynamic=True)
         return list(self.modules())
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:

@@ -30,9 +30,6 @@ class StepInputs:
 
     positions: torch.Tensor
     """[B, T] absolute positions of the tokens being processed."""
-    attend_len: int
-    """Keys [0, attend_len) may be attended (≥ max position + 1; static shapes use the whole
-    cache)."""
     cos: torch.Tensor
     """[B, T, 1, q_per_group + 2, hd] rotary cosines for the fused [q.., k, v] slots of a
     key/value group (1 in the value slot, so one rotation pass leaves v as it is)."""
@@ -41,6 +38,12 @@ class StepInputs:
     mask: torch.Tensor
     """[B, 1, T · q_per_group, attend_len] additive mask (0 or -inf) in the compute dtype, one row
     per (token, query head of a group): the grouped query heads are folded into the rows."""
+
+    @property
+    def attend_len(self) -> int:
+        """Keys [0, attend_len) may be attended (≥ max position + 1; rounds attend the whole
+        cache). A tensor size, not a stored int: compiled regions see it as a dynamic size."""
+        return self.mask.shape[-1]
 
 
 @dataclass
@@ -90,6 +93,9 @@ class KVCache:
         [0, attend_len)."""
         if attend_len > self.max_len:
             raise ValueError(f"cache of {self.max_len} positions cannot attend {attend_len}")
+        # One layout for every caller (a prefill's positions are a broadcast view): compiled
+        # regions guard on strides, and would otherwise compile once per layout.
+        positions = positions.contiguous()
         qpg = self.attn.q_per_group
         cos_t, sin_t = self.attn.rotary.slot_tables(positions.device, self.dtype, qpg + 1, 1)
         cos = cos_t[positions].unsqueeze(2)  # [B, T, 1, qpg+2, hd]
@@ -98,7 +104,7 @@ class KVCache:
         hidden = self.keys_index[None, None, :attend_len] > rows[..., None]  # [B, T·qpg, S']
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=positions.device)
         mask.masked_fill_(hidden, float("-inf"))
-        return StepInputs(positions, attend_len, cos, sin, mask.unsqueeze(1))
+        return StepInputs(positions, cos, sin, mask.unsqueeze(1))
 
     def layers(self, positions: torch.Tensor, attend_len: int) -> list[LayerCache]:
         """Every layer's cache for one pass, sharing one `StepInputs`."""

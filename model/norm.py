@@ -22,7 +22,7 @@ class RMSNorm(nn.Module):
 
     def compile_decoding_forward(self) -> list[nn.Module]:
         """Compile the norm for decoding (eval mode): one kernel instead of ~8."""
-        self._compiled_inference = torch.compile(self._forward)
+        self._compiled_inference = torch.compile(self._forward, dynamic=True)
         return [self]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

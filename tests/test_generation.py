@@ -50,8 +50,8 @@ def test_greedy_speculative_equals_plain_greedy(kind, depth):
 
 
 # (prompts, max_new_tokens, speculative, sampling): batch buckets 4, 1, 8 and 4 again; cache
-# buckets 64 and 96; prompt buckets of 16. The fourth request reuses the first's slot after a
-# longer one, the sampled ones replay the greedy ones' slots in another mode.
+# buckets 16, 64 and 96; prompt buckets of 8 and 16. The fourth request reuses the first's slot
+# after a longer one, the sampled ones replay the greedy ones' slots in another mode.
 REQUESTS = [
     (prompts_from_chain(3), 40, True, None),
     (prompts_from_chain(1, seed=3), 12, False, None),
@@ -82,7 +82,9 @@ def test_one_engine_serves_a_sequence_of_requests(kind):
             assert got.stats.to_dict() == want.stats.to_dict()
         if sampling is None and speculative:  # and greedy speculative is greedy
             assert got.tokens == shared.generate(prompts, new).tokens
-    assert len(shared._slots) == 4  # (4, 64), (1, 64), (8, 64), (2, 96)
+    # Slots (batch, cache length) shared by requests: (4, 64), (1, 16), (8, 64), (2, 96), and
+    # (4, 32) for the plain reruns of the fourth and last requests.
+    assert sorted(shared._slots) == [(1, 16), (2, 96), (4, 32), (4, 64), (8, 64)]
 
 
 def test_replayed_phases_serve_later_requests(monkeypatch):

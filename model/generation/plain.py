@@ -22,7 +22,7 @@ class PlainDecoder:
 
     def __init__(self, model: MTPLanguageModel, slot: Slot, compiled: bool = False):
         self.model, self.slot = model, slot
-        self._commit = torch.compile(self._choose_and_commit) if compiled else \
+        self._commit = torch.compile(self._choose_and_commit, dynamic=True) if compiled else \
             self._choose_and_commit
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:

@@ -42,8 +42,9 @@ class Slot:
         self.tokens = torch.zeros(batch, max_len, dtype=torch.long, device=w.device)
         self.cache = new_cache(model, batch, max_len)
         self.request = torch.zeros(4, batch, dtype=torch.long, device=w.device)
-        """Filled per request in one copy: prompt lengths, limits, initially active, EOS id."""
-        self.lengths, self.limit, self.start_active, self.eos = self.request
+        """Filled per request in one copy: prompt lengths, limits, initially active, EOS id
+        (read through the properties below: compiled regions index the buffer itself, where
+        stored views would make them guard on the views' offsets, which depend on the batch)."""
         self.values = torch.zeros(2, dtype=torch.float32, device=w.device)
         """Filled per request: temperature, top-p (0-dim views below, read by samplers)."""
         self.temperature, self.top_p = self.values[0], self.values[1]
@@ -51,6 +52,24 @@ class Slot:
         self.active = torch.zeros(batch, dtype=torch.long, device=w.device)
         self.rows = torch.arange(batch, device=w.device)
         self.positions = torch.arange(max_len, device=w.device).expand(batch, max_len)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.request[0]
+
+    @property
+    def limit(self) -> torch.Tensor:
+        """Index that the newest token reaches when a sequence has max_new tokens."""
+        return self.request[1]
+
+    @property
+    def start_active(self) -> torch.Tensor:
+        return self.request[2]
+
+    @property
+    def eos(self) -> torch.Tensor:
+        """The EOS id on every row (-1: none)."""
+        return self.request[3]
 
     def load(self, prompts: list[list[int]], max_new: int, eos_id: int | None, pad_id: int,
              width: int, temperature: float, top_p: float) -> None:

@@ -92,9 +92,9 @@ class SpeculativeDecoder:
         """Per sequence: rounds that accepted a = 0..D drafts while it was active; the last
         column counts its inactive rounds (dropped). Every statistic follows from it."""
         self.ones = torch.ones(b, 1, dtype=torch.long, device=device)
-        self._commit = torch.compile(self._accept_and_commit) if compiled else \
+        self._commit = torch.compile(self._accept_and_commit, dynamic=True) if compiled else \
             self._accept_and_commit
-        self._catch_up = torch.compile(self.drafter.catch_up) if compiled else \
+        self._catch_up = torch.compile(self.drafter.catch_up, dynamic=True) if compiled else \
             self.drafter.catch_up
 
     def _draft(self, sampler: Sampler) -> None:

@@ -52,7 +52,7 @@ class DeepSeekModule(nn.Module):
     def compile_decoding_forward(self) -> list[nn.Module]:
         """Compile the input mix for decoding too (the block and the output norm are regions of
         their own)."""
-        self._compiled_decoding_mix = torch.compile(self._mix)
+        self._compiled_decoding_mix = torch.compile(self._mix, dynamic=True)
         return [self.hidden_norm, self.embed_norm]
 
     def _mix(self, h_prev: torch.Tensor, next_embed: torch.Tensor) -> torch.Tensor:
