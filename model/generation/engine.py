@@ -83,6 +83,10 @@ class DecodingEngine:
         self._pool = None
         self.captured = 0
         """Graphs captured so far (each costs a first run plus the capture)."""
+        self.last_step: Callable[[], None] | None = None
+        """The last request's steady-state phase (its replay, or its eager body): calling it
+        runs one more step on the slot's final state, all sequences inactive, at the cost of
+        any step (benchmarks time it alone)."""
 
     # ------------------------------------------------------------------ state
     def _slot(self, batch: int, length: int) -> Slot:
@@ -196,6 +200,7 @@ class DecodingEngine:
             reader.push(slot.active)
         reader.clear()
         done = clock.mark()
+        self.last_step = self._phases.get(step_key, step)
 
         parts = [slot.tokens[:b], slot.m[:b, None]]
         if speculative:

@@ -9,6 +9,7 @@ engine captures each once as a device graph and replays it for every later step 
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from model.generation.runner import Slot, main_forward
 from model.generation.sampling import Sampler
@@ -32,20 +33,24 @@ class PlainDecoder:
         """The prompts (right-padded to `width`) into the cache; the first token at index m =
         prompt length."""
         s = self.slot
-        s.start()
-        h = main_forward(self.model, s.cache, s.tokens[:, :width], s.positions[:, :width], width)
-        last = h[s.rows, s.m - 1]  # [B, d]: each prompt's last position
-        first, _ = sampler.pick(self._head(last))  # [B]
-        s.tokens[s.rows, s.m] = first
-        s.finish_step(first == s.eos if check_eos else None)
+        with record_function("decode.prefill"):
+            s.start()
+            h = main_forward(self.model, s.cache, s.tokens[:, :width], s.positions[:, :width],
+                             width)
+            last = h[s.rows, s.m - 1]  # [B, d]: each prompt's last position
+            first, _ = sampler.pick(self._head(last))  # [B]
+            s.tokens[s.rows, s.m] = first
+            s.finish_step(first == s.eos if check_eos else None)
 
     def step(self, sampler: Sampler, check_eos: bool) -> None:
         """One token for every sequence: feed tokens[m] at position m, write the choice at m+1
         and advance the active sequences."""
         s = self.slot
-        token = s.tokens.gather(1, s.m[:, None])  # [B, 1]
-        h = main_forward(self.model, s.cache, token, s.m[:, None], s.max_len)
-        self._commit(h[:, 0], sampler, check_eos)
+        with record_function("decode.main"):  # profiler ranges (benchmarks/bench_generation.py)
+            token = s.tokens.gather(1, s.m[:, None])  # [B, 1]
+            h = main_forward(self.model, s.cache, token, s.m[:, None], s.max_len)
+        with record_function("decode.commit"):
+            self._commit(h[:, 0], sampler, check_eos)
 
     def _choose_and_commit(self, h: torch.Tensor, sampler: Sampler, check_eos: bool) -> None:
         s = self.slot

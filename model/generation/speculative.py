@@ -19,6 +19,7 @@ the statistics are all computed on the device; the host reads one small tensor p
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from model.generation.drafters import put_rows
 from model.generation.runner import Slot, main_forward
@@ -112,29 +113,33 @@ class SpeculativeDecoder:
         """Positions 0..width-1; the main model's first token lands at index m = prompt
         length; the drafter catches up on the whole prompt and drafts for the first round."""
         s, model = self.slot, self.model
-        s.start()
-        h = main_forward(model, s.cache, s.tokens[:, :width], s.positions[:, :width], width)
-        z = model.tail.final_norm(h)
-        self.trunk[:, :width], self.normed[:, :width] = h, z
-        first, _ = sampler.pick(model.embedding.logits(z[s.rows, s.m - 1]))  # [B]
-        s.tokens[s.rows, s.m] = first
-        s.finish_step(first == s.eos if check_eos else None)
-        self.rounds_by_accepted.zero_()
-        self.drafter.prompt_width = width
-        try:
-            self._draft(sampler)
-        finally:
-            self.drafter.prompt_width = 0
+        with record_function("decode.prefill"):
+            s.start()
+            h = main_forward(model, s.cache, s.tokens[:, :width], s.positions[:, :width], width)
+            z = model.tail.final_norm(h)
+            self.trunk[:, :width], self.normed[:, :width] = h, z
+            first, _ = sampler.pick(model.embedding.logits(z[s.rows, s.m - 1]))  # [B]
+            s.tokens[s.rows, s.m] = first
+            s.finish_step(first == s.eos if check_eos else None)
+            self.rounds_by_accepted.zero_()
+            self.drafter.prompt_width = width
+            try:
+                self._draft(sampler)
+            finally:
+                self.drafter.prompt_width = 0
 
     def round(self, sampler: Sampler, check_eos: bool, topk: int = 1) -> None:
         """Verify the pending drafts in one main-model forward, commit the accepted prefix and
         the main model's next token, then draft for the next round."""
         s, m = self.slot, self.slot.m
-        block = torch.cat((s.tokens.gather(1, m[:, None]), self.drafts), dim=1)  # [B, D+1]
-        positions = m[:, None] + self.offsets  # [B, D+1]
-        h = main_forward(self.model, s.cache, block, positions, s.max_len)
-        self._commit(h, positions, sampler, check_eos, topk)
-        self._draft(sampler)
+        with record_function("decode.main"):  # profiler ranges (benchmarks/bench_generation.py)
+            block = torch.cat((s.tokens.gather(1, m[:, None]), self.drafts), dim=1)  # [B, D+1]
+            positions = m[:, None] + self.offsets  # [B, D+1]
+            h = main_forward(self.model, s.cache, block, positions, s.max_len)
+        with record_function("decode.commit"):
+            self._commit(h, positions, sampler, check_eos, topk)
+        with record_function("decode.draft"):
+            self._draft(sampler)
 
     def _accept_and_commit(self, h: torch.Tensor, positions: torch.Tensor, sampler: Sampler,
                            check_eos: bool, topk: int) -> None:
