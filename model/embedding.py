@@ -20,7 +20,7 @@ from model.config import ModelConfig
 from model.init import normal_init
 from model.loss import HeadLoss, fused_head_cross_entropy, unfused_head_cross_entropy
 from model.parallel import ParallelContext
-from model.sharding import gather_tensor
+from model.tp_regions import gather_last_dim
 
 
 class SharedEmbedding(nn.Module):
@@ -106,5 +106,4 @@ class SharedEmbedding(nn.Module):
         local = hidden @ self.output_weight.t()  # [..., V/TP]
         if self.tp_group.size() == 1:
             return local
-        # An explicit all_gather: megatron's gather uses all_gather_into_tensor, which gloo lacks.
-        return gather_tensor(local, dim=local.dim() - 1, stride=1, group=self.tp_group)
+        return gather_last_dim(local, self.tp_group)

@@ -38,7 +38,10 @@ def rows_at(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def put_rows(t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
-    t.scatter_(1, positions[..., None].expand(-1, -1, t.shape[-1]), rows)
+    """t [B, S, d] at positions [B, W] ← rows [B, W, d]. Indexed assignment rather than
+    `scatter_`: in compiled regions Inductor writes it in place, where a scatter into an input
+    becomes a copy of the whole tensor."""
+    t[torch.arange(t.shape[0], device=t.device)[:, None], positions] = rows
 
 
 class Drafter:

@@ -55,6 +55,6 @@ class PlainDecoder:
     def _choose_and_commit(self, h: torch.Tensor, sampler: Sampler, check_eos: bool) -> None:
         s = self.slot
         nxt, _ = sampler.pick(self._head(h))  # [B]
-        s.tokens.scatter_(1, (s.m + 1)[:, None], nxt[:, None])
+        s.tokens[s.rows, s.m + 1] = nxt  # indexed: in place when compiled (put_rows)
         s.m.add_(s.active)
         s.finish_step(nxt == s.eos if check_eos else None)

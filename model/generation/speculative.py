@@ -92,7 +92,7 @@ class SpeculativeDecoder:
         self.rounds_by_accepted = torch.zeros(b, depth + 2, dtype=torch.long, device=device)
         """Per sequence: rounds that accepted a = 0..D drafts while it was active; the last
         column counts its inactive rounds (dropped). Every statistic follows from it."""
-        self.ones = torch.ones(b, 1, dtype=torch.long, device=device)
+        self.ones = torch.ones(b, dtype=torch.long, device=device)
         self._commit = torch.compile(self._accept_and_commit, dynamic=True) if compiled else \
             self._accept_and_commit
         self._catch_up = torch.compile(self.drafter.catch_up, dynamic=True) if compiled else \
@@ -156,10 +156,11 @@ class SpeculativeDecoder:
         # stale and overwritten before it counts. The main cache now holds positions ≤ m + D;
         # those past m + accepted are stale too and overwritten before any query reaches them:
         # that is the rollback.
-        s.tokens.scatter_(1, positions[:, 1:], drafts)
-        s.tokens.scatter_(1, (m + accepted + 1)[:, None], nxt[:, None])
-        column = torch.where(s.active.bool(), accepted, depth + 1)[:, None]
-        self.rounds_by_accepted.scatter_add_(1, column, self.ones)
+        # (Indexed assignments, not scatters: compiled, they write in place; see put_rows.)
+        s.tokens[s.rows[:, None], positions[:, 1:]] = drafts
+        s.tokens[s.rows, m + accepted + 1] = nxt
+        column = torch.where(s.active.bool(), accepted, depth + 1)
+        self.rounds_by_accepted.index_put_((s.rows, column), self.ones, accumulate=True)
         eos_hit = None
         if check_eos:
             fresh = s.tokens.gather(1, positions + 1)  # [B, D+1]: m+1 .. m+D+1
