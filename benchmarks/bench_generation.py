@@ -1,7 +1,8 @@
 """Decoding speed of the decoding engine: plain vs self-speculative greedy decoding on held-out
 prompts, request after request on one engine.
 
-    python benchmarks/bench_generation.py suite --out OUT [--shapes 110m,350m] [--gpus 2] [--tp2]
+    python benchmarks/bench_generation.py suite --out OUT [--work DIR] [--shapes 110m,350m]
+        [--gpus 2] [--tp2] [--profile]
     python benchmarks/bench_generation.py measure MODEL --data DATA [--mtp-depths 1,3] [--json F]
 
 `suite` is the whole GPU measurement with no network and no trained model at hand: shards from
@@ -254,10 +255,10 @@ def measure(args: argparse.Namespace) -> dict:
             log(json.dumps({"profile": entry["profile"]}))
         result["models"][f"D={depth}"] = entry
         del model, loaded
+        if rank == 0 and args.json:  # after every model: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(result, indent=1))
     if rank == 0:
         print(table([result]), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
     if args.tp > 1:
         dist.destroy_process_group()
     return result
@@ -327,7 +328,7 @@ def _lane(args: argparse.Namespace, shape: str, data: Path, gpu: int | None) -> 
     spec = SHAPES[shape]
     env = {} if gpu is None else {"CUDA_VISIBLE_DEVICES": str(gpu)}
     log = args.out / f"{shape}.log"
-    run, export = args.out / f"run-{shape}", args.out / f"export-{shape}"
+    run, export = args.work / f"run-{shape}", args.work / f"export-{shape}"
     py = [sys.executable]
     if not (export / "mtp_config.json").is_file():
         steps = args.train_steps
@@ -355,7 +356,9 @@ def _lane(args: argparse.Namespace, shape: str, data: Path, gpu: int | None) -> 
 def suite(args: argparse.Namespace) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
+    args.work = args.work or args.out / "work"
     args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     shapes = args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
@@ -363,7 +366,7 @@ def suite(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     data = args.data
     if data is None:
-        data = args.out / "data"
+        data = args.work / "data"
         _run([sys.executable, "-m", "pretrain", "prepare", "--source", "stdlib", "--out",
               str(data), "--vocab-size", "32000", "--seq-len", "1024", "--max-depth", "4",
               "--val-fraction", "0.02", "--no-progress"], args.out / "prepare.log")
@@ -383,7 +386,7 @@ def suite(args: argparse.Namespace) -> None:
         shape = shapes[0]
         out = args.out / f"generation-{shape}-tp2.json"
         _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-              "--nproc-per-node", "2", __file__, "measure", str(args.out / f"export-{shape}"),
+              "--nproc-per-node", "2", __file__, "measure", str(args.work / f"export-{shape}"),
               "--data", str(data), "--tp", "2", "--mtp-depths", "1", "--batch-sizes", "1,8",
               "--requests", str(args.requests), "--prompt-len", str(args.prompt_len),
               "--new-tokens", str(args.new_tokens), "--replays", str(args.replays),
@@ -434,7 +437,10 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--json", help="write the results here")
     common(m)
     s = sub.add_parser("suite", help="prepare data, train, export and measure each shape")
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True,
+                   help="results: suite.json, one generation-*.json and one log per step")
+    s.add_argument("--work", type=Path, default=None,
+                   help="data, runs and exports (large; default: OUT/work)")
     s.add_argument("--shapes", default="110m,350m")
     s.add_argument("--data", type=Path, default=None,
                    help="a dataset of seq-1024 windows and vocabulary 32000 (default: stdlib "

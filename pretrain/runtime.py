@@ -76,4 +76,6 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
         device=accelerator.device_name(), backend=accelerator.communication_backend(),
         precision="bf16" if bf16 else "fp32", compile=compiled, loss_kernels=kernels, fused_adam=on_gpu, pin_memory=on_gpu,
         overlap_comm=overlap,
-        device_graphs=accelerator.graphs_supported())
+        # Captured TP collectives work in the decoding engine but have not been measured inside
+        # a training run (TP groups shared with training's collectives): TP = 1 only, for now.
+        device_graphs=accelerator.graphs_supported() and layout.tp == 1)

@@ -164,7 +164,9 @@ class DecodingEngine:
         b = len(prompts)
         width = max(len(p) for p in prompts)
         length = bucket(need, MIN_CACHE_BUCKET, self.max_seq_len)
-        slot = self._slot(bucket(b, 1), length)
+        # Compiled regions specialise size 1: with batch buckets from 2 a batch-1 request shares
+        # their compilations (a padded row costs nothing a memory-bound step would notice).
+        slot = self._slot(bucket(b, 2 if self.compiled else 1), length)
         prompt_width = bucket(width, MIN_PROMPT_BUCKET, length)
         decoder = self._decoder(slot, speculative)
         mode, eos = sampling.mode, eos_id is not None
