@@ -14,7 +14,9 @@ alone is a complete D=1 drafter; it was trained with weight λ/3 instead of λ, 
 is somewhat below a D=1-trained model's). The models are real, trained on real code, and the
 prompts are held-out files: acceptance and speed-ups are genuine, for models trained far less
 than the study's (their acceptance is lower; the round cost below does not depend on it).
-`--gpus 2` runs the shapes side by side, one per GPU; `--tp2` adds a TP = 2 row (both GPUs).
+`--gpus 2` runs the shapes side by side, one per GPU; `--tp2` adds a TP = 2 row (both GPUs),
+`--tp2-only` trains the first shape and measures only that row. Only results and logs go to
+--out (at most 8 files); data, runs and exports go to --work.
 
 `measure` times one model. Per batch size and decoding mode: the first request alone (it
 captures the engine's device graphs, and compiles the decoding regions where nothing compiled
@@ -323,8 +325,9 @@ def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
                          + "\n".join(tail))
 
 
-def _lane(args: argparse.Namespace, shape: str, data: Path, gpu: int | None) -> Path:
-    """Train, export and measure one shape (on GPU `gpu`); returns its result file."""
+def _lane(args: argparse.Namespace, shape: str, data: Path, gpu: int | None) -> Path | None:
+    """Train, export and measure one shape (on GPU `gpu`); returns its result file (None with
+    --tp2-only: the export is all the TP = 2 row needs)."""
     spec = SHAPES[shape]
     env = {} if gpu is None else {"CUDA_VISIBLE_DEVICES": str(gpu)}
     log = args.out / f"{shape}.log"
@@ -341,6 +344,8 @@ def _lane(args: argparse.Namespace, shape: str, data: Path, gpu: int | None) -> 
              log, env)
         _run(py + ["-m", "pretrain", "export", str(run), "--out", str(export), "--with-mtp",
                    "--overwrite"], log, env)
+    if args.tp2_only:
+        return None
     out = args.out / f"generation-{shape}.json"
     depths = ",".join(str(d) for d in range(1, args.train_depth + 1)
                       if d in (1, args.train_depth))
@@ -369,9 +374,12 @@ def suite(args: argparse.Namespace) -> None:
         data = args.work / "data"
         _run([sys.executable, "-m", "pretrain", "prepare", "--source", "stdlib", "--out",
               str(data), "--vocab-size", "32000", "--seq-len", "1024", "--max-depth", "4",
-              "--val-fraction", "0.02", "--no-progress"], args.out / "prepare.log")
+              "--val-fraction", "0.02", "--tokenizer-sample-mb", "8", "--no-progress"],
+             args.out / "prepare.log")
+    if args.tp2_only:
+        shapes, args.tp2 = shapes[:1], True
     gpus = [None] if args.gpus <= 1 else list(range(args.gpus))
-    files: dict[str, Path] = {}
+    files: dict[str, Path | None] = {}
     with ThreadPoolExecutor(len(gpus)) as pool:
         lanes = [shapes[i::len(gpus)] for i in range(len(gpus))]
 
@@ -381,7 +389,7 @@ def suite(args: argparse.Namespace) -> None:
 
         for f in [pool.submit(lane, i) for i in range(len(gpus))]:
             f.result()
-    results = {s: json.loads(files[s].read_text()) for s in shapes}
+    results = {s: json.loads(f.read_text()) for s, f in files.items() if f is not None}
     if args.tp2:
         shape = shapes[0]
         out = args.out / f"generation-{shape}-tp2.json"
@@ -451,6 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--gpus", type=int, default=1, help="shapes run side by side, one per GPU")
     s.add_argument("--tp2", action="store_true",
                    help="also measure the first shape at TP = 2 (D=1, batch 1 and 8; 2 GPUs)")
+    s.add_argument("--tp2-only", action="store_true",
+                   help="train and export the first shape, then measure it at TP = 2 only")
     common(s)
     args = p.parse_args(argv)
     if args.cmd == "measure":
