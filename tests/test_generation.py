@@ -61,6 +61,7 @@ REQUESTS = [
     (prompts_from_chain(4, seed=9), 18, True, SamplingConfig(temperature=1.2, seed=4)),
     (prompts_from_chain(2, seed=4), 60, False, None),
     (prompts_from_chain(4, seed=5), 20, True, None),
+    (prompts_from_chain(3, seed=6), 1, True, None),  # the prefill's token only
 ]
 
 
@@ -82,9 +83,9 @@ def test_one_engine_serves_a_sequence_of_requests(kind):
             assert got.stats.to_dict() == want.stats.to_dict()
         if sampling is None and speculative:  # and greedy speculative is greedy
             assert got.tokens == shared.generate(prompts, new).tokens
-    # Slots (batch, cache length) shared by requests: (4, 64), (1, 16), (8, 64), (2, 96), and
-    # (4, 32) for the plain reruns of the fourth and last requests.
-    assert sorted(shared._slots) == [(1, 16), (2, 96), (4, 32), (4, 64), (8, 64)]
+    # Slots (batch, cache length) shared by requests: (4, 64), (1, 16), (8, 64), (2, 96) and
+    # (4, 32) (the last request), plus (4, 16) for a plain rerun of a greedy speculative one.
+    assert sorted(shared._slots) == [(1, 16), (2, 96), (4, 16), (4, 32), (4, 64), (8, 64)]
 
 
 def test_replayed_phases_serve_later_requests(monkeypatch):
@@ -138,6 +139,11 @@ def test_eos_stops_each_sequence():
     assert plain.tokens[0][-1] == eos and len(plain.tokens[0]) <= 6
     for want, got in zip(ref.tokens, plain.tokens):  # cut right after the first EOS, or not at all
         assert got == (want[: want.index(eos) + 1] if eos in want else want)
+    # EOS as the very first token: nothing after it.
+    first = ref.tokens[1][0]
+    for speculative in (False, True):
+        got = engine.generate(prompts, 30, eos_id=first, speculative=speculative).tokens
+        assert got[1] == [first]
     # The EOS id of one request does not stay with the engine.
     assert engine.generate(prompts, 30).tokens == ref.tokens
     # Stopped sequences stop counting: fewer rounds than without EOS.
