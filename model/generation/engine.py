@@ -204,14 +204,16 @@ class DecodingEngine:
         done = clock.mark()
         self.last_step = self._phases.get(step_key, step)
 
-        parts = [slot.tokens[:b], slot.m[:b, None]]
+        # One read: the tokens up to the furthest any sequence can reach, m, the statistics.
+        end = min(slot.max_len, width + max_new_tokens + self.model.config.mtp.depth + 1)
+        parts = [slot.tokens[:b, :end], slot.m[:b, None]]
         if speculative:
             parts.append(decoder.rounds_by_accepted[:b])
         host = torch.cat(parts, dim=1).cpu()
         seconds = time.perf_counter() - t0
-        tokens, m = host[:, : slot.max_len], host[:, slot.max_len]
-        generated = [tokens[i, len(p): int(m[i]) + 1].tolist() for i, p in enumerate(prompts)]
-        stats = decoder.stats(host[:, slot.max_len + 1:]) if speculative else None
+        tokens, m = host[:, :end], host[:, end].tolist()
+        generated = [tokens[i, len(p): m[i] + 1].tolist() for i, p in enumerate(prompts)]
+        stats = decoder.stats(host[:, end + 1:]) if speculative else None
         return GenerationResult(
             finish(generated, max_new_tokens, eos_id), seconds, stats,
             prefill_seconds=clock.seconds(started, prefilled),
