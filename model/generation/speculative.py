@@ -105,8 +105,8 @@ class SpeculativeDecoder:
         drafts, probs = catch_up(s.tokens, self.trunk, self.normed, s.m)
         self.drafts.copy_(drafts)
         if probs is not None:
-            if self.draft_probs is None:  # first sampled use (never inside a capture: the
-                self.draft_probs = torch.empty_like(probs)  # engine runs a step before it)
+            if self.draft_probs is None:  # first sampled use; never inside a capture (a
+                self.draft_probs = torch.empty_like(probs)  # phase runs once before it)
             self.draft_probs.copy_(probs)
 
     def prefill(self, width: int, sampler: Sampler, check_eos: bool) -> None:
