@@ -1,165 +1,473 @@
-"""Plain greedy vs self-speculative greedy decoding: tokens/s at batch 1 and 8 on held-out
-prompts, with acceptance statistics and a check that both produce the same tokens.
+"""Decoding speed of the decoding engine: plain vs self-speculative greedy decoding on held-out
+prompts, request after request on one engine.
 
-    python benchmarks/bench_generation.py EXPORT_OR_RUN --data DATA [--json out.json]
+    python benchmarks/bench_generation.py suite --out OUT [--work DIR] [--shapes 110m,350m]
+        [--gpus 2] [--tp2] [--profile]
+    python benchmarks/bench_generation.py measure MODEL --data DATA [--mtp-depths 1,3] [--json F]
 
-Each batch size is measured eagerly (one kernel launch per op, host-side bookkeeping) and with
-device graphs (each greedy decoding step / speculative round replayed as one captured graph;
-GPUs only). Warm-up runs are excluded; every timed run ends with the tokens on the host.
+`suite` is the whole GPU measurement with no network and no trained model at hand: shards from
+this interpreter's standard library (`mtp prepare --source stdlib`, 2 % of files held out), one
+DeepSeek D=3 model per shape trained briefly on them (`--train-steps`, `mtp train` with the
+shape's config), exported with its tail, then `measure`d as D=3 and as D=1 — the same main
+model with only the first MTP module (a DeepSeek module k reads module k-1's output, so module 1
+alone is a complete D=1 drafter; it was trained with weight λ/3 instead of λ, so its acceptance
+is somewhat below a D=1-trained model's). The models are real, trained on real code, and the
+prompts are held-out files: acceptance and speed-ups are genuine, for models trained far less
+than the study's (their acceptance is lower; the round cost below does not depend on it).
+`--gpus 2` runs the shapes side by side, one per GPU; `--tp2` adds a TP = 2 row (both GPUs),
+`--tp2-only` trains the first shape and measures only that row. Only results and logs go to
+--out (at most 8 files); data, runs and exports go to --work.
 
-Each request's time includes its own prefill, first (eager) round and, with graphs, its own graph
-capture. Timing the same prompts also at --short-tokens splits it as time = per-request cost +
-tokens × steady-state cost per token; "steady speedup" is the ratio of the steady-state rates,
-what long generations approach.
+`measure` times one model. Per batch size and decoding mode: the first request alone (it
+captures the engine's device graphs, and compiles the decoding regions where nothing compiled
+them yet), then `--requests` more requests of distinct prompts (whole-request tokens/s, from
+the call to the tokens on the host), their steady state (tokens after the first of each
+sequence over the device time from the end of the prefill to the last step) and their prefill.
+`round cost` is the device time of one replayed speculative round in replayed plain steps (each
+replayed 200 times back to back after the requests): speculative decoding's steady speed-up is
+tokens per round ÷ round cost whatever the acceptance, so rows also give the speed-up that the
+study models' acceptance would give (τ = 1.91 for D=1, 3.68 for D=3, docs/STUDY.md), labelled
+as projected. `--profile` adds, at batch 1, the device kernels of each phase of a step and a
+round (counts and µs; one eager request per mode under torch.profiler).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 import provenance  # noqa: E402  (benchmarks/, the script's own folder)
 
+STUDY_TOKENS_PER_ROUND = {1: 1.91, 3: 3.68}
+"""Tokens per main-model forward of the MTP study's models (gpt-110m, 600 steps, pinned code,
+held-out prompts; docs/STUDY.md): what the projected speed-ups assume."""
 
-def split_request_time(long_seconds: float, long_tokens: int, short_seconds: float,
-                       short_tokens: int, requests: int) -> tuple[float | None, float | None]:
-    """Fit time = requests × per-request cost + tokens × steady cost per token through a long and
-    a short run of the same requests: (per-request ms, steady-state tokens/s), or (None, None)
-    when the two runs cannot separate them (EOS cut the long run to the short one's length).
+SHAPES = {
+    # Training of the suite's model: micro × accumulation = global batch of seq-1024 windows.
+    "110m": dict(config="configs/gpt-110m.yaml", micro=32, global_batch=32),
+    "350m": dict(config="configs/gpt-350m.yaml", micro=16, global_batch=32),
+    # The CPU smoke test of this script only.
+    "tiny": dict(config="configs/tiny-cpu.yaml", micro=4, global_batch=4,
+                 overrides=["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2",
+                            "model.num_heads=4", "model.num_kv_heads=2",
+                            "model.ffn_hidden_size=64", "model.max_seq_len=64",
+                            "train.precision=fp32"]),
+}
 
-    The fit assumes one cost per token in both runs. With device graphs every step attends over
-    the whole cache, which is shorter in the short run, so the fitted per-token cost comes out a
-    little high (the steady rate a little low) and the per-request cost a little low, for plain
-    and speculative decoding alike."""
-    if long_tokens <= short_tokens or long_seconds <= short_seconds:
-        return None, None
-    per_token = (long_seconds - short_seconds) / (long_tokens - short_tokens)
-    return 1e3 * (long_seconds - per_token * long_tokens) / requests, 1.0 / per_token
+PHASES = ("decode.prefill", "decode.main", "decode.commit", "decode.draft")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="export directory (with the MTP tail) or run/checkpoint directory")
-    p.add_argument("--data", required=True, help="dataset directory: prompts come from its val split")
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--short-tokens", type=int, default=None,
-                   help="also time requests of this many new tokens (default: a quarter of "
-                        "--new-tokens; 0: off) and split the time into a per-request cost "
-                        "(prefill, first round, graph capture) and a steady-state cost per token")
-    p.add_argument("--batch-sizes", default="1,8")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="weights and compute dtype (auto: bf16 on GPUs)")
-    p.add_argument("--modes", default="eager,graphs",
-                   help="comma-separated: eager, graphs (device graphs; skipped on CPU)")
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
+# ---------------------------------------------------------------------------------- measure
+def held_out_prompts(data: Path, prompt_len: int, count: int) -> list[list[int]]:
+    """`count` prompts of `prompt_len` tokens: consecutive chunks of the validation windows
+    (held-out files), in order; fewer if the split is smaller."""
+    from pretrain.config import DataConfig
+    from pretrain.data_loading import make_loader
 
+    loader = make_loader(DataConfig(path=str(data), num_workers=0), "prompts", dp_rank=0,
+                         dp_size=1, batch_size=8, seed=0, depth=0, shuffle=False)
+    prompts: list[list[int]] = []
+    for batch in loader:
+        for row in batch["input_ids"].tolist():
+            prompts += [row[i : i + prompt_len]
+                        for i in range(0, len(row) - prompt_len + 1, prompt_len)]
+        if len(prompts) >= count:
+            break
+    return prompts[:count]
+
+
+def _replay_seconds(engine, n: int) -> float:
+    """Device seconds per replay of the engine's last steady-state step (plain step or
+    speculative round), replayed `n` times back to back."""
+    from model import accelerator
+
+    clock = accelerator.DeviceClock()
+    engine.last_step()  # warm
+    start = clock.mark()
+    for _ in range(n):
+        engine.last_step()
+    return clock.seconds(start, clock.mark()) / n
+
+
+def _phase_profile(model, prompts, new_tokens, compile_: bool) -> dict:
+    """What each decoding phase is made of, per call: device kernels (count, µs) on GPUs, leaf
+    operators (count, CPU µs) on the CPU — one plain and one speculative request at batch 1,
+    run eagerly (graphs off) with the same compiled regions as the measured engine."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model import accelerator
+    from model.generation import DecodingEngine
+
+    gpu = not accelerator.is_cpu()
+    engine = DecodingEngine(model, graphs=False, compile=compile_)
+    out = {}
+    for name, speculative in (("plain", False), ("speculative", True)):
+        engine.generate(prompts, new_tokens, speculative=speculative)  # warm
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        with profile(activities=activities) as prof:
+            engine.generate(prompts, new_tokens, speculative=speculative)
+        phases = {}
+        for ev in prof.events():
+            if ev.name not in PHASES:
+                continue
+            count, micros, stack = 0, 0.0, list(ev.cpu_children)
+            while stack:
+                child = stack.pop()
+                if gpu:
+                    count += len(child.kernels)
+                    micros += sum(k.duration for k in child.kernels)
+                elif not child.cpu_children:
+                    count += 1
+                    micros += child.self_cpu_time_total
+                stack += child.cpu_children
+            p = phases.setdefault(ev.name, {"calls": 0, "kernels": 0, "device_us": 0.0})
+            p["calls"] += 1
+            p["kernels"] += count
+            p["device_us"] += micros
+        for p in phases.values():  # per call: a prefill per request, the others per step
+            p["kernels"] /= p["calls"]
+            p["device_us"] /= p["calls"]
+        out[name] = {"unit": "kernels" if gpu else "cpu operators", "phases": phases}
+    return out
+
+
+def _mode_stats(first, results, replay_s: float) -> dict:
+    tokens = sum(r.num_tokens for r in results)
+    seconds = sum(r.seconds for r in results)
+    steady_tokens = sum(r.num_tokens - len(r.tokens) for r in results)  # the prefill's excluded
+    decode_s = sum(r.decode_seconds for r in results)
+    return dict(
+        tokens_per_s=tokens / seconds, request_ms=1e3 * seconds / len(results),
+        steady_tokens_per_s=steady_tokens / decode_s if decode_s else None,
+        prefill_ms=1e3 * statistics.mean(r.prefill_seconds for r in results),
+        first_request_ms=1e3 * first.seconds, graphs_captured=first.captured,
+        later_graphs_captured=sum(r.captured for r in results),
+        steps_per_request=statistics.mean(r.steps for r in results),
+        step_us=1e6 * replay_s)
+
+
+def measure_model(model, prompts: list[list[int]], batch_sizes: list[int], requests: int,
+                  new_tokens: int, graphs: bool | None, compile_: bool | None, depth: int,
+                  replays: int, log) -> list[dict]:
+    """Rows (one per batch size) for one model on one engine."""
+    from model.generation import DecodingEngine, SpeculativeStats
+
+    engine = DecodingEngine(model, graphs=graphs, compile=compile_)
+    rows = []
+    for bs in batch_sizes:
+        need = bs * (requests + 1)
+        batches = [[prompts[(i * bs + j) % len(prompts)] for j in range(bs)]
+                   for i in range(requests + 1)]
+        row = dict(batch=bs, requests=requests, distinct_prompts=min(need, len(prompts)),
+                   graphs=engine.graphs, compiled=engine.compiled)
+        outs = {}
+        for mode, speculative in (("plain", False), ("speculative", True)):
+            first = engine.generate(batches[0], new_tokens, speculative=speculative)
+            results = [engine.generate(b, new_tokens, speculative=speculative)
+                       for b in batches[1:]]
+            row[mode] = _mode_stats(first, results, _replay_seconds(engine, replays))
+            outs[mode] = [t for r in results for t in r.tokens]
+            if speculative:
+                st = SpeculativeStats(depth)
+                for r in [first, *results]:
+                    st.main_forwards += r.stats.main_forwards
+                    st.tokens += r.stats.tokens
+                    st.proposed = [a + b for a, b in zip(st.proposed, r.stats.proposed)]
+                    st.accepted = [a + b for a, b in zip(st.accepted, r.stats.accepted)]
+                row["acceptance_by_depth"] = st.acceptance_rate()
+                row["tokens_per_round"] = st.mean_tokens_per_forward()
+        p, s = row["plain"], row["speculative"]
+        row["identical_sequences"] = sum(a == b for a, b in zip(outs["plain"],
+                                                                  outs["speculative"]))
+        row["sequences"] = len(outs["plain"])
+        row["speedup"] = s["tokens_per_s"] / p["tokens_per_s"]
+        row["steady_speedup"] = (s["steady_tokens_per_s"] / p["steady_tokens_per_s"]
+                                 if s["steady_tokens_per_s"] and p["steady_tokens_per_s"] else None)
+        row["round_cost"] = s["step_us"] / p["step_us"]
+        tau = STUDY_TOKENS_PER_ROUND.get(depth)
+        row["projected_steady_speedup_at_study_acceptance"] = (
+            tau / row["round_cost"] if tau else None)
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def measure(args: argparse.Namespace) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
     import torch
+    import torch.distributed as dist
 
-    from data_pipeline import ShardLoader
-    from model import accelerator
-    from model.generation import generate, generate_speculative
+    from model import ParallelContext, accelerator
     from pretrain.export.loading import load_for_inference
 
-    loaded = load_for_inference(args.model, {"auto": None, "fp32": torch.float32,
-                                             "bf16": torch.bfloat16}[args.dtype])
-    model = loaded.model
-    loader = ShardLoader(args.data, "val", dp_rank=0, dp_size=1, num_workers=0, batch_size=8,
-                         seed=0, depth=0, mask_cross_document=False, infinite=False, shuffle=False)
-    prompts: list[list[int]] = []
-    for batch in loader:
-        prompts += [row[: args.prompt_len].tolist() for row in batch["input_ids"]]
-        if len(prompts) >= args.prompts:
-            break
-    prompts = prompts[: args.prompts]
+    ctx, rank = None, 0
+    if args.tp > 1:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != args.tp:
+            raise SystemExit(f"bench_generation: --tp {args.tp} needs a world of {args.tp} "
+                             f"processes (torchrun --nproc-per-node {args.tp}), not {world}")
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(accelerator.communication_backend())
+        ctx, rank = ParallelContext(dist.group.WORLD), dist.get_rank()
 
-    def timed(fn, batch_size, graphs, new_tokens=args.new_tokens):
-        """(outputs, stats, tokens/s, seconds, tokens) over all prompts, request by request."""
-        outs, stats, seconds = [], [], 0.0
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            accelerator.synchronize()
-            t0 = time.perf_counter()
-            r = fn(model, chunk, new_tokens, graphs=graphs)
-            seconds += time.perf_counter() - t0
-            outs += r.tokens
-            if r.stats is not None:
-                stats.append(r.stats)
-        tokens = sum(len(t) for t in outs)
-        return outs, stats, tokens / seconds, seconds, tokens
+    def log(line: str) -> None:
+        if rank == 0:
+            print(line, flush=True)
 
-    short = args.new_tokens // 4 if args.short_tokens is None else args.short_tokens
-    if short and not 0 < short < args.new_tokens:
-        p.error(f"--short-tokens {short} must lie between 0 and --new-tokens {args.new_tokens}")
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    graphs = {"auto": None, "on": True, "off": False}[args.graphs]
+    compile_ = {"auto": None, "on": True, "off": False}[args.compile]
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    prompts = held_out_prompts(args.data, args.prompt_len, max(batch_sizes) * (args.requests + 1))
+    if not prompts:
+        raise SystemExit(f"bench_generation: no validation window of {args.data} holds "
+                         f"--prompt-len {args.prompt_len} tokens")
+    result = dict(label=args.label, device=accelerator.device_name(), tp=args.tp,
+                  commit=provenance.commit(),
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                  held_out_prompts=len(prompts), models={})
+    for depth in [int(x) for x in args.mtp_depths.split(",") if x] or [None]:
+        loaded = load_for_inference(args.model, dtype, ctx, mtp_depth=depth)
+        model = loaded.model
+        depth = model.config.mtp.depth
+        log(f"== {loaded.source}: {model.config.mtp.kind} D={model.config.mtp.depth}, "
+            f"{sum(p.numel() for p in model.parameters()) * args.tp / 1e6:.0f}M parameters, "
+            f"{model.embedding.output_weight.dtype}, TP={args.tp}")
+        t0 = time.perf_counter()
+        rows = measure_model(model, prompts, batch_sizes, args.requests, args.new_tokens,
+                             graphs, compile_, depth, args.replays, log)
+        entry = dict(source=loaded.source, kind=model.config.mtp.kind, depth=depth,
+                     dtype=str(model.embedding.output_weight.dtype), rows=rows,
+                     seconds=time.perf_counter() - t0)
+        if args.profile and args.tp == 1:
+            entry["profile"] = _phase_profile(model, prompts[:1], args.new_tokens,
+                                              bool(rows[0]["compiled"]))
+            log(json.dumps({"profile": entry["profile"]}))
+        result["models"][f"D={depth}"] = entry
+        del model, loaded
+        if rank == 0 and args.json:  # after every model: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    if rank == 0:
+        print(table([result]), flush=True)
+    if args.tp > 1:
+        dist.destroy_process_group()
+    return result
 
-    def split(fn, batch_size, graphs, long_seconds, long_tokens):
-        _, _, _, s_seconds, s_tokens = timed(fn, batch_size, graphs, short)
-        return split_request_time(long_seconds, long_tokens, s_seconds, s_tokens,
-                                  requests=-(-len(prompts) // batch_size))
 
-    modes = [m for m in args.modes.split(",") if m != "graphs" or accelerator.graphs_supported()]
-    rows = []
-    for bs in (int(x) for x in args.batch_sizes.split(",")):
-        for mode in modes:
-            graphs = mode == "graphs"
-            generate(model, prompts[:bs], 8, graphs=graphs)  # warm-up (allocator, kernels)
-            generate_speculative(model, prompts[:bs], 8, graphs=graphs)
-            plain_out, _, plain_tps, plain_s, plain_n = timed(generate, bs, graphs)
-            spec_out, stats, spec_tps, spec_s, spec_n = timed(generate_speculative, bs, graphs)
-            steady = {}
-            if short:
-                plain_req, plain_steady = split(generate, bs, graphs, plain_s, plain_n)
-                spec_req, spec_steady = split(generate_speculative, bs, graphs, spec_s, spec_n)
-                steady = dict(short_tokens=short, plain_request_ms=plain_req,
-                              speculative_request_ms=spec_req,
-                              plain_steady_tokens_per_s=plain_steady,
-                              speculative_steady_tokens_per_s=spec_steady,
-                              steady_speedup=(spec_steady / plain_steady
-                                              if plain_steady and spec_steady else None))
-            depth = model.config.mtp.depth
-            proposed = [sum(s.proposed[j] for s in stats) for j in range(depth)]
-            accepted = [sum(s.accepted[j] for s in stats) for j in range(depth)]
-            forwards = sum(s.main_forwards for s in stats)
-            produced = sum(s.tokens for s in stats)
-            same = sum(a == b for a, b in zip(plain_out, spec_out))
-            rows.append(dict(batch=bs, mode=mode, plain_tokens_per_s=plain_tps,
-                             speculative_tokens_per_s=spec_tps, speedup=spec_tps / plain_tps,
-                             acceptance_by_depth=[a / p for a, p in zip(accepted, proposed)],
-                             mean_tokens_per_forward=produced / forwards,
-                             identical_sequences=f"{same}/{len(prompts)}", **steady))
-            print(json.dumps(rows[-1]), flush=True)
-    result = dict(device=accelerator.device_name(), dtype=str(model.embedding.output_weight.dtype),
-                  model=loaded.source, mtp=dict(kind=model.config.mtp.kind, depth=model.config.mtp.depth),
-                  prompts=len(prompts), prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=provenance.commit(),
-                  rows=rows)
-    print("| batch | mode | plain tok/s | speculative tok/s | speedup | acceptance by depth | "
-          "tokens/forward | identical | per-request ms (plain / spec) | steady speedup |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+# ---------------------------------------------------------------------------------- report
+def _f(x, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
 
-    def f(x, spec):
-        return "—" if x is None else format(x, spec)
 
-    for r in rows:
-        print(f"| {r['batch']} | {r['mode']} | {r['plain_tokens_per_s']:.0f} | {r['speculative_tokens_per_s']:.0f} | "
-              f"{r['speedup']:.2f}× | {' '.join(f'{a:.2f}' for a in r['acceptance_by_depth'])} | "
-              f"{r['mean_tokens_per_forward']:.2f} | {r['identical_sequences']} | "
-              f"{f(r.get('plain_request_ms'), '.1f')} / {f(r.get('speculative_request_ms'), '.1f')} | "
-              f"{f(r.get('steady_speedup'), '.2f')} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+def table(results: list[dict]) -> str:
+    """Markdown rows for benchmarks/RESULTS.md from `measure` results."""
+    lines = [
+        "| model | batch | plain tok/s | speculative tok/s | speed-up (per request) | steady "
+        "speed-up | plain / spec steady tok/s | round cost (plain steps) | tokens / round | "
+        "projected speed-up at the study's τ | acceptance by depth | per-request ms "
+        "(plain / spec) | prefill ms | first request ms (plain / spec) | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for name, entry in res["models"].items():
+            for r in entry["rows"]:
+                p, s = r["plain"], r["speculative"]
+                lines.append(
+                    f"| {res['label']} {name}{' TP=' + str(res['tp']) if res['tp'] > 1 else ''} | "
+                    f"{r['batch']} | {p['tokens_per_s']:,.0f} | {s['tokens_per_s']:,.0f} | "
+                    f"{r['speedup']:.2f}× | {_f(r['steady_speedup'], '.2f')}× | "
+                    f"{_f(p['steady_tokens_per_s'], ',.0f')} / "
+                    f"{_f(s['steady_tokens_per_s'], ',.0f')} | {r['round_cost']:.2f} | "
+                    f"{r['tokens_per_round']:.2f} | "
+                    f"{_f(r['projected_steady_speedup_at_study_acceptance'], '.2f')}× | "
+                    f"{' '.join(f'{a:.2f}' for a in r['acceptance_by_depth'])} | "
+                    f"{p['request_ms']:.1f} / {s['request_ms']:.1f} | {p['prefill_ms']:.1f} | "
+                    f"{p['first_request_ms']:,.0f} / {s['first_request_ms']:,.0f} | "
+                    f"{r['identical_sequences']}/{r['sequences']} |")
+    profiles = [(res["label"], name, e["profile"]) for res in results
+                for name, e in res["models"].items() if "profile" in e]
+    if profiles:
+        lines += ["", "| model | mode | phase | kernels per call (CPU: operators) | device µs per "
+                  "call (CPU: operator µs) |",
+                  "|---|---|---|---|---|"]
+        for label, name, prof in profiles:
+            for mode, pm in prof.items():
+                for phase in PHASES:
+                    if phase in pm["phases"]:
+                        ph = pm["phases"][phase]
+                        lines.append(f"| {label} {name} | {mode} | {phase} | "
+                                     f"{ph['kernels']:.0f} | {ph['device_us']:.0f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- suite
+def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
+    """Run a step of the suite, its output into `log`; stop the suite with the log's end if it
+    fails."""
+    print(f"=== {time.strftime('%H:%M:%S')} {' '.join(cmd)}", flush=True)
+    with open(log, "a") as fh:
+        res = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                             env={**os.environ, **(env or {})})
+    if res.returncode != 0:
+        tail = log.read_text().splitlines()[-30:]
+        raise SystemExit(f"bench_generation: step failed ({res.returncode}); {log} ends:\n"
+                         + "\n".join(tail))
+
+
+def _lane(args: argparse.Namespace, shape: str, data: Path, gpu: int | None) -> Path | None:
+    """Train, export and measure one shape (on GPU `gpu`); returns its result file (None with
+    --tp2-only: the export is all the TP = 2 row needs)."""
+    spec = SHAPES[shape]
+    env = {} if gpu is None else {"CUDA_VISIBLE_DEVICES": str(gpu)}
+    log = args.out / f"{shape}.log"
+    run, export = args.work / f"run-{shape}", args.work / f"export-{shape}"
+    py = [sys.executable]
+    if not (export / "mtp_config.json").is_file():
+        steps = args.train_steps
+        _run(py + ["-m", "pretrain", "train", "--config", spec["config"], f"data.path={data}",
+                   f"run_dir={run}", "mtp.kind=deepseek", f"mtp.depth={args.train_depth}",
+                   f"train.steps={steps}", f"train.micro_batch_size={spec['micro']}",
+                   f"train.global_batch_size={spec['global_batch']}", "train.eval_interval=0",
+                   f"train.log_interval={max(1, steps // 10)}", "checkpoint.interval=0",
+                   f"optim.warmup_steps={max(1, steps // 10)}", *spec.get("overrides", [])],
+             log, env)
+        _run(py + ["-m", "pretrain", "export", str(run), "--out", str(export), "--with-mtp",
+                   "--overwrite"], log, env)
+    if args.tp2_only:
+        return None
+    out = args.out / f"generation-{shape}.json"
+    depths = ",".join(str(d) for d in range(1, args.train_depth + 1)
+                      if d in (1, args.train_depth))
+    _run(py + [__file__, "measure", str(export), "--data", str(data), "--mtp-depths", depths,
+               "--batch-sizes", args.batch_sizes, "--requests", str(args.requests),
+               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+               "--compile", args.compile, "--replays", str(args.replays), "--label", shape,
+               "--json", str(out)]
+         + (["--profile"] if args.profile else []), log, env)
+    return out
+
+
+def suite(args: argparse.Namespace) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    args.work = args.work or args.out / "work"
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    shapes = args.shapes.split(",")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"bench_generation: unknown shape {unknown}; use {list(SHAPES)}")
+    t0 = time.perf_counter()
+    data = args.data
+    if data is None:
+        data = args.work / "data"
+        _run([sys.executable, "-m", "pretrain", "prepare", "--source", "stdlib", "--out",
+              str(data), "--vocab-size", "32000", "--seq-len", "1024", "--max-depth", "4",
+              "--val-fraction", "0.02", "--tokenizer-sample-mb", "8", "--no-progress"],
+             args.out / "prepare.log")
+    if args.tp2_only:
+        shapes, args.tp2 = shapes[:1], True
+    gpus = [None] if args.gpus <= 1 else list(range(args.gpus))
+    files: dict[str, Path | None] = {}
+    with ThreadPoolExecutor(len(gpus)) as pool:
+        lanes = [shapes[i::len(gpus)] for i in range(len(gpus))]
+
+        def lane(i: int) -> None:
+            for shape in lanes[i]:
+                files[shape] = _lane(args, shape, data, gpus[i])
+
+        for f in [pool.submit(lane, i) for i in range(len(gpus))]:
+            f.result()
+    results = {s: json.loads(f.read_text()) for s, f in files.items() if f is not None}
+    if args.tp2:
+        shape = shapes[0]
+        out = args.out / f"generation-{shape}-tp2.json"
+        _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc-per-node", "2", __file__, "measure", str(args.work / f"export-{shape}"),
+              "--data", str(data), "--tp", "2", "--mtp-depths", "1", "--batch-sizes", "1,8",
+              "--requests", str(args.requests), "--prompt-len", str(args.prompt_len),
+              "--new-tokens", str(args.new_tokens), "--replays", str(args.replays),
+              "--label", shape, "--json", str(out)],
+             args.out / f"{shape}-tp2.log")
+        results[f"{shape} TP=2"] = json.loads(out.read_text())
+    summary = dict(commit=provenance.commit(), minutes=(time.perf_counter() - t0) / 60,
+                   train_steps=args.train_steps, results=results)
+    (args.out / "suite.json").write_text(json.dumps(summary, indent=1))
+    first = next(iter(results.values()))
+    print(f"\n{first['device']}, commit {first['commit']}, {first['date']}; "
+          f"{summary['minutes']:.1f} min in all; prompts: {first['prompt_len']} held-out "
+          f"tokens, {first['new_tokens']} new, greedy\n")
+    print(table(list(results.values())))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--batch-sizes", default="1,8,32")
+        q.add_argument("--requests", type=int, default=16,
+                       help="timed requests after the first (which captures graphs)")
+        q.add_argument("--prompt-len", type=int, default=128)
+        q.add_argument("--new-tokens", type=int, default=256)
+        q.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                       help="compile the decoding regions (auto: on GPUs at TP = 1)")
+        q.add_argument("--replays", type=int, default=200,
+                       help="back-to-back replays of the steady step timed for the round cost")
+        q.add_argument("--profile", action="store_true",
+                       help="kernels and device time of each decoding phase at batch 1")
+
+    m = sub.add_parser("measure", help="time one model (an export or a run directory)")
+    m.add_argument("model")
+    m.add_argument("--data", type=Path, required=True,
+                   help="dataset whose validation split gives the prompts")
+    m.add_argument("--mtp-depths", default="",
+                   help="comma-separated: measure the model with only its first d MTP depths, "
+                        "for each d (default: the model's own depth)")
+    m.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    m.add_argument("--graphs", choices=["auto", "on", "off"], default="auto")
+    m.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size (run under torchrun with as many processes)")
+    m.add_argument("--label", default="model", help="the model's name in the table")
+    m.add_argument("--json", help="write the results here")
+    common(m)
+    s = sub.add_parser("suite", help="prepare data, train, export and measure each shape")
+    s.add_argument("--out", type=Path, required=True,
+                   help="results: suite.json, one generation-*.json and one log per step")
+    s.add_argument("--work", type=Path, default=None,
+                   help="data, runs and exports (large; default: OUT/work)")
+    s.add_argument("--shapes", default="110m,350m")
+    s.add_argument("--data", type=Path, default=None,
+                   help="a dataset of seq-1024 windows and vocabulary 32000 (default: stdlib "
+                        "shards built into OUT/data)")
+    s.add_argument("--train-steps", type=int, default=300)
+    s.add_argument("--train-depth", type=int, default=3,
+                   help="MTP depth trained; measured as itself and as D=1")
+    s.add_argument("--gpus", type=int, default=1, help="shapes run side by side, one per GPU")
+    s.add_argument("--tp2", action="store_true",
+                   help="also measure the first shape at TP = 2 (D=1, batch 1 and 8; 2 GPUs)")
+    s.add_argument("--tp2-only", action="store_true",
+                   help="train and export the first shape, then measure it at TP = 2 only")
+    common(s)
+    args = p.parse_args(argv)
+    if args.cmd == "measure":
+        measure(args)
+    else:
+        suite(args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -23,6 +23,6 @@ stage eval
 $PY -m pretrain eval "$OUT/run-$KIND$DEPTH" --data "$OUT/data" --prompts 32 --new-tokens 64 \
   --json "$OUT/eval-$KIND$DEPTH.json"
 stage generation benchmark
-$PY benchmarks/bench_generation.py "$OUT/export-$KIND$DEPTH" --data "$OUT/data" \
+$PY benchmarks/bench_generation.py measure "$OUT/export-$KIND$DEPTH" --data "$OUT/data" \
   --json "$OUT/generation-$KIND$DEPTH.json"
 stage done

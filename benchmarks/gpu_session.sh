@@ -4,7 +4,8 @@
 #   2. GPU 0: training throughput, ours vs plain compiled PyTorch vs megatron-core GPTModel
 #      (bench_training.py; rows in $TRAIN_ROWS_110M / $TRAIN_ROWS_350M);
 #      GPU 1 meanwhile: gpt-110m with DeepSeek MTP D=1 trained $STEPS steps, exported, then
-#      plain vs self-speculative decoding, eager and with device graphs (bench_generation.py);
+#      plain vs self-speculative decoding through the decoding engine (bench_generation.py
+#      measure);
 #   3. both GPUs: data-parallel rows (ZeRO-1 and ZeRO-2).
 # Results land in $OUT (default bench-out). From the repository root, project importable.
 set -uo pipefail
@@ -40,8 +41,8 @@ single=$!
     data.path="$DATA/stdlib-seq1024" train.steps="$STEPS" train.log_interval=25 \
     train.eval_interval=0 checkpoint.interval=0 optim.warmup_steps=30 &&
   $PY -m pretrain export "$run" --out "$OUT/export-deepseek1" --with-mtp --overwrite &&
-  $PY benchmarks/bench_generation.py "$OUT/export-deepseek1" --data "$DATA/stdlib-seq1024" \
-    --prompts 8 --batch-sizes 1,8 --json "$OUT/generation-deepseek1.json"
+  $PY benchmarks/bench_generation.py measure "$OUT/export-deepseek1" \
+    --data "$DATA/stdlib-seq1024" --batch-sizes 1,8 --json "$OUT/generation-deepseek1.json"
 ) > "$OUT/generation.log" 2>&1 &
 gen=$!
 wait $single; wait $gen

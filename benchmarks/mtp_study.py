@@ -124,13 +124,15 @@ def run_arm(args: argparse.Namespace) -> dict:
     generation = None
     if cfg.mtp.kind != "none":
         out = arm_dir / "generation.json"
-        modes = "graphs" if accelerator.graphs_supported() else "eager"
+        # Batch 1, greedy, one engine: the first request (graph capture) apart, then one
+        # request per further prompt (bench_generation.py measure).
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_generation.py"),
-                        str(export), "--data", str(args.data), "--prompts", str(args.prompts),
-                        "--prompt-len", str(args.prompt_len), "--new-tokens",
-                        str(args.new_tokens), "--batch-sizes", "1",
-                        "--modes", modes, "--json", str(out)], check=True, cwd=REPO)
-        generation = json.loads(out.read_text())["rows"][0]
+                        "measure", str(export), "--data", str(args.data), "--batch-sizes", "1",
+                        "--requests", str(max(1, args.prompts - 1)), "--prompt-len",
+                        str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                        "--label", args.arm, "--json", str(out)], check=True, cwd=REPO)
+        measured = json.loads(out.read_text())
+        generation = next(iter(measured["models"].values()))["rows"][0]
     tps = [r["perf/tokens_per_s"] for r in result.losses[len(result.losses) // 4:]]
     res = {
         "arm": args.arm, "overrides": overrides + list(args.overrides), "config": str(args.config),
@@ -212,14 +214,14 @@ def _row(r: dict) -> str:
     loss_ood = ev_ood.get("loss_per_depth", [None])[0] if ev_ood else None
     return (f"| {r['arm']} | {_fmt(loss)} | {_fmt(loss_ood)} | {depth_acc} | {real} | "
             f"{_tokens_per_forward(acc, acc_ood)} | "
-            f"{_fmt(gen.get('plain_tokens_per_s'), '.0f')} | "
-            f"{_fmt(gen.get('speculative_tokens_per_s'), '.0f')} | "
-            f"{_speedup(gen)} | {_fmt(_round_cost(gen), '.2f')} | "
+            f"{_fmt(gen.get('plain', {}).get('tokens_per_s'), '.0f')} | "
+            f"{_fmt(gen.get('speculative', {}).get('tokens_per_s'), '.0f')} | "
+            f"{_speedup(gen)} | {_fmt(gen.get('round_cost'), '.2f')} | "
             f"{_fmt(r['train_tokens_per_s'], ',.0f')} |")
 
 
 def _speedup(gen: dict) -> str:
-    """Whole-request speed-up, and the steady-state one where bench_generation measured it."""
+    """Whole-request speed-up, and the steady-state one."""
     text = _fmt(gen.get("speedup"), ".2f")
     if gen.get("steady_speedup") is not None:
         text += f" (steady {gen['steady_speedup']:.2f})"
@@ -230,14 +232,6 @@ def _tokens_per_forward(*accs) -> str:
     if not any(accs):
         return "—"
     return " / ".join(_fmt(a and a["mean_tokens_per_forward"], ".2f") for a in accs)
-
-
-def _round_cost(gen: dict) -> float | None:
-    """Time of one speculative round in plain decoding steps: speedup = tokens per forward ÷ this.
-    1 would mean drafting and acceptance were free; the excess is what drafting costs."""
-    if not gen.get("speculative_tokens_per_s") or not gen.get("mean_tokens_per_forward"):
-        return None
-    return gen["mean_tokens_per_forward"] * gen["plain_tokens_per_s"] / gen["speculative_tokens_per_s"]
 
 
 def _plots(results: list[dict], out_dir: Path) -> list[str]:
@@ -337,8 +331,11 @@ def report(args: argparse.Namespace) -> str:
         "Held-out loss and acceptance: the arm's export on held-out files of the training corpus "
         "(out of distribution: the Python standard library); tokens / forward: mean tokens "
         "emitted per main-model forward in greedy self-speculative decoding; speed: batch 1, "
-        "greedy, device graphs, whole requests (steady: the per-token rate of long requests, without "
-        "each request's prefill, first round and graph capture, where measured); training tok/s: median over the run, as trained here (arms "
+        "greedy, one decoding engine (graphs captured by a first request, not timed), whole "
+        "requests (steady: tokens after the prefill over the device time of the steps); round "
+        "cost: a replayed speculative round's device time in replayed plain steps (speed-up = "
+        "tokens per forward ÷ round cost at steady state); training tok/s: median over the run, "
+        "as trained here (arms "
         "shared the machine, see the reading for the benchmark's numbers). Real acceptance at depth "
         "j: the share of rounds in which drafts 1..j were all accepted. The loss-curve plot "
         "leaves out arms with a frozen trunk (their main head is the baseline's).",
@@ -376,7 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--seed", type=int, default=1234)
     r.add_argument("--curve-points", type=int, default=5, help="validation passes during training")
     r.add_argument("--eval-batches", type=int, default=20)
-    r.add_argument("--prompts", type=int, default=16, help="held-out prompts for acceptance/speed")
+    r.add_argument("--prompts", type=int, default=16,
+                   help="held-out prompts for acceptance; speed: one request per prompt")
     r.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (held-out windows)")
     r.add_argument("--new-tokens", type=int, default=64)
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides")

@@ -101,14 +101,20 @@ def graphs_supported() -> bool:
     return not is_cpu()
 
 
-def graph_replayer(step: Callable[[], None]) -> Callable[[], None]:
+def graph_replayer(step: Callable[[], None], pool=None,
+                   generators: tuple[torch.Generator, ...] = ()) -> Callable[[], None]:
     """Run `step` once for real, then capture it as a device graph and return a callable that
     replays it: the same kernels on the same buffers with no host work, one launch in all.
 
     `step` must have static shapes, no host synchronisation, and keep its state in tensors that
     it updates in place (a replay reads and writes the addresses seen at capture). The real
     first run happens on a side stream, as capture requires (it creates library handles and
-    workspaces). On the CPU there is nothing to capture: `step` runs and is returned as is.
+    workspaces, and compiles what is compiled). `pool`: another replayer's `pool`, to share its
+    memory for intermediates (safe when the graphs never run at the same time and keep no
+    intermediate alive between runs). `generators`: device generators that `step` draws from;
+    each replay draws fresh numbers from their current seed and offset, so reseeding one
+    between replays restarts its stream. On the CPU there is nothing to capture: `step` runs
+    and is returned as is.
     """
     if not graphs_supported():
         step()
@@ -120,14 +126,79 @@ def graph_replayer(step: Callable[[], None]) -> Callable[[], None]:
         step()
     acc.current_stream().wait_stream(side)
     graph = acc.create_graph()
-    with acc.capture_to_graph(graph):
+    for gen in generators:
+        graph.register_generator_state(gen)
+    with acc.capture_to_graph(graph, pool=pool):
         step()
 
     def replay() -> None:
         acc.replay_graph(graph)
 
     replay.graph = graph  # keeps the graph (and its memory pool) alive with the callable
+    replay.pool = graph.pool()
     return replay
+
+
+class LaggedReader:
+    """Reads a small device tensor on the host `lag` steps late, without making the device wait:
+    each `push` queues a copy of the tensor's current value into page-locked memory, and `pop`
+    waits only for the oldest copy. With lag 1 the device already runs the next step while the
+    host reads the previous one. On the CPU copies are immediate and the lag is 0."""
+
+    def __init__(self, like: torch.Tensor, lag: int = 1):
+        self.lag = 0 if is_cpu() else lag
+        n = self.lag + 1
+        self._host = [torch.empty(like.shape, dtype=like.dtype, pin_memory=not is_cpu())
+                      for _ in range(n)]
+        self._events = [get_accelerator().Event() for _ in range(n)] if not is_cpu() else []
+        self._pending: list[int] = []
+        self._next = 0
+
+    def push(self, tensor: torch.Tensor) -> None:
+        i = self._next
+        self._next = (i + 1) % len(self._host)
+        assert len(self._pending) < len(self._host), "pop before pushing more than lag + 1"
+        self._host[i].copy_(tensor, non_blocking=not is_cpu())
+        if self._events:
+            self._events[i].record()
+        self._pending.append(i)
+
+    def ready(self) -> bool:
+        """Whether a value `lag` steps old is queued."""
+        return len(self._pending) > self.lag
+
+    def pop(self) -> torch.Tensor:
+        i = self._pending.pop(0)
+        if self._events:
+            self._events[i].synchronize()
+        return self._host[i]
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+
+class DeviceClock:
+    """Elapsed device time between marks, without synchronising when marking: events on GPUs
+    (read once the work is done), the host clock on the CPU (where work is synchronous)."""
+
+    def __init__(self):
+        self._gpu = not is_cpu()
+
+    def mark(self):
+        if not self._gpu:
+            import time
+
+            return time.perf_counter()
+        event = get_accelerator().Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        """Seconds from `start` to `end` (waits for `end`)."""
+        if not self._gpu:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
 
 
 def report_host_syncs(enabled: bool) -> None:

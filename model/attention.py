@@ -95,11 +95,11 @@ class Attention(nn.Module):
         never sequence-parallel): the tokens sit at `cache.positions` and attend to everything
         cached up to their position."""
         sp = self.sequence_parallel
-        assert cache is None or not sp, "decoding runs without sequence parallelism"
-        qkv = column_parallel(self.qkv, x, sp)  # [B, T, groups·(q_per_group+2)·hd]
         if cache is not None:
-            out = self._cached_core(qkv, cache)
-        elif self.recompute_core and torch.is_grad_enabled():
+            assert not sp, "decoding runs without sequence parallelism"
+            return self._cached(x, cache)
+        qkv = column_parallel(self.qkv, x, sp)  # [B, T, groups·(q_per_group+2)·hd]
+        if self.recompute_core and torch.is_grad_enabled():
             out = recompute(self._core, qkv, mask)
         else:
             out = self._core(qkv, mask)
@@ -120,10 +120,21 @@ class Attention(nn.Module):
         out = _attend(q, k, v, mask, self.q_per_group > 1)  # [B, Hq, T, hd]
         return out.transpose(1, 2).flatten(2)  # [B, T, Hq·hd]
 
-    def _cached_core(self, qkv: torch.Tensor, cache: LayerCache) -> torch.Tensor:
-        q, k, v = self._split_heads(qkv)
-        q, k = self.rotary(q, k, positions=cache.positions)
-        k_all, v_all = cache.write(k, v)  # [B, Hkv, S, hd]
-        out = F.scaled_dot_product_attention(
-            q, k_all, v_all, attn_mask=cache.mask(), enable_gqa=self.q_per_group > 1)
-        return out.transpose(1, 2).flatten(2)  # [B, T, Hq·hd]
+    def _cached(self, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """The decoding path, in as few kernels as the arithmetic allows (a decoding step is
+        launch-bound): one rotation pass over a group's [q.., k, v] (the value slot's table
+        entries are cos 1, sin 0), one scatter of keys and values into the cache, and the
+        group's query heads folded into the query rows, so grouped-query attention is plain
+        attention per key/value head with no repeated keys (`StepInputs.mask` has a row per
+        token and query head). The rotation is `forward`'s value for value (same products, same
+        sums)."""
+        b, t, _ = x.shape
+        g, qpg, hd = self.groups, self.q_per_group, self.head_dim
+        qkv = column_parallel(self.qkv, x).view(b, t, g, qpg + 2, hd)
+        step = cache.step
+        rot = qkv * step.cos + qkv.roll(hd // 2, dims=-1) * step.sin  # [B, T, g, qpg+2, hd]
+        k_all, v_all = cache.write(rot[:, :, :, qpg:])  # [B, g, S', hd] each
+        q = rot[:, :, :, :qpg].permute(0, 2, 1, 3, 4).reshape(b, g, t * qpg, hd)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=step.mask)
+        out = out.view(b, g, t, qpg, hd).permute(0, 2, 1, 3, 4).reshape(b, t, g * qpg * hd)
+        return row_parallel(self.proj, out)

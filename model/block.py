@@ -32,6 +32,7 @@ class TransformerBlock(nn.Module):
         # The cache-free (training/scoring) forward compiled by `compile_training_forward`; a
         # plain attribute, not a submodule, so state dicts and parameters are unchanged.
         self._compiled_forward = None
+        self._compiled_decoding = None  # the cached (decoding) forward, compile_decoding_forward
 
     def compile_training_forward(self) -> list[nn.Module]:
         """torch.compile the cache-free forward (RMSNorm, RoPE, SwiGLU become fused kernels
@@ -42,11 +43,22 @@ class TransformerBlock(nn.Module):
         self._compiled_forward = torch.compile(self._training_forward)
         return list(self.modules())
 
+    def compile_decoding_forward(self) -> list[nn.Module]:
+        """torch.compile the cached forward that decoding runs. A separate region from the
+        training one, compiled with dynamic shapes: the batch, token and cache-length buckets
+        of prefills, steps, rounds and draft windows then share a handful of compilations
+        (sizes 1 and larger), below dynamo's recompile limit; captured device graphs replay its
+        fused kernels."""
+        self._compiled_decoding = torch.compile(self._forward, dynamic=True)
+        return list(self.modules())
+
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None,
                 mask: DocumentMask | None = None) -> torch.Tensor:
         """x [B, T, d] ([B, T/TP, d] under sequence parallelism) → the same shape. `mask`:
         attention within documents (training on packed windows)."""
         if cache is not None:
+            if self._compiled_decoding is not None:
+                return self._compiled_decoding(x, cache)
             return self._forward(x, cache)
         if self._compiled_forward is not None:
             return self._compiled_forward(x, mask)

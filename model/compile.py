@@ -1,4 +1,4 @@
-"""Opt-in torch.compile of the training hot path.
+"""Opt-in torch.compile of the training hot path, and of the decoding hot path.
 
 Compiled: every transformer block's cache-free forward (the trunk's and the MTP modules'), the
 DeepSeek modules' input mix (two RMSNorms and the concat) and every other RMSNorm (the final
@@ -38,5 +38,23 @@ def compile_for_training(model: nn.Module) -> int:
             continue
         if hasattr(module, "compile_training_forward"):
             covered.update(id(m) for m in module.compile_training_forward())
+            blocks += isinstance(module, TransformerBlock)
+    return blocks
+
+
+def compile_for_decoding(model: nn.Module) -> int:
+    """Compile what decoding runs, region by region: every transformer block's cached forward
+    (trunk, MTP modules, parallel heads: one region shape serves them all), the DeepSeek input
+    mix and the norms outside blocks, in eval mode. The decoding engine replays these regions
+    inside captured device graphs, where a small model's step is otherwise launch-bound (each
+    RMSNorm alone is ~8 kernels). Returns the number of transformer blocks compiled. The module
+    tree is unchanged; the training regions, if any, are kept."""
+    blocks = 0
+    covered: set[int] = set()
+    for module in model.modules():
+        if id(module) in covered:
+            continue
+        if hasattr(module, "compile_decoding_forward"):
+            covered.update(id(m) for m in module.compile_decoding_forward())
             blocks += isinstance(module, TransformerBlock)
     return blocks

@@ -8,6 +8,7 @@ parallelism it is the tied layer of the first and the last stage.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import (
     VocabParallelEmbedding,
@@ -20,8 +21,7 @@ from model.config import ModelConfig
 from model.init import normal_init
 from model.loss import HeadLoss, fused_head_cross_entropy, unfused_head_cross_entropy
 from model.parallel import ParallelContext
-from model.sharding import gather_tensor
-from model.tp_regions import reduce_scatter_sequence
+from model.tp_regions import gather_last_dim, reduce_scatter_sequence
 
 
 class SharedEmbedding(nn.Module):
@@ -111,10 +111,23 @@ class SharedEmbedding(nn.Module):
         return HeadLoss(*self(hidden=hidden, targets=targets, row_weights=row_weights,
                               rows_gathered=rows_gathered))
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding lookup for inference, [B, T] → [B, T, d], with no host synchronisation
+        at any TP size, so decoding steps can be captured as device graphs: megatron's lookup
+        masks out-of-shard ids by boolean indexing, which waits for the device. Same values;
+        no autograd and no ZeRO-3 gathering (inference holds whole weights)."""
+        weight = self.word_embeddings.weight
+        if self.tp_group.size() == 1:
+            return F.embedding(input_ids, weight)
+        local = input_ids - self.vocab_start
+        inside = (local >= 0) & (local < weight.shape[0])
+        out = F.embedding(local.clamp(0, weight.shape[0] - 1), weight) * inside[..., None]
+        dist.all_reduce(out, group=self.tp_group)
+        return out
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [..., V] (gathered over TP; no autograd) for inference."""
         local = hidden @ self.output_weight.t()  # [..., V/TP]
         if self.tp_group.size() == 1:
             return local
-        # An explicit all_gather: megatron's gather uses all_gather_into_tensor, which gloo lacks.
-        return gather_tensor(local, dim=local.dim() - 1, stride=1, group=self.tp_group)
+        return gather_last_dim(local, self.tp_group)

@@ -21,6 +21,7 @@ class RMSNorm(nn.Module):
         if sp_group is not None:
             self.weight.sequence_parallel_grad = True
         self._compiled_forward = None  # see compile_training_forward; not a submodule
+        self._compiled_inference = None  # see compile_decoding_forward
 
     def compile_training_forward(self) -> list[nn.Module]:
         """Compile the norm for training: one fused kernel each way instead of ~8 elementwise
@@ -28,9 +29,16 @@ class RMSNorm(nn.Module):
         self._compiled_forward = torch.compile(self._forward)
         return [self]
 
+    def compile_decoding_forward(self) -> list[nn.Module]:
+        """Compile the norm for decoding (eval mode): one kernel instead of ~8."""
+        self._compiled_inference = torch.compile(self._forward, dynamic=True)
+        return [self]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self._compiled_forward is not None:
             return self._compiled_forward(x)
+        if not self.training and self._compiled_inference is not None:
+            return self._compiled_inference(x)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ class RotaryEmbedding(nn.Module):
         assert head_dim % 2 == 0
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._slot_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos, sin [max_seq_len, head_dim] on `device`."""
@@ -29,6 +30,25 @@ class RotaryEmbedding(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)  # [S, hd]
             self._tables[device] = (emb.cos().float().to(device), emb.sin().float().to(device))
         return self._tables[device]
+
+    def slot_tables(self, device: torch.device, dtype: torch.dtype, rotated: int,
+                    unrotated: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [max_seq_len, rotated + unrotated, hd] in `dtype` for rotating `rotated`
+        heads side by side and passing `unrotated` through (cos 1, sin 0), with sin signed so
+        that x·cos + roll(x, hd/2)·sin equals `forward`'s x·cos + rotate_half(x)·sin value for
+        value (−a·b = a·(−b) exactly). Decoding rotates a key/value group's [q.., k, v] in one
+        pass this way (model.kv_cache.StepInputs)."""
+        key = (device, dtype, rotated, unrotated)
+        if key not in self._slot_tables:
+            cos_t, sin_t = self.tables(device)
+            half = self.head_dim // 2
+            sign = torch.cat((-torch.ones(half, device=device), torch.ones(half, device=device)))
+            cos = torch.cat((cos_t[:, None].expand(-1, rotated, -1),
+                             torch.ones_like(cos_t)[:, None].expand(-1, unrotated, -1)), dim=1)
+            sin = torch.cat(((sin_t * sign)[:, None].expand(-1, rotated, -1),
+                             torch.zeros_like(sin_t)[:, None].expand(-1, unrotated, -1)), dim=1)
+            self._slot_tables[key] = (cos.to(dtype).contiguous(), sin.to(dtype).contiguous())
+        return self._slot_tables[key]
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -226,10 +226,18 @@ def row_parallel(layer: RowParallelLinear, x: torch.Tensor,
     return reduce_from_tensor_model_parallel_region(y, group=group)
 
 
-def _gather_last_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(group.size())]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+def gather_last_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[..., n] on every rank → [..., size·n], the ranks' slices in rank order. One
+    all_gather_into_tensor into one buffer where the backend has it (NCCL: a single collective,
+    which device-graph capture records as is), a list all_gather on gloo."""
+    x = x.contiguous()
+    if dist.get_backend(group) == dist.Backend.GLOO:
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=-1)
+    out = torch.empty((group.size(), *x.shape), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out.movedim(0, -2).reshape(*x.shape[:-1], -1)  # [..., size, n] → [..., size·n]
 
 
 class _ScatterLastDim(torch.autograd.Function):
@@ -242,7 +250,7 @@ class _ScatterLastDim(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_last_dim(grad, ctx.group), None
+        return gather_last_dim(grad, ctx.group), None
 
 
 def scatter_to_tp_last_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

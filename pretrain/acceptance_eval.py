@@ -7,19 +7,22 @@ import torch
 import torch.distributed as dist
 
 from model import accelerator
+from model.generation import DecodingEngine
 from model.generation.acceptance import real_acceptance
 
 
-def acceptance_metrics(model, val_batches, num_prompts: int, prompt_len: int, new_tokens: int,
-                       dp_group, graphs: bool) -> dict[str, float]:
-    """Greedy self-speculative decoding from this DP rank's held-out prompts; statistics summed
-    over data-parallel ranks (TP peers hold the same prompts and run the same loop)."""
+def acceptance_metrics(engine: DecodingEngine, val_batches, num_prompts: int, prompt_len: int,
+                       new_tokens: int, dp_group) -> dict[str, float]:
+    """Greedy self-speculative decoding from this DP rank's held-out prompts with the trainer's
+    decoding engine (its graphs are captured at the first evaluation and replayed at every later
+    one: they read the weights in place); statistics summed over data-parallel ranks (TP peers
+    hold the same prompts and run the same loop)."""
     prompts: list[list[int]] = []
     for batch in val_batches:
         prompts += [row[:prompt_len].tolist() for row in batch["input_ids"]]
         if len(prompts) >= num_prompts:
             break
-    st = real_acceptance(model, prompts[:num_prompts], new_tokens, graphs=graphs)
+    st = real_acceptance(engine, prompts[:num_prompts], new_tokens)
     vec = torch.tensor([st.main_forwards, st.tokens, *st.proposed, *st.accepted],
                        dtype=torch.float64, device=accelerator.current_device())
     dist.all_reduce(vec, group=dp_group)

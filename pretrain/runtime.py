@@ -90,6 +90,8 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
         device=accelerator.device_name(), backend=accelerator.communication_backend(),
         precision="bf16" if bf16 else "fp32", grad_accum_dtype=accum, compile=compiled, loss_kernels=kernels, fused_adam=on_gpu, pin_memory=on_gpu,
         overlap_comm=overlap,
+        # Captured TP collectives work in the decoding engine but have not been measured inside
+        # a training run (TP groups shared with training's collectives): TP = 1 only, for now.
         device_graphs=accelerator.graphs_supported() and layout.tp == 1,
         async_save=cfg.checkpoint.async_save is True or (cfg.checkpoint.async_save == "auto"
                                                           and on_gpu),

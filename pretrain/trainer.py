@@ -19,6 +19,7 @@ from data_pipeline import ShardError, load_manifest
 from data_pipeline.mixture import check_same_tokenizer
 from model import accelerator
 from model.cost import forward_flops_per_token
+from model.generation import DecodingEngine
 from model.generation.runner import positions_needed
 from pretrain import checkpoint as ckpt
 from pretrain import exit_codes, quiet
@@ -117,6 +118,7 @@ class Trainer:
         if built.init_source:
             self.logger.print(f"main model initialised from {built.init_source}")
         self.mtp_weight = MTPWeightSchedule(cfg.mtp_weight)
+        self._decoding: DecodingEngine | None = None  # acceptance evaluation, built on first use
         flops = forward_flops_per_token(cfg.decoder, self.seq_len)
         self.train_flops_per_token = 3 * (flops["main"] + flops["mtp"])
         self.peak = peak_flops(self.policy.device, cfg.train.peak_tflops)
@@ -416,11 +418,13 @@ class Trainer:
         if t.eval_acceptance_prompts:
             room = positions_needed(0, t.eval_acceptance_tokens, self.cfg.mtp.depth)
             prompt_len = min(64, self.cfg.model.max_seq_len - room)
+            if self._decoding is None:
+                self._decoding = DecodingEngine(self.engine.module,
+                                                graphs=self.policy.device_graphs, compile=False)
             metrics.update(acceptance_metrics(
-                self.engine.module, self._loader("prompts", self.val_sources[0]),
-                t.eval_acceptance_prompts,
-                prompt_len, t.eval_acceptance_tokens, self.topo.dp_group,
-                self.policy.device_graphs))
+                self._decoding, self._loader("prompts", self.val_sources[0]),
+                t.eval_acceptance_prompts, prompt_len, t.eval_acceptance_tokens,
+                self.topo.dp_group))
         self.engine.train()
         return metrics
 

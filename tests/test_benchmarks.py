@@ -101,3 +101,37 @@ def test_bench_mixture_http_smoke(tmp_path):
         "loopback HTTP, rank 0 of DP=2"]
     for row in table:
         assert float(row.split("|")[3].replace(",", "")) > 0, row
+
+
+def test_bench_generation_suite_smoke(tmp_path):
+    """The decoding benchmark's whole GPU suite on CPU with the toy shape: training a D=3 model,
+    its export, `measure` as D=3 and as D=1 (engine requests, replayed steps, the phase
+    profile), the TP = 2 row under torchrun (gloo) and the table."""
+    data = build_tiny_dataset(tmp_path / "fixture", max_depth=4)
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "benchmarks/bench_generation.py", "suite", "--out", str(out),
+         "--shapes", "tiny", "--data", str(data), "--train-steps", "2", "--batch-sizes", "1,2",
+         "--requests", "1", "--prompt-len", "8", "--new-tokens", "6", "--replays", "2",
+         "--profile", "--tp2"],
+        capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    suite = json.loads((out / "suite.json").read_text())["results"]
+    assert set(suite) == {"tiny", "tiny TP=2"}
+    models = suite["tiny"]["models"]
+    assert set(models) == {"D=1", "D=3"} and models["D=3"]["depth"] == 3
+    for entry in models.values():
+        assert [r["batch"] for r in entry["rows"]] == [1, 2]
+        for r in entry["rows"]:
+            assert r["identical_sequences"] == r["sequences"] == r["batch"]  # fp32: greedy
+            assert len(r["acceptance_by_depth"]) == entry["depth"]
+            for mode in ("plain", "speculative"):
+                assert r[mode]["tokens_per_s"] > 0 and r[mode]["step_us"] > 0
+                assert r[mode]["later_graphs_captured"] == 0  # none on the CPU anyway
+        phases = entry["profile"]["speculative"]["phases"]
+        assert set(phases) == {"decode.prefill", "decode.main", "decode.commit", "decode.draft"}
+        assert all(p["kernels"] > 0 for p in phases.values())
+    assert suite["tiny TP=2"]["tp"] == 2 and suite["tiny TP=2"]["models"]["D=1"]["rows"]
+    table = [ln for ln in res.stdout.splitlines() if ln.startswith("| tiny")]
+    assert [ln.split("|")[1].strip() for ln in table[:6]] == [
+        "tiny D=1", "tiny D=1", "tiny D=3", "tiny D=3", "tiny D=1 TP=2", "tiny D=1 TP=2"]

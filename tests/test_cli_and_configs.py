@@ -143,7 +143,8 @@ def test_every_shipped_config_trains_in_a_tiny_version(tmp_path):
 @pytest.mark.slow
 def test_readme_main_job_runs_end_to_end(tmp_path):
     """scripts/quickstart.sh (the README's first command, minus the venv setup that CI already
-    did) with a small step count: dataset, training, checkpoint, TensorBoard, export."""
+    did) with a small step count: dataset, training, checkpoint, TensorBoard, export, and a
+    short generation with the export, plain and speculative."""
     env = dict(os.environ, MTP_SKIP_SETUP="1", MTP_DATA_DIR=str(tmp_path / "data"),
                MTP_RUN_DIR=str(tmp_path / "run"))
     res = subprocess.run(
@@ -157,6 +158,10 @@ def test_readme_main_job_runs_end_to_end(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     for f in ("config.json", "model.safetensors", "tokenizer.model", "mtp.safetensors", "mtp_config.json"):
         assert (run / "export" / f).is_file(), f
+    # The last step decodes with the export, plainly and with the MTP draft (greedy: the same).
+    assert "--- 'def main(args):'" in res.stdout
+    assert "draft acceptance by depth" in res.stderr
+    assert "speculative vs plain: 2/2 sequences identical" in res.stderr
 
     # The export is the trained main model: transformers' logits equal ours from the checkpoint.
     code = f"""

@@ -59,13 +59,15 @@ def _readme_commands(run: Path, export: Path, data: Path, tmp: Path) -> list[lis
     block = text.split("## Usage", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     block = block.replace("\\\n", " ")
     paths = {"runs/gpt-110m": str(run), "exports/gpt-110m": str(export), "data/code": str(data),
-             "stats.json": str(tmp / "stats.json"), "eval.json": str(tmp / "eval.json")}
+             "stats.json": str(tmp / "stats.json"), "eval.json": str(tmp / "eval.json"),
+             "prompts.txt": str(tmp / "prompts.txt")}
+    (tmp / "prompts.txt").write_text("import os\ndef main(args):\nclass Parser:\n")
     commands = []
     for line in block.splitlines():
         words = shlex.split(line, comments=True)
         if words[:1] == [".venv/bin/mtp"] and words[1] in ("export", "generate", "eval"):
             commands.append([paths.get(w, w) for w in words[1:]])
-    assert [c[0] for c in commands] == ["export", "generate", "eval"], commands
+    assert [c[0] for c in commands] == ["export", "generate", "generate", "eval"], commands
     return commands
 
 
@@ -259,10 +261,13 @@ def test_every_bad_input_is_one_line_exit_2_and_touches_nothing(outcome):
 def test_readme_usage_commands_run_on_the_quickstart_model(outcome):
     """`mtp export/generate/eval` as the README writes them, on a model whose context (128) the
     defaults of 64 + 64 tokens plus the speculative look-ahead do not fit: clipped, and said."""
-    (exp, gen, ev) = outcome["readme"]
-    for code, _, err, _ in (exp, gen, ev):
+    (exp, gen, cmp, ev) = outcome["readme"]
+    for code, _, err, _ in (exp, gen, cmp, ev):
         assert code == 0, err[-3000:]
-    assert "Traceback" not in gen[2] + ev[2]
+    assert "Traceback" not in gen[2] + cmp[2] + ev[2]
+    # --compare: both modes on the same engine, greedy outputs identical (fp32 on the CPU)
+    assert re.search(r"^plain: \d+ tokens", cmp[2], re.M), cmp[2]
+    assert "speculative vs plain: 3/3 sequences identical" in cmp[2], cmp[2]
     assert re.search(r"^mtp eval: note: --prompt-len 61 --new-tokens 61 \(not 64 and 64\)",
                      ev[2], re.M), ev[2]
     assert "note" not in gen[2]  # a short prompt + 64 new tokens + 6 fit: nothing clipped
@@ -309,5 +314,5 @@ def test_start_up_is_quiet(outcome):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "--- 'import os'" in res.stdout
     # stderr holds our summary line alone; DeepSpeed's logger would print to stdout
-    assert re.fullmatch(r"\d tokens in [\d.]+ s \([\d.]+ tokens/s\)\n", res.stderr), res.stderr
+    assert re.fullmatch(r"plain: \d tokens in [\d.]+ s \([\d.]+ tokens/s\)\n", res.stderr), res.stderr
     assert "Setting accelerator" not in res.stdout and "[WARNING]" not in res.stdout

@@ -8,7 +8,7 @@ import torch
 from model import MTPLanguageModel, single_process_context
 from model.block import TransformerBlock
 from model.compile import compile_for_training, use_loss_kernels
-from model.kv_cache import KVCache
+from model.generation.runner import new_cache
 from tests.model_fixtures import make_batch, randomize_, tiny_config
 
 
@@ -62,11 +62,11 @@ def test_cached_forward_of_a_compiled_block_stays_eager(monkeypatch):
                             lambda x, mask=None, _c=calls: _c.append(1) or torch.zeros_like(x))
     m = dcfg.model
     ids = torch.randint(0, m.vocab_size, (1, 5))
-    cache = KVCache(m.num_layers, 1, m.kv_heads, 16, m.head_dim, torch.float32, ids.device)
+    cache = new_cache(model, 1, 16)
     positions = torch.arange(5).unsqueeze(0)  # [1, 5]
     h = model.embedding(ids)
-    for i, block in enumerate(model.blocks):
-        h = block(h, cache.layer(i, positions, attend_len=5))
+    for block, layer in zip(model.blocks, cache.layers(positions, attend_len=5)):
+        h = block(h, layer)
     assert calls == [] and h.abs().sum() > 0
     model.blocks[0](h)  # without a cache: the compiled forward
     assert calls == [1]
@@ -113,3 +113,38 @@ def test_compiled_regions_of_the_mtp_tail():
     assert mtp.hidden_norm._compiled_forward is None
     assert all(b.attn_norm._compiled_forward is None
                for b in model.modules() if isinstance(b, TransformerBlock))
+
+
+@pytest.mark.slow
+def test_compiled_decoding_regions_are_whole_graphs(monkeypatch):
+    """The engine's compiled regions — every cached block forward, the DeepSeek input mix, the
+    norms, the plain and speculative commits and the drafter's catch-up (which inlines its
+    blocks' regions) — trace without graph breaks and decode what the uncompiled engine
+    decodes: on GPUs their fused kernels are what the device graphs replay. Traced with the
+    eager backend here (Inductor's CPU build would cost minutes)."""
+    from torch._dynamo.utils import counters
+
+    from model.generation import DecodingEngine
+
+    torch._dynamo.reset()  # below the recompile limit whatever other tests compiled before
+    counters.clear()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=None: compile_(
+        fn, backend="eager", fullgraph=True, dynamic=dynamic))
+    dcfg = tiny_config("deepseek", 1, num_kv_heads=2, max_seq_len=64)  # 2 queries per KV head
+    model = MTPLanguageModel(dcfg, single_process_context()).eval()
+    randomize_(model)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9]]
+    want = DecodingEngine(model, compile=False)
+    want = (want.generate(prompts, 8).tokens, want.generate(prompts, 8, speculative=True).stats)
+    engine = DecodingEngine(model, compile=True)
+    mtp = model.tail.objective.layers[0]
+    assert mtp._compiled_decoding_mix is not None and mtp.hidden_norm._compiled_inference is None
+    assert model.tail.final_norm._compiled_inference is not None
+    assert all(b._compiled_decoding is not None for b in model.modules()
+               if isinstance(b, TransformerBlock))
+    assert engine.generate(prompts, 8).tokens == want[0]
+    spec = engine.generate(prompts, 8, speculative=True)
+    assert spec.tokens == want[0] and spec.stats == want[1]
+    # Every region compiled (whole: fullgraph), a few shapes each, none fell back to eager.
+    assert 6 <= counters["stats"]["unique_graphs"] <= 14, dict(counters["stats"])  # 9 now

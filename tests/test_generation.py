@@ -1,38 +1,204 @@
-"""KV-cache generation and self-speculative decoding (CPU)."""
+"""The decoding engine: KV-cache generation and self-speculative decoding, one engine serving a
+sequence of requests (CPU; the eager run of the same static phases that GPUs capture)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model import MTPLanguageModel, single_process_context
-from model.generation import generate, generate_speculative
-from model.generation.runner import main_forward, new_cache
-from model.generation.sampling import SamplingConfig
+from model import MTPLanguageModel, accelerator, single_process_context
+from model.generation import DecodingEngine, SamplingConfig, generate, generate_speculative
+from model.generation.runner import Slot, main_forward, new_cache
+from model.generation.sampling import GREEDY_MODE, Sampler
 from model.generation.speculative import SpeculativeDecoder
+from tests.distributed import run_world
 from tests.generation_fixtures import prompts_from_chain, trained_model
 from tests.model_fixtures import KINDS, randomize_, tiny_config
+
+
+@torch.no_grad()
+def _reference_greedy(model, prompts, n):
+    """Greedy decoding by recomputing the whole sequence each token, without any cache (the
+    training forward): independent of the engine's cache, masks and rotary tables."""
+    out = []
+    for p in prompts:
+        seq = list(p)
+        for _ in range(n):
+            seq.append(int(model.main_logits(torch.tensor([seq]))[0, -1].argmax()))
+        out.append(seq[len(p):])
+    return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_greedy_speculative_equals_plain_greedy(kind, depth):
     model = trained_model(kind, depth)
+    engine = DecodingEngine(model)
     for prompts in (prompts_from_chain(1), prompts_from_chain(5)):  # batch 1 and ragged batch 5
-        plain = generate(model, prompts, 30)
-        spec = generate_speculative(model, prompts, 30)
+        plain = engine.generate(prompts, 30)
+        spec = engine.generate(prompts, 30, speculative=True)
+        if depth == 1:  # the main model's decoding itself, once per objective
+            assert plain.tokens == _reference_greedy(model, prompts, 30)
         assert spec.tokens == plain.tokens
         assert all(len(t) == 30 for t in spec.tokens)
-        # The fixed-shape rounds that GPUs capture as graphs (whole-cache attention, fixed
-        # drafter windows) decode the same tokens with the same statistics.
-        assert generate(model, prompts, 30, static=True).tokens == plain.tokens
-        static = generate_speculative(model, prompts, 30, static=True)
-        assert static.tokens == plain.tokens
-        assert static.stats.accepted == spec.stats.accepted
     st = spec.stats
     # Drafts were accepted and rejected: both the fast path and the rollback ran.
     assert 1.1 < st.mean_tokens_per_forward() < depth + 1
     assert 0 < st.accepted[0] < st.proposed[0]
+    # Per sequence: the prefill's token, then rounds of 1..D+1 tokens up to (or past) 30.
+    assert 5 * 29 <= st.tokens <= 5 * (29 + depth)
+
+
+# (prompts, max_new_tokens, speculative, sampling): batch buckets 4, 1, 8 and 4 again; cache
+# buckets 16, 64 and 96; prompt buckets of 8 and 16. The fourth request reuses the first's slot
+# after a longer one, the sampled ones replay the greedy ones' slots in another mode.
+REQUESTS = [
+    (prompts_from_chain(3), 40, True, None),
+    (prompts_from_chain(1, seed=3), 12, False, None),
+    (prompts_from_chain(6, seed=2), 25, True, None),
+    (prompts_from_chain(4, seed=5), 20, True, None),
+    (prompts_from_chain(3, seed=7), 30, False, SamplingConfig(temperature=0.9, top_p=0.8, seed=3)),
+    (prompts_from_chain(4, seed=9), 18, True, SamplingConfig(temperature=1.2, seed=4)),
+    (prompts_from_chain(2, seed=4), 60, False, None),
+    (prompts_from_chain(4, seed=5), 20, True, None),
+    (prompts_from_chain(3, seed=6), 1, True, None),  # the prefill's token only
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_engine_serves_a_sequence_of_requests(kind):
+    """Every request decodes what it decodes in a fresh engine (greedy and sampled alike: each
+    request reseeds the device generator), whatever came before it in the same slots."""
+    model = trained_model(kind, 2)
+    shared = DecodingEngine(model)
+    for prompts, new, speculative, sampling in REQUESTS:
+        kwargs = dict(speculative=speculative)
+        if sampling is not None:
+            kwargs["sampling"] = sampling
+        got = shared.generate(prompts, new, **kwargs)
+        want = DecodingEngine(model).generate(prompts, new, **kwargs)
+        assert got.tokens == want.tokens, (len(prompts), new, speculative, sampling)
+        assert all(len(t) == new for t in got.tokens)
+        if speculative:
+            assert got.stats.to_dict() == want.stats.to_dict()
+        if sampling is None and speculative:  # and greedy speculative is greedy
+            assert got.tokens == shared.generate(prompts, new).tokens
+    # Slots (batch, cache length) shared by requests: (4, 64), (1, 16), (8, 64), (2, 96) and
+    # (4, 32) (the last request), plus (4, 16) for a plain rerun of a greedy speculative one.
+    assert sorted(shared._slots) == [(1, 16), (2, 96), (4, 16), (4, 32), (4, 64), (8, 64)]
+
+
+def test_replayed_phases_serve_later_requests(monkeypatch):
+    """The engine's graph bookkeeping, with a stand-in for graph capture that replays the
+    captured closure: a phase is captured once per (slot, mode, prompt bucket) and its replays
+    read nothing but the slot's buffers (a closure that kept a request's own values would decode
+    later requests wrongly)."""
+    captures, replays = [], []
+
+    def fake_replayer(step, pool=None, generators=()):
+        step()  # the real first run
+        captures.append(step)
+
+        def replay():
+            replays.append(step)
+            step()
+
+        replay.pool = "pool"
+        return replay
+
+    monkeypatch.setattr(accelerator, "graphs_supported", lambda: True)
+    monkeypatch.setattr(accelerator, "graph_replayer", fake_replayer)
+    model = trained_model("deepseek", 2)
+    graphed = DecodingEngine(model, compile=False)
+    assert graphed.graphs
+    monkeypatch.setattr(accelerator, "graphs_supported", lambda: False)
+    eager = DecodingEngine(model)
+    captured = []
+    for prompts, new, speculative, sampling in REQUESTS + REQUESTS[:3]:
+        kwargs = dict(speculative=speculative, sampling=sampling or SamplingConfig())
+        before = len(captures)
+        got = graphed.generate(prompts, new, **kwargs)
+        assert got.tokens == eager.generate(prompts, new, **kwargs).tokens
+        assert got.captured == len(captures) - before
+        captured.append(got.captured)
+    assert graphed.captured == len(captures) == len(graphed._phases)
+    # A prefill and a step per new (slot, mode); repeated requests replay only.
+    assert captured[0] == 2 and captured[-3:] == [0, 0, 0]
+    assert len(replays) > 10 * len(captures) and all(step in captures for step in replays)
+
+
+def test_eos_stops_each_sequence():
+    model = trained_model("deepseek", 2)
+    engine = DecodingEngine(model)
+    prompts = prompts_from_chain(4)
+    ref = engine.generate(prompts, 30)
+    eos = ref.tokens[0][5]  # a token that occurs: sequences must stop right after it
+    plain = engine.generate(prompts, 30, eos_id=eos)
+    spec = engine.generate(prompts, 30, eos_id=eos, speculative=True)
+    assert spec.tokens == plain.tokens
+    assert plain.tokens[0][-1] == eos and len(plain.tokens[0]) <= 6
+    for want, got in zip(ref.tokens, plain.tokens):  # cut right after the first EOS, or not at all
+        assert got == (want[: want.index(eos) + 1] if eos in want else want)
+    # EOS as the very first token: nothing after it.
+    first = ref.tokens[1][0]
+    for speculative in (False, True):
+        got = engine.generate(prompts, 30, eos_id=first, speculative=speculative).tokens
+        assert got[1] == [first]
+    # The EOS id of one request does not stay with the engine.
+    assert engine.generate(prompts, 30).tokens == ref.tokens
+    # Stopped sequences stop counting: fewer rounds than without EOS.
+    assert spec.stats.main_forwards < engine.generate(prompts, 30, speculative=True).stats.main_forwards
+
+
+@pytest.mark.parametrize("kind", ["deepseek", "parallel"])
+def test_rolled_back_caches_equal_a_fresh_prefill(kind):
+    """After rounds with rejections, every cache holds what a fresh prefill of the final tokens
+    computes — also when the slot served a longer request before."""
+    model = trained_model(kind, 3)
+    slot = Slot(model, 4, 64)
+    dec = SpeculativeDecoder(model, slot)
+    sampler = Sampler(GREEDY_MODE, slot.temperature, slot.top_p, torch.Generator())
+
+    def run(prompts, new, rounds):
+        slot.load(prompts, new, None, 0, 16, 0.0, 1.0)
+        dec.prefill(16, sampler, False)
+        for _ in range(rounds):
+            dec.round(sampler, False)
+
+    run(prompts_from_chain(4, seed=8), 40, 12)  # a longer request first
+    prompts = prompts_from_chain(3)
+    run(prompts, 30, 6)
+    assert dec.stats(dec.rounds_by_accepted[:3]).accepted[2] < 3 * 6  # there were rejections
+    for b in range(len(prompts)):
+        m = int(slot.m[b])
+        # Main model: cache positions [0, m) equal a fresh prefill of the final tokens.
+        fresh = new_cache(model, 1, m)
+        main_forward(model, fresh, slot.tokens[b : b + 1, :m], torch.arange(m)[None], m)
+        for layer in range(len(model.blocks)):
+            torch.testing.assert_close(slot.cache.kv[layer][b, :m], fresh.kv[layer][0],
+                                       rtol=1e-4, atol=1e-5)
+        # The drafter's caches: a fresh decoder prefilled with the final tokens (its prompt:
+        # all but the newest) catches up from scratch.
+        ref_slot = Slot(model, 1, 64)
+        ref = SpeculativeDecoder(model, ref_slot)
+        ref_slot.load([slot.tokens[b, :m].tolist()], 5, None, 0, 64, 0.0, 1.0)
+        ref.prefill(64, sampler, False)
+        assert int(ref_slot.m[0]) == m
+        for k, (mine, theirs) in enumerate(zip(dec.drafter.caches, ref.drafter.caches), start=1):
+            valid = m - k + 1 if kind == "deepseek" else m
+            torch.testing.assert_close(mine.kv[0][b, :valid], theirs.kv[0][0, :valid],
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_topk_relaxation_accepts_more_and_all_with_k_equal_vocab():
+    model = trained_model("blockwise", 3)
+    engine = DecodingEngine(model)
+    prompts = prompts_from_chain(3)
+    exact = engine.generate(prompts, 24, speculative=True)
+    loose = engine.generate(prompts, 24, speculative=True, topk=model.config.model.vocab_size)
+    assert loose.stats.mean_tokens_per_forward() == pytest.approx(4.0, abs=0.2)
+    assert loose.stats.accepted == loose.stats.proposed
+    assert exact.stats.mean_tokens_per_forward() < loose.stats.mean_tokens_per_forward()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -44,73 +210,65 @@ def test_untrained_models_too(kind):
     assert generate_speculative(model, prompts, 20).tokens == generate(model, prompts, 20).tokens
 
 
-def test_eos_stops_each_sequence():
-    model = trained_model("deepseek", 2)
-    prompts = prompts_from_chain(4)
-    ref = generate(model, prompts, 30)
-    eos = ref.tokens[0][5]  # a token that occurs: sequences must stop right after it
-    plain = generate(model, prompts, 30, eos_id=eos)
-    spec = generate_speculative(model, prompts, 30, eos_id=eos)
-    assert spec.tokens == plain.tokens
-    assert generate(model, prompts, 30, eos_id=eos, static=True).tokens == plain.tokens
-    assert generate_speculative(model, prompts, 30, eos_id=eos, static=True).tokens == plain.tokens
-    assert plain.tokens[0][-1] == eos and len(plain.tokens[0]) <= 6
-
-
-@pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("kind", ["deepseek", "parallel"])
-def test_rolled_back_caches_equal_a_fresh_prefill(kind, static):
-    model = trained_model(kind, 3)
-    prompts = prompts_from_chain(3)
-    dec = SpeculativeDecoder(model, prompts, 40, static=static)
-    dec.prefill()
-    for _ in range(6):
-        dec.step()
-    assert dec.stats.accepted[2] < dec.stats.proposed[2]  # there were rejections
-    # The drafter catches up at the start of a step: do that now, as the next step would.
-    dec.drafter.catch_up(dec.tokens, dec.trunk, dec.normed, dec.m)
-    for b in range(len(prompts)):
-        m = int(dec.m[b])
-        # Main model: cache positions [0, m) equal a fresh prefill of the final tokens.
-        fresh = new_cache(model, len(model.blocks), 1, m, dec.device)
-        toks = dec.tokens[b : b + 1, :m]
-        main_forward(model, fresh, toks, torch.arange(m)[None], m)
-        for layer in range(len(model.blocks)):
-            torch.testing.assert_close(dec.cache.keys[layer][b, :, :m], fresh.keys[layer][0],
-                                       rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(dec.cache.values[layer][b, :, :m], fresh.values[layer][0],
-                                       rtol=1e-4, atol=1e-5)
-        # The drafter's caches: a fresh decoder over the final tokens catches up from scratch.
-        ref = SpeculativeDecoder(model, [dec.tokens[b, : m + 1].tolist()[:-1]], 5)
-        ref.prefill()
-        ref.tokens[0, m] = dec.tokens[b, m]
-        ref.drafter.catch_up(ref.tokens, ref.trunk, ref.normed, torch.tensor([m]))
-        for k, (mine, theirs) in enumerate(zip(dec.drafter.caches, ref.drafter.caches), start=1):
-            valid = m - k + 1 if kind == "deepseek" else m
-            torch.testing.assert_close(mine.keys[0][b, :, :valid], theirs.keys[0][0, :, :valid],
-                                       rtol=1e-4, atol=1e-5)
-
-
-def test_topk_relaxation_accepts_more_and_all_with_k_equal_vocab():
-    model = trained_model("blockwise", 3)
-    prompts = prompts_from_chain(3)
-    exact = generate_speculative(model, prompts, 24)
-    loose = generate_speculative(model, prompts, 24, topk=model.config.model.vocab_size)
-    assert loose.stats.mean_tokens_per_forward() == pytest.approx(4.0, abs=0.2)
-    assert loose.stats.accepted == loose.stats.proposed
-    assert exact.stats.mean_tokens_per_forward() < loose.stats.mean_tokens_per_forward()
-
-
 def test_bad_requests_are_refused():
     model = trained_model("deepseek", 1)
+    engine = DecodingEngine(model)
     with pytest.raises(ValueError, match="temperature = -1"):
-        generate(model, [[1]], 5, SamplingConfig(temperature=-1))
-    with pytest.raises(ValueError, match="exceeds model.max_seq_len = 96"):
-        generate_speculative(model, [[1] * 80], 30)
+        engine.generate([[1]], 5, SamplingConfig(temperature=-1))
+    with pytest.raises(ValueError, match=r"\(80\) \+ max_new_tokens \(30\) \+ 2·depth \+ 2 \(4\) "
+                                         r"= 114 exceeds model.max_seq_len = 96"):
+        engine.generate([[1] * 80], 30, speculative=True)
+    with pytest.raises(ValueError, match=r"\+ 1 = 97 exceeds"):
+        engine.generate([[1] * 80], 16)
+    engine.generate([[1] * 80], 15)  # exactly the context: 80 + 15 + 1 = 96
     with pytest.raises(ValueError, match="at least one token"):
-        generate(model, [[]], 5)
+        engine.generate([[]], 5)
+    with pytest.raises(ValueError, match="max_new_tokens = 0"):
+        engine.generate([[1]], 0)
     with pytest.raises(ValueError, match="greedy decoding only"):
-        generate_speculative(model, [[1]], 5, SamplingConfig(temperature=1.0), topk=3)
+        engine.generate([[1]], 5, SamplingConfig(temperature=1.0), speculative=True, topk=3)
     none = MTPLanguageModel(tiny_config("none"), single_process_context())
     with pytest.raises(ValueError, match="needs an MTP tail"):
-        generate_speculative(none, [[1]], 5)
+        DecodingEngine(none).generate([[1]], 5, speculative=True)
+    with pytest.raises(ValueError, match="device graphs need a GPU"):
+        DecodingEngine(model, graphs=True)
+    # A refused request leaves the engine as it was.
+    assert engine.generate([[1, 2]], 5).tokens == generate(model, [[1, 2]], 5).tokens
+
+
+def decode_tp2_like_tp1(rank, world):
+    """World 2: the same model at TP = 2 (each rank its shards) and at TP = 1; greedy plain and
+    speculative decoding through engines, plain sampling with a seed. The model is random
+    (no training in the world's processes), its drafts mostly rejected: rollbacks included."""
+    import torch.distributed as dist
+
+    from model import ParallelContext
+    from model.sharding import full_state_dict, load_full_state_dict
+
+    torch.manual_seed(0)
+    ref = MTPLanguageModel(tiny_config("deepseek", 2, max_seq_len=96), single_process_context(),
+                           seed=5)  # TP = 1 in this process (its own group of one)
+    randomize_(ref)
+    ref.eval()
+    group = dist.new_group([0, 1])
+    tp = MTPLanguageModel(ref.config, ParallelContext(group))
+    load_full_state_dict(tp, full_state_dict(ref, ref.embedding.tp_group), group)
+    tp.eval()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9]]
+    sampled = SamplingConfig(temperature=1.0, seed=2)
+    out = {}
+    for name, model in (("tp1", ref), ("tp2", tp)):
+        engine = DecodingEngine(model)
+        out[name] = (engine.generate(prompts, 20).tokens,
+                     engine.generate(prompts, 20, speculative=True).tokens,
+                     engine.generate(prompts, 20, speculative=True).stats.to_dict(),
+                     engine.generate(prompts, 20, sampled).tokens)
+    return out
+
+
+def test_tp2_decoding_equals_tp1():
+    for out in run_world(decode_tp2_like_tp1, 2, timeout_s=180):
+        plain, spec, stats, sampled = out["tp2"]
+        assert plain == out["tp1"][0] and spec == plain
+        assert stats == out["tp1"][2]
+        assert sampled == out["tp1"][3]  # same generator stream on every rank and at TP = 1

@@ -68,10 +68,10 @@ def test_study_arms_and_report(tmp_path):
             acc = r["eval"]["in_distribution"]["acceptance"]
             assert len(acc["acceptance_rate"]) == (1 if arm == "deepseek1" else 4)
             assert 1.0 <= acc["mean_tokens_per_forward"] <= 1 + len(acc["acceptance_rate"])
-            assert r["generation"]["plain_tokens_per_s"] > 0
-            assert r["generation"]["identical_sequences"] == "2/2"  # greedy, fp32
-            assert r["generation"]["short_tokens"] == 1  # the per-request/steady split ran
-            assert set(r["generation"]) >= {"plain_request_ms", "steady_speedup"}
+            gen = r["generation"]
+            assert gen["plain"]["tokens_per_s"] > 0 and gen["round_cost"] > 0
+            assert gen["identical_sequences"] == gen["sequences"] == 1  # greedy, fp32
+            assert gen["requests"] == 1 and gen["plain"]["first_request_ms"] > 0
     # λ follows DeepSeek's 0.3 → 0.1 at 70 % of the token budget.
     assert "mtp_weight.values=[0.3, 0.1]" in results["deepseek1"]["overrides"]
 

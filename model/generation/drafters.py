@@ -9,10 +9,14 @@ State shared with the verifier (`speculative.py`), per sequence b:
 `catch_up(m)` brings the drafter's own caches up to date for positions < m and returns the drafts
 for tokens m+1..m+D ([B, D]) plus, when sampling, the draft distributions ([B, D, V]).
 
-With `static=True` every window has a fixed width (the most that one round can add) and attends
-over the whole cache through the position mask, so a round has the same shapes every time and no
-host synchronisation: the speculative decoder then captures it as a device graph. The drafter's
-state is updated in place for the same reason (a replay writes the addresses seen at capture).
+Shapes are static, so that a decoding round is captured once as a device graph and replayed for
+every later round and request: every window has a fixed width (`_window`: the most that one
+round can add) and attends over the whole cache through the position mask, and there is no host
+synchronisation. The drafter's state is updated in place for the same reason (a replay writes
+the addresses seen at capture). A drafter serves one request after another: its first catch-up
+of a request (right after the prompt's prefill) runs with `prompt_width` set, and `_window` then
+covers positions 0..prompt_width-1 whatever the window start held from earlier requests. A drafter
+whose state `_window` does not cover must not read that state on this first catch-up.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.generation.sampling import SamplingConfig, probabilities, sample
 from model.kv_cache import KVCache
 
 if TYPE_CHECKING:
+    from model.generation.sampling import Sampler
     from model.transformer import MTPLanguageModel
 
 
@@ -34,56 +38,57 @@ def rows_at(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def put_rows(t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
-    t.scatter_(1, positions[..., None].expand(-1, -1, t.shape[-1]), rows)
+    """t [B, S, d] at positions [B, W] ← rows [B, W, d]. Indexed assignment rather than
+    `scatter_`: in compiled regions Inductor writes it in place, where a scatter into an input
+    becomes a copy of the whole tensor."""
+    t[torch.arange(t.shape[0], device=t.device)[:, None], positions] = rows
 
 
 class Drafter:
-    """Drafts for one batch. Subclasses implement `catch_up` (see the module docstring) and read
-    their objective's modules as `self.model.tail.objective`."""
+    """Drafts for a batch of `batch` sequences in a cache of `max_len` positions. Subclasses
+    implement `catch_up` (see the module docstring) and read their objective's modules as
+    `self.model.tail.objective`; they choose tokens with `_pick`."""
 
-    def __init__(self, model: MTPLanguageModel, batch: int, max_len: int, sampling: SamplingConfig,
-                 generator: torch.Generator | None):
+    def __init__(self, model: MTPLanguageModel, batch: int, max_len: int):
         self.model = model
         self.depth = model.config.mtp.depth
-        self.sampling = sampling
-        self.generator = generator
         self.max_len = max_len
         self.device = model.embedding.output_weight.device
         self.batch = batch
         self.dtype = model.embedding.output_weight.dtype
-        self.static = False
-        """Fixed window widths and whole-cache attention (set by the decoder once the prompt has
-        been caught up; see the module docstring)."""
+        self.rows = torch.arange(batch, device=self.device)
+        self.sampler: Sampler | None = None
+        """How tokens are chosen (set by the decoder before every catch-up it runs or
+        captures)."""
+        self.prompt_width = 0
+        """Non-zero on the first catch-up of a request: windows then start at position 0 and
+        span this many positions (the prompt's bucket)."""
 
     def _block_caches(self, blocks) -> list[KVCache]:
         """One single-layer KV cache per draft block (an MTP module's or a head's)."""
-        hd = self.model.config.model.head_dim
-        return [KVCache(1, self.batch, blk.attn.groups, self.max_len, hd, self.dtype, self.device)
+        return [KVCache(blk.attn, 1, self.batch, self.max_len, self.dtype, self.device)
                 for blk in blocks]
 
     def _pick(self, logits: torch.Tensor):
-        """[B, V] → (tokens [B], probs [B, V] or None)."""
-        if self.sampling.greedy:
-            return logits.argmax(dim=-1), None
-        probs = probabilities(logits.cpu(), self.sampling)
-        return sample(probs, self.generator).to(self.device), probs
+        """[B, V] → (tokens [B], probs [B, V] or None when greedy)."""
+        assert self.sampler is not None, "the decoder sets the sampler before drafting"
+        return self.sampler.pick(logits)
 
-    def _window(self, start: torch.Tensor, m: torch.Tensor, static_width: int):
-        """Positions [B, W] from start_b to m_b - 1, each sequence's last index in it, and the
-        cache length to attend. Windows are padded to a common width by running on past
+    def _window(self, start: torch.Tensor, m: torch.Tensor, round_width: int):
+        """Positions [B, W] from start_b to m_b - 1 and each sequence's last index in it.
+        W is `round_width` (an upper bound of m_b - start_b after a round) or, on a request's
+        first catch-up, the prompt's width with every window starting at 0. Windows run on past
         m_b - 1: those rows are computed and ignored, and the cache entries they write lie at
-        positions ≥ m_b, which are recomputed before anything attends them. Dynamic: W is the
-        longest window; static: W = `static_width` (an upper bound) and the whole cache."""
-        if self.static:
-            width, attend = static_width, self.max_len
+        positions ≥ m_b, which are recomputed before anything attends them."""
+        if self.prompt_width:
+            start, width = torch.zeros_like(start), self.prompt_width
         else:
-            width = int((m - start).max())
-            attend = int((start + width).max())
+            width = round_width
         offsets = torch.arange(width, device=self.device)
         # The clamp only touches padding rows: real positions stay below max_len - 1.
         positions = (start[:, None] + offsets).clamp(max=self.max_len - 1)  # [B, W]
         last = m - 1 - start  # [B] index of position m_b - 1 in the window
-        return positions, last, attend
+        return positions, last
 
     def catch_up(self, tokens: torch.Tensor, trunk: torch.Tensor, normed: torch.Tensor,
                  m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,10 +1,13 @@
-"""Token choice from logits: greedy, or sampling with temperature and nucleus (top-p) filtering."""
+"""Token choice from logits: greedy, or sampling with temperature and nucleus (top-p) filtering,
+all on the device so that decoding steps that sample are replayed from captured graphs too."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+GREEDY_MODE, SAMPLE_MODE, TOP_P_MODE = "greedy", "sample", "top-p"
 
 
 @dataclass(frozen=True)
@@ -14,6 +17,8 @@ class SamplingConfig:
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     seed: int = 0
+    """Seeds the request's random numbers (the decoding engine reseeds its device generator
+    with it at every request, so a request's output does not depend on earlier requests)."""
 
     def validate(self) -> None:
         if self.temperature < 0:
@@ -25,33 +30,73 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def mode(self) -> str:
+        """What a captured graph must do: argmax, sample, or sample after the top-p filter (a
+        sort of the vocabulary, which plain temperature sampling does without)."""
+        if self.greedy:
+            return GREEDY_MODE
+        return TOP_P_MODE if self.top_p < 1 else SAMPLE_MODE
+
 
 GREEDY = SamplingConfig()
 """The default: greedy decoding."""
 
 
-def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """[..., V] logits → the (temperature-scaled, top-p-filtered, renormalised) fp32 probs.
-    This is the distribution that sampling — plain or speculative — reproduces exactly."""
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
-    if cfg.top_p < 1.0:
+def _probabilities(logits: torch.Tensor, temperature, top_p, filter_top_p: bool) -> torch.Tensor:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if filter_top_p:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # Keep a token if the mass before it is below top_p (the top token is always kept).
-        keep_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) < cfg.top_p
+        keep_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) < top_p
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         probs = probs * keep
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
 
+def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """[..., V] logits → the (temperature-scaled, top-p-filtered, renormalised) fp32 probs.
+    This is the distribution that sampling — plain or speculative — reproduces exactly."""
+    return _probabilities(logits, cfg.temperature, cfg.top_p, cfg.top_p < 1)
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """[..., V] probs → [...] token ids."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    """[..., V] probabilities (each row's sum may differ from 1) → [...] token ids, exactly
+    distributed as the rows (inverse CDF: one uniform number per row, as torch.multinomial
+    draws one sample, but with no host synchronisation). Zero-probability tokens have empty
+    intervals and are never drawn."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device)
+    u = u * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
-def choose(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
-    """[..., V] → [...] tokens (argmax when greedy)."""
-    if cfg.greedy:
-        return logits.argmax(dim=-1)
-    return sample(probabilities(logits, cfg), generator)
+class Sampler:
+    """How decoding chooses tokens, in a form that a captured graph can replay for any request:
+    the mode (greedy, sample, top-p) is fixed when the graph is captured; the temperature and
+    top-p live in device tensors that each request refills; random numbers come from a device
+    generator that each request reseeds."""
+
+    def __init__(self, mode: str, temperature: torch.Tensor, top_p: torch.Tensor,
+                 generator: torch.Generator):
+        self.mode, self.temperature, self.top_p, self.generator = mode, temperature, top_p, generator
+
+    @property
+    def greedy(self) -> bool:
+        return self.mode == GREEDY_MODE
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """As `probabilities`, with this request's values."""
+        return _probabilities(logits, self.temperature, self.top_p, self.mode == TOP_P_MODE)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        return sample(probs, self.generator)
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[..., V] logits → (tokens [...], the probabilities they were drawn from, or None
+        when greedy)."""
+        if self.greedy:
+            return logits.argmax(dim=-1), None
+        probs = self.probabilities(logits)
+        return self.sample(probs), probs

@@ -7,28 +7,24 @@ plain greedy decoding. Sampling: speculative rejection sampling (accept d with p
 min(1, p(d)/q(d)), else resample from max(p − q, 0)), so outputs follow the main model's
 (temperature/top-p) distribution exactly.
 
-For parallel and blockwise heads the verification forward also yields the next drafts' inputs
-(the trunk output at the last accepted position): Stern et al.'s predict–verify overlap, with no
-extra pass of the trunk. DeepSeek's modules run once per round on the newly final positions.
+A round verifies the drafts it is given, commits what it accepts and then drafts for the next
+round (`Drafter.catch_up`): for parallel and blockwise heads the verification forward already
+yields the next drafts' inputs (Stern et al.'s predict–verify overlap, no extra pass of the
+trunk); DeepSeek's modules run once per round on the newly final positions. The prefill drafts
+for the first round, so every round has the same shapes: the engine captures the prefill (per
+prompt bucket) and the round once each and replays them. Acceptance, the cache commit, EOS and
+the statistics are all computed on the device; the host reads one small tensor per round.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
+from torch.profiler import record_function
 
-from model import accelerator
-from model.generation.runner import (
-    check_fits,
-    done,
-    finish,
-    main_forward,
-    new_cache,
-    pad_prompts,
-)
-from model.generation.sampling import GREEDY, SamplingConfig, probabilities
-from model.generation.stats import GenerationResult, SpeculativeStats
+from model.generation.drafters import put_rows
+from model.generation.runner import Slot, main_forward
+from model.generation.sampling import Sampler
+from model.generation.stats import SpeculativeStats
 from model.mtp.objective import NO_MTP, objective_class
 from model.transformer import MTPLanguageModel
 
@@ -46,174 +42,139 @@ def _accept_greedy(main_logits: torch.Tensor, drafts: torch.Tensor, topk: int):
     return accepted, best.gather(1, accepted[:, None]).squeeze(1)
 
 
-def _accept_sampled(main_logits, drafts, draft_probs, sampling, generator):
-    """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023), on the CPU with
-    the seeded generator: accept draft j with probability min(1, p(d)/q(d)); at the first
-    rejection sample from max(p − q, 0) renormalised; after D acceptances sample from p."""
-    p = probabilities(main_logits.cpu(), sampling)  # [B, D+1, V]
+def _accept_sampled(main_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor,
+                    sampler: Sampler):
+    """Speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023) with the
+    request's device generator: accept draft j with probability min(1, p(d)/q(d)); at the first
+    rejection sample from max(p − q, 0) (renormalised: `sample` draws from unnormalised rows);
+    after D acceptances sample from p."""
+    p = sampler.probabilities(main_logits)  # [B, D+1, V]
     q = draft_probs  # [B, D, V]
-    d = drafts.cpu()
-    b, depth = d.shape
-    p_d = p[:, :-1].gather(2, d[..., None]).squeeze(2)  # [B, D]
-    q_d = q.gather(2, d[..., None]).squeeze(2)
-    u = torch.rand(b, depth, generator=generator)
+    p_d = p[:, :-1].gather(2, drafts[..., None]).squeeze(2)  # [B, D]
+    q_d = q.gather(2, drafts[..., None]).squeeze(2)
+    u = torch.rand(p_d.shape, generator=sampler.generator, device=p_d.device)
     ok = u * q_d <= p_d  # u < p/q without dividing by a possibly-zero q
     accepted = ok.long().cumprod(dim=1).sum(dim=1)  # [B]
-    rows = torch.arange(b)
-    p_a = p[rows, accepted]  # [B, V]: the target at the first unaccepted position
-    q_a = torch.cat((q, torch.zeros_like(q[:, :1])), dim=1)[rows, accepted]  # 0 after D drafts
+    at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
+    p_a = p.gather(1, at).squeeze(1)  # [B, V]: the target at the first unaccepted position
+    q_a = torch.cat((q, torch.zeros_like(q[:, :1])), dim=1).gather(1, at).squeeze(1)  # 0 after D
     residual = (p_a - q_a).clamp(min=0)
-    mass = residual.sum(dim=-1, keepdim=True)
     # p == q exactly leaves no residual mass; rejection then has probability 0, keep p.
-    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_a)
-    nxt = torch.multinomial(residual, 1, generator=generator).squeeze(1)
-    return accepted.to(drafts.device), nxt.to(drafts.device)
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_a)
+    return accepted, sampler.sample(residual)
 
 
 class SpeculativeDecoder:
-    """The decoding state of a batch: tokens, the main model's cache and hidden-state history,
-    the drafter (with its own caches). `prefill()`, then `step()` until `finished`."""
+    """Self-speculative decoding of the sequences in a slot: the main model's hidden-state
+    history, the drafter (with its own caches), the pending drafts and the statistics. The
+    engine calls (or replays) `prefill` once per request and `round` until no sequence is
+    active."""
 
-    def __init__(self, model: MTPLanguageModel, prompts: list[list[int]], max_new_tokens: int,
-                 sampling: SamplingConfig = GREEDY, eos_id: int | None = None,
-                 pad_id: int = 0, topk: int = 1, graphs: bool | None = None,
-                 static: bool = False):
-        """`graphs`: capture each greedy round as a device graph after the first (None: on
-        GPUs at TP = 1). `static`: run greedy rounds with the fixed shapes that capture needs
-        even without graphs (how the CPU tests check the graphed path's arithmetic)."""
+    def __init__(self, model: MTPLanguageModel, slot: Slot, compiled: bool = False):
+        """`compiled`: run a round's work besides the main model's blocks — acceptance and
+        commit, and the drafter's catch-up — as compiled regions (the blocks inside the
+        catch-up are inlined into it). The prefill's catch-up (a prompt-wide window, once per
+        request) stays eager."""
         kind, depth = model.config.mtp.kind, model.config.mtp.depth
         if kind == NO_MTP:
             raise ValueError("self-speculative decoding needs an MTP tail; this model has "
                              "mtp.kind 'none' (use plain generation)")
-        sampling.validate()
-        if topk < 1 or (topk > 1 and not sampling.greedy):
-            raise ValueError(f"topk = {topk}: the top-k acceptance relaxation applies to greedy "
-                             "decoding only, with k >= 1")
-        self.model, self.depth, self.sampling, self.topk = model, depth, sampling, topk
-        self.max_new, self.eos_id = max_new_tokens, eos_id
-        self.device = device = model.embedding.output_weight.device
-        self.prompt_tokens, self.lengths = pad_prompts(prompts, pad_id, device)
-        b, width = self.prompt_tokens.shape
-        self.max_len = check_fits(width, max_new_tokens, model.config.model.max_seq_len, depth)
-        self.gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        self.model, self.slot, self.depth = model, slot, depth
+        b, length, device = slot.batch, slot.max_len, slot.device
+        d = model.config.model.hidden_size
         dtype = model.embedding.output_weight.dtype
-        self.tokens = torch.full((b, self.max_len), pad_id, dtype=torch.long, device=device)
-        self.tokens[:, :width] = self.prompt_tokens
-        self.trunk = torch.zeros(b, self.max_len, model.config.model.hidden_size, dtype=dtype,
-                                 device=device)
+        self.trunk = torch.zeros(b, length, d, dtype=dtype, device=device)
         self.normed = torch.zeros_like(self.trunk)
-        self.cache = new_cache(model, len(model.blocks), b, self.max_len, device)
-        self.drafter = objective_class(kind).drafter(model, b, self.max_len, sampling, self.gen)
-        self.rows = torch.arange(b, device=device)
-        self.stats = SpeculativeStats(depth)
-        self.generated: list[list[int]] = [[] for _ in range(b)]
-        self.m = self.lengths.clone()  # [B] index of the newest token (not yet in the cache)
+        self.drafter = objective_class(kind).drafter(model, b, length)
+        self.drafts = torch.zeros(b, depth, dtype=torch.long, device=device)
+        self.draft_probs: torch.Tensor | None = None  # [B, D, V] fp32, when sampling
         self.offsets = torch.arange(depth + 1, device=device)
-        self.out = torch.zeros(b, depth + 2, dtype=torch.long, device=device)
-        self.active = torch.ones(b, dtype=torch.long, device=device)
-        self.graphs = graphs if graphs is not None else (
-            accelerator.graphs_supported() and model.embedding.tp_group.size() == 1)
-        self.static = static
-        self.rounds = 0
-        self._replay = None
+        self.rounds_by_accepted = torch.zeros(b, depth + 2, dtype=torch.long, device=device)
+        """Per sequence: rounds that accepted a = 0..D drafts while it was active; the last
+        column counts its inactive rounds (dropped). Every statistic follows from it."""
+        self.ones = torch.ones(b, dtype=torch.long, device=device)
+        self._commit = torch.compile(self._accept_and_commit, dynamic=True) if compiled else \
+            self._accept_and_commit
+        self._catch_up = torch.compile(self.drafter.catch_up, dynamic=True) if compiled else \
+            self.drafter.catch_up
 
-    @property
-    def finished(self) -> bool:
-        return all(done(self.generated, self.max_new, self.eos_id))
+    def _draft(self, sampler: Sampler) -> None:
+        s = self.slot
+        self.drafter.sampler = sampler
+        catch_up = self.drafter.catch_up if self.drafter.prompt_width else self._catch_up
+        drafts, probs = catch_up(s.tokens, self.trunk, self.normed, s.m)
+        self.drafts.copy_(drafts)
+        if probs is not None:
+            if self.draft_probs is None:  # first sampled use; never inside a capture (a
+                self.draft_probs = torch.empty_like(probs)  # phase runs once before it)
+            self.draft_probs.copy_(probs)
 
-    def prefill(self) -> None:
-        """Positions 0..P-1; the main model's first token lands at index m = prompt length."""
-        model, rows = self.model, self.rows
-        b, width = self.prompt_tokens.shape
-        positions = torch.arange(width, device=self.device).expand(b, width)
-        h = main_forward(model, self.cache, self.prompt_tokens, positions, width)
-        z = model.tail.final_norm(h)
-        self.trunk[:, :width], self.normed[:, :width] = h, z
-        logits = model.embedding.logits(z[rows, self.lengths - 1])  # [B, V]
-        if self.sampling.greedy:
-            first = logits.argmax(-1)
-        else:
-            first = torch.multinomial(probabilities(logits.cpu(), self.sampling), 1,
-                                      generator=self.gen).squeeze(1).to(self.device)
-        self.tokens[rows, self.m] = first
-        self.generated = [[t] for t in first.tolist()]
+    def prefill(self, width: int, sampler: Sampler, check_eos: bool) -> None:
+        """Positions 0..width-1; the main model's first token lands at index m = prompt
+        length; the drafter catches up on the whole prompt and drafts for the first round."""
+        s, model = self.slot, self.model
+        with record_function("decode.prefill"):
+            s.start()
+            h = main_forward(model, s.cache, s.tokens[:, :width], s.positions[:, :width], width)
+            z = model.tail.final_norm(h)
+            self.trunk[:, :width], self.normed[:, :width] = h, z
+            first, _ = sampler.pick(model.embedding.logits(z[s.rows, s.m - 1]))  # [B]
+            s.tokens[s.rows, s.m] = first
+            s.finish_step(first == s.eos if check_eos else None)
+            self.rounds_by_accepted.zero_()
+            self.drafter.prompt_width = width
+            try:
+                self._draft(sampler)
+            finally:
+                self.drafter.prompt_width = 0
 
-    def step(self) -> None:
-        """One round: draft D tokens, verify them in one main-model forward, keep the agreeing
-        prefix; then the host-side bookkeeping (one device-to-host copy)."""
-        # The first round catches the drafter up on the whole prompt (a window of any width);
-        # after it every round has the same shapes.
-        static = self.rounds > 0 and self.sampling.greedy and (self.graphs or self.static)
-        self.drafter.static = static
-        if static and self.graphs:
-            if self._replay is None:
-                self._replay = accelerator.graph_replayer(self._round)  # runs this round
-            else:
-                self._replay()
-        else:
-            self._round(static)
-        self.rounds += 1
-        self._record_round()
+    def round(self, sampler: Sampler, check_eos: bool, topk: int = 1) -> None:
+        """Verify the pending drafts in one main-model forward, commit the accepted prefix and
+        the main model's next token, then draft for the next round."""
+        s, m = self.slot, self.slot.m
+        with record_function("decode.main"):  # profiler ranges (benchmarks/bench_generation.py)
+            block = torch.cat((s.tokens.gather(1, m[:, None]), self.drafts), dim=1)  # [B, D+1]
+            positions = m[:, None] + self.offsets  # [B, D+1]
+            h = main_forward(self.model, s.cache, block, positions, s.max_len)
+        with record_function("decode.commit"):
+            self._commit(h, positions, sampler, check_eos, topk)
+        with record_function("decode.draft"):
+            self._draft(sampler)
 
-    def _round(self, static: bool = True) -> None:
-        """The device part of a round. Reads the state (tokens, trunk, normed, caches, m) and
-        updates it in place; writes [accepted, next token, drafts] per sequence to `self.out`.
-        `static`: whole-cache attention, so no host synchronisation (graph capture)."""
-        model, rows, depth, m = self.model, self.rows, self.depth, self.m
-        drafts, draft_probs = self.drafter.catch_up(self.tokens, self.trunk, self.normed, m)
-        block = torch.cat((self.tokens[rows, m][:, None], drafts), dim=1)  # [B, D+1]
-        positions = m[:, None] + self.offsets  # [B, D+1]
-        attend = self.max_len if static else int(m.max()) + depth + 1
-        h = main_forward(model, self.cache, block, positions, attend)
+    def _accept_and_commit(self, h: torch.Tensor, positions: torch.Tensor, sampler: Sampler,
+                           check_eos: bool, topk: int) -> None:
+        s, model, depth, m, drafts = self.slot, self.model, self.depth, self.slot.m, self.drafts
         z = model.tail.final_norm(h)
         logits = model.embedding.logits(z)  # [B, D+1, V]
-        if self.sampling.greedy:
-            accepted, nxt = _accept_greedy(logits, drafts, self.topk)
+        if sampler.greedy:
+            accepted, nxt = _accept_greedy(logits, drafts, topk)
         else:
-            accepted, nxt = _accept_sampled(logits, drafts, draft_probs, self.sampling, self.gen)
-        self.trunk.scatter_(1, positions[..., None].expand_as(h), h)
-        self.normed.scatter_(1, positions[..., None].expand_as(z), z)
-        # Final tokens: the accepted drafts, then the main model's token; the rest is stale.
-        keep = self.offsets[None, :-1] < accepted[:, None]  # [B, D]
-        new = torch.where(keep, drafts, self.tokens[rows[:, None], positions[:, 1:]])
-        self.tokens.scatter_(1, positions[:, 1:], new)
-        self.tokens[rows, m + accepted + 1] = nxt
-        # The main cache now holds positions ≤ m + D; those past m + accepted are stale and get
-        # overwritten before any query can reach them: that is the rollback.
-        self.out.copy_(torch.cat((accepted[:, None], nxt[:, None], drafts), dim=1))
+            accepted, nxt = _accept_sampled(logits, drafts, self.draft_probs, sampler)
+        put_rows(self.trunk, positions, h)
+        put_rows(self.normed, positions, z)
+        # Final tokens: the accepted drafts, then the main model's token; what lies after it is
+        # stale and overwritten before it counts. The main cache now holds positions ≤ m + D;
+        # those past m + accepted are stale too and overwritten before any query reaches them:
+        # that is the rollback.
+        # (Indexed assignments, not scatters: compiled, they write in place; see put_rows.)
+        s.tokens[s.rows[:, None], positions[:, 1:]] = drafts
+        s.tokens[s.rows, m + accepted + 1] = nxt
+        column = torch.where(s.active.bool(), accepted, depth + 1)
+        self.rounds_by_accepted.index_put_((s.rows, column), self.ones, accumulate=True)
+        eos_hit = None
+        if check_eos:
+            fresh = s.tokens.gather(1, positions + 1)  # [B, D+1]: m+1 .. m+D+1
+            eos_hit = ((fresh == s.eos[:, None]) & (self.offsets <= accepted[:, None])).any(1)
+        m.add_((accepted + 1) * s.active)
+        s.finish_step(eos_hit)
 
-    def _record_round(self) -> None:
-        depth = self.depth
-        out = self.out.tolist()  # the round's only device-to-host copy
-        active = [not f for f in done(self.generated, self.max_new, self.eos_id)]
-        for i, is_active in enumerate(active):
-            if not is_active:
-                continue
-            a, nxt, drafts = out[i][0], out[i][1], out[i][2:]
-            self.generated[i] += drafts[:a] + [nxt]
-            self.stats.main_forwards += 1
-            self.stats.tokens += a + 1
-            for j in range(depth):
-                self.stats.proposed[j] += 1
-                self.stats.accepted[j] += int(j < a)
-        # Finished sequences stay where they are (their later rounds are computed and dropped).
-        self.active.copy_(torch.tensor(active))
-        self.m.add_((self.out[:, 0] + 1) * self.active)
-
-    def result(self, seconds: float) -> GenerationResult:
-        return GenerationResult(finish(self.generated, self.max_new, self.eos_id), seconds,
-                                self.stats)
-
-
-@torch.no_grad()
-def generate_speculative(model: MTPLanguageModel, prompts: list[list[int]], max_new_tokens: int,
-                         sampling: SamplingConfig = GREEDY, eos_id: int | None = None,
-                         pad_id: int = 0, topk: int = 1, graphs: bool | None = None,
-                         static: bool = False) -> GenerationResult:
-    t0 = time.perf_counter()
-    dec = SpeculativeDecoder(model, prompts, max_new_tokens, sampling, eos_id, pad_id, topk,
-                             graphs, static)
-    dec.prefill()
-    while not dec.finished:
-        dec.step()
-    return dec.result(time.perf_counter() - t0)
+    def stats(self, rounds_by_accepted: torch.Tensor) -> SpeculativeStats:
+        """The statistics of the request's sequences from a host copy of their rows of
+        `rounds_by_accepted`."""
+        per_a = rounds_by_accepted[:, : self.depth + 1].sum(dim=0).tolist()  # rounds by a
+        st = SpeculativeStats(self.depth)
+        st.main_forwards = sum(per_a)
+        st.tokens = sum((a + 1) * n for a, n in enumerate(per_a))
+        st.proposed = [st.main_forwards] * self.depth
+        st.accepted = [sum(per_a[j + 1:]) for j in range(self.depth)]
+        return st

@@ -50,7 +50,18 @@ class GenerationResult:
     tokens: list[list[int]]
     """Generated tokens per prompt (prompt excluded), cut after EOS or at max_new_tokens."""
     seconds: float
+    """The whole request, host clock: from the call to the tokens on the host."""
     stats: SpeculativeStats | None = None
+    prefill_seconds: float | None = None
+    """Device time of the prefill (on GPUs from events; it includes a graph capture where the
+    request made one)."""
+    decode_seconds: float | None = None
+    """Device time from the end of the prefill to the end of the last step: the steady state
+    (it includes the step that the host's one-step-late read lets run past the end)."""
+    steps: int = 0
+    """Decoding steps (plain) or rounds (speculative) run after the prefill."""
+    captured: int = 0
+    """Device graphs captured during this request (0 once the engine has seen its buckets)."""
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +70,9 @@ class GenerationResult:
     def to_dict(self) -> dict:
         out = {"num_sequences": len(self.tokens), "num_tokens": self.num_tokens,
                "seconds": self.seconds,
-               "tokens_per_second": self.num_tokens / self.seconds if self.seconds else 0.0}
+               "tokens_per_second": self.num_tokens / self.seconds if self.seconds else 0.0,
+               "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
+               "steps": self.steps, "graphs_captured": self.captured}
         if self.stats is not None:
             out["speculative"] = self.stats.to_dict()
         return out

@@ -24,8 +24,7 @@ class BlockwiseDrafter(Drafter):
     """hⱼ = z + FFNⱼ(z) at the last position; stateless."""
 
     def catch_up(self, tokens, trunk, normed, m):
-        rows = torch.arange(normed.shape[0], device=self.device)
-        z = normed[rows, m - 1]  # [B, d]
+        z = normed[self.rows, m - 1]  # [B, d]
         drafts, probs = [], []
         for head in self.model.tail.objective.heads:
             tok, p = self._pick(self.model.embedding.logits(z + head(z)))

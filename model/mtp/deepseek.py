@@ -43,12 +43,19 @@ class DeepSeekModule(nn.Module):
         self.block = TransformerBlock(cfg, ctx)
         self.out_norm = make_norm(d, cfg.norm_eps, ctx)
         self._compiled_mix = None  # see compile_training_forward
+        self._compiled_decoding_mix = None  # see compile_decoding_forward
 
     def compile_training_forward(self) -> list[nn.Module]:
         """Compile the input mix (both norms and the concat: one kernel each way). The block
         and the output norm are compiled as regions of their own; the projection stays eager
         because its TP collective is an autograd function outside the graph."""
         self._compiled_mix = torch.compile(self._mix)
+        return [self.hidden_norm, self.embed_norm]
+
+    def compile_decoding_forward(self) -> list[nn.Module]:
+        """Compile the input mix for decoding too (the block and the output norm are regions of
+        their own)."""
+        self._compiled_decoding_mix = torch.compile(self._mix, dynamic=True)
         return [self.hidden_norm, self.embed_norm]
 
     def _mix(self, h_prev: torch.Tensor, next_embed: torch.Tensor) -> torch.Tensor:
@@ -58,7 +65,8 @@ class DeepSeekModule(nn.Module):
                 cache: LayerCache | None = None, mask: DocumentMask | None = None) -> torch.Tensor:
         """h_prev, next_embed [B, T, d] → hᵏ [B, T, d] (before the output norm; [B, T/TP, d]
         sequence shards under sequence parallelism)."""
-        mix = self._compiled_mix if cache is None and self._compiled_mix is not None else self._mix
+        mix = self._compiled_mix if cache is None else self._compiled_decoding_mix
+        mix = mix or self._mix
         x = mix(h_prev, next_embed)  # [B, T, 2d]
         if self.sp_group is not None:
             # Gather the sequence, keep this rank's input features; the backward's zero-filled
@@ -93,15 +101,15 @@ class DeepSeekDrafter(Drafter):
         for k, module in enumerate(self.model.tail.objective.layers, start=1):
             # Module k's cache stops k - 1 positions before the previous m, and a round moves m
             # by at most D + 1: the window is at most D + k wide.
-            positions, last, attend = self._window(self.valid[k - 1], m, self.depth + k)
+            positions, last = self._window(self.valid[k - 1], m, self.depth + k)
             h_in = rows_at(prev_hidden, positions)  # [B, W, d]
             future = tokens.gather(1, (positions + k).clamp(max=tokens.shape[1] - 1))  # t_{i+k}
-            h = module(h_in, self.model.embedding(future),
-                       self.caches[k - 1].layer(0, positions, attend))  # [B, W, d]
+            h = module(h_in, self.model.embedding.embed(future),
+                       self.caches[k - 1].layer(0, positions, self.max_len))  # [B, W, d]
             put_rows(self.hidden[k - 1], positions, h)
-            h_last = h[torch.arange(h.shape[0], device=self.device), last]  # [B, d]
+            h_last = h[self.rows, last]  # [B, d]
             tok, p = self._pick(self.model.embedding.logits(module.out_norm(h_last)))
-            tokens[torch.arange(tokens.shape[0], device=self.device), m + k] = tok
+            tokens[self.rows, m + k] = tok
             drafts.append(tok)
             probs.append(p)
             self.valid[k - 1].copy_((m - k + 1).clamp(min=0))

@@ -24,13 +24,13 @@ class ParallelHeadsDrafter(Drafter):
         self.valid = torch.zeros(self.batch, dtype=torch.long, device=self.device)
 
     def catch_up(self, tokens, trunk, normed, m):
-        positions, last, attend = self._window(self.valid, m, self.depth + 1)
+        positions, last = self._window(self.valid, m, self.depth + 1)
         h_in = rows_at(trunk, positions)
-        rows = torch.arange(h_in.shape[0], device=self.device)
+        step = self.caches[0].step(positions, self.max_len)  # the heads share positions
         drafts, probs = [], []
         for j, head in enumerate(self.model.tail.objective.heads):
-            h = head(h_in, self.caches[j].layer(0, positions, attend))
-            logits = self.model.embedding.logits(self.model.tail.final_norm(h[rows, last]))
+            h = head(h_in, self.caches[j].layer_for(0, step))
+            logits = self.model.embedding.logits(self.model.tail.final_norm(h[self.rows, last]))
             tok, p = self._pick(logits)
             drafts.append(tok)
             probs.append(p)

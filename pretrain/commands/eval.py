@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=positive_int,
                    help=f"tokens decoded after each prompt (default: {DEFAULT_NEW_TOKENS}, fewer "
                         "where the model's context needs it)")
+    p.add_argument("--acceptance-batch-size", type=positive_int, default=16,
+                   help="prompts decoded together per request of the acceptance run (default: 16)")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="skip corrupt or missing shards of the split (counted and reported) "
                         "instead of stopping")
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from data_pipeline import ShardError, load_manifest
+    from model.generation import DecodingEngine
     from model.generation.acceptance import real_acceptance
     from pretrain.config import DataConfig
     from pretrain.data_loading import make_loader
@@ -146,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if depth > 0:
         for text in notes:
             note("eval", text)
-        st = real_acceptance(model, prompts, new_tokens)
+        st = real_acceptance(DecodingEngine(model), prompts, new_tokens,
+                             batch_size=args.acceptance_batch_size)
         result.update(prompt_len=prompt_len, new_tokens=new_tokens, acceptance=st.to_dict())
         print("real acceptance per depth: " + " ".join(f"{x:.3f}" for x in st.acceptance_rate())
               + f"; mean tokens per forward {st.mean_tokens_per_forward():.2f}")

@@ -24,8 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="an export directory (with --with-mtp for speculative decoding) or a "
                         "training run/checkpoint directory")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable: a batch)")
-    p.add_argument("--prompt-file", help="one prompt per line")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="one prompt per line (\\n in a line is a newline)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="prompts decoded together per request (default: all at once); requests "
+                        "run one after another on the same engine")
     p.add_argument("--max-new-tokens", type=positive_int,
                    help=f"tokens to generate per prompt (default: {DEFAULT_NEW_TOKENS}, fewer "
                         "where the model's context needs it)")
@@ -33,9 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="0 = greedy (default)")
     p.add_argument("--top-p", type=positive_float, default=1.0,
                    help="nucleus sampling mass in (0, 1] (default: 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speculative", action="store_true",
-                   help="self-speculative decoding with the MTP tail")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling (every request)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--speculative", action="store_true",
+                      help="self-speculative decoding with the MTP tail")
+    mode.add_argument("--compare", action="store_true",
+                      help="decode plainly, then speculatively: print both speeds, the draft "
+                           "acceptance and (greedy) whether the outputs agree")
     p.add_argument("--topk", type=positive_int, default=1,
                    help="greedy speculative only: accept a draft within the main model's top k "
                         "(BPD's relaxation; k > 1 no longer reproduces greedy exactly)")
@@ -50,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _check_flags(args: argparse.Namespace) -> None:
     if args.top_p > 1:
         raise UsageError(f"--top-p {args.top_p} is not in (0, 1]; use e.g. --top-p 0.95")
-    if args.topk > 1 and not args.speculative:
+    if args.topk > 1 and not (args.speculative or args.compare):
         raise UsageError(f"--topk {args.topk} relaxes the acceptance of speculative drafts; add "
                          "--speculative or drop --topk")
     if args.topk > 1 and args.temperature > 0:
@@ -73,12 +80,35 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _summary(name: str, results) -> tuple[str, dict]:
+    """One line and a JSON record (speed, the statistics of speculative decoding, each request)
+    for all requests of one decoding mode."""
+    from model.generation import SpeculativeStats
+
+    tokens = sum(r.num_tokens for r in results)
+    seconds = sum(r.seconds for r in results)
+    record = {"num_tokens": tokens, "seconds": seconds,
+              "tokens_per_second": tokens / seconds if seconds else 0.0,
+              "requests": [r.to_dict() for r in results]}
+    line = f"{name}: {tokens} tokens in {seconds:.2f} s ({record['tokens_per_second']:.1f} tokens/s)"
+    if results[0].stats is not None:
+        st = SpeculativeStats(results[0].stats.depth)
+        for r in results:
+            st.main_forwards += r.stats.main_forwards
+            st.tokens += r.stats.tokens
+            st.proposed = [a + b for a, b in zip(st.proposed, r.stats.proposed)]
+            st.accepted = [a + b for a, b in zip(st.accepted, r.stats.accepted)]
+        record.update(st.to_dict())
+        line += (f"; {st.mean_tokens_per_forward():.2f} tokens per main-model forward; draft "
+                 "acceptance by depth " + " ".join(f"{a:.2f}" for a in st.acceptance_rate()))
+    return line, record
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from data_pipeline.tokenizer import TextTokenizer
-    from model.generation import generate, generate_speculative
-    from model.generation.sampling import SamplingConfig
+    from model.generation import DecodingEngine, SamplingConfig
     from pretrain.inference import (
         check_output_file,
         fit_new_tokens,
@@ -97,9 +127,11 @@ def run(args: argparse.Namespace) -> int:
                          "tokenizer.json: its dataset was gone when it was exported); export it "
                          "again while the dataset is present")
     depth = loaded.model.config.mtp.depth
-    if args.speculative and depth == 0:
+    speculative = args.speculative or args.compare
+    if speculative and depth == 0:
+        flag = "--compare" if args.compare else "--speculative"
         raise UsageError(f"{args.model} has no MTP tail to draft with (exported without "
-                         "--with-mtp, or trained with mtp.kind none); drop --speculative, or "
+                         f"--with-mtp, or trained with mtp.kind none); drop {flag}, or "
                          "export it again with --with-mtp")
     try:
         sp = TextTokenizer.from_file(loaded.tokenizer_path)
@@ -113,32 +145,38 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     max_new = fit_new_tokens(notes, max(len(t) for t in ids), args.max_new_tokens,
                              loaded.model.config.model.max_seq_len,
-                             depth if args.speculative else None)
+                             depth if speculative else None)
     for text in notes:
         note("generate", text)
     sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
-    graphs = False if args.no_graphs else None  # None: graphs where supported
-    if args.speculative:
-        result = generate_speculative(loaded.model, ids, max_new, sampling, loaded.eos_id,
-                                      loaded.pad_id, args.topk, graphs)
-    else:
-        result = generate(loaded.model, ids, max_new, sampling, loaded.eos_id, loaded.pad_id,
-                          graphs)
+    modes = [("plain", False), ("speculative", True)] if args.compare else \
+        [("speculative" if args.speculative else "plain", args.speculative)]
+    batch = args.batch_size or len(ids)
+    # graphs None: captured device graphs where supported
+    engine = DecodingEngine(loaded.model, graphs=False if args.no_graphs else None)
+    results = {name: [engine.generate(ids[i: i + batch], max_new, sampling, loaded.eos_id,
+                                      loaded.pad_id, speculative=spec, topk=args.topk)
+                      for i in range(0, len(ids), batch)]
+               for name, spec in modes}
+    name = modes[-1][0]
+    tokens = [t for r in results[name] for t in r.tokens]
     # A model's vocabulary may be padded beyond its tokenizer's pieces (model.vocab_size >= the
     # tokenizer's size); an id past them, which a barely trained model can still produce, is
     # shown as the tokenizer's unknown piece.
-    texts = [sp.decode(sp.known(seq)) for seq in result.tokens]
+    texts = [sp.decode(sp.known(seq)) for seq in tokens]
     for prompt, text in zip(prompts, texts):
         print(f"--- {prompt!r}\n{prompt}{text}")
-    summary = result.to_dict()
-    line = f"{summary['num_tokens']} tokens in {summary['seconds']:.2f} s " \
-           f"({summary['tokens_per_second']:.1f} tokens/s)"
-    if result.stats is not None:
-        st = result.stats
-        line += (f"; {st.mean_tokens_per_forward():.2f} tokens per main-model forward; "
-                 f"acceptance by depth " + " ".join(f"{a:.2f}" for a in st.acceptance_rate()))
-    print(line, file=sys.stderr)
+    out = {"model": loaded.source, "prompts": prompts, "outputs": texts, "tokens": tokens}
+    for mode_name, res in results.items():
+        line, out[mode_name] = _summary(mode_name, res)
+        print(line, file=sys.stderr)
+    if args.compare:
+        plain = [t for r in results["plain"] for t in r.tokens]
+        same = sum(a == b for a, b in zip(plain, tokens))
+        out["identical_sequences"] = same
+        caveat = "" if sampling.greedy else " (sampled: outputs differ in general, distributions agree)"
+        print(f"speculative vs plain: {same}/{len(tokens)} sequences identical{caveat}",
+              file=sys.stderr)
     if args.json:
-        write_json(args.json, {"model": loaded.source, "prompts": prompts, "outputs": texts,
-                               "tokens": result.tokens, **summary})
+        write_json(args.json, out)
     return 0

@@ -1,15 +1,18 @@
 """Load a model for inference from an export directory (HF Llama main model + MTP tail) or from a
-training checkpoint / run directory, on one device (TP = 1)."""
+training checkpoint / run directory: on one device (TP = 1), or sliced over a tensor-parallel
+group (each rank its shards)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from model import MTPLanguageModel, accelerator, single_process_context
+from model import MTPLanguageModel, ParallelContext, accelerator, single_process_context
 from model.sharding import load_full_state_dict
+from model.transformer import meta_parameters
 
 
 @dataclass
@@ -77,9 +80,23 @@ def read_full_state_dict(path: str | Path):
     return cfg.decoder, full, tokenizer, specials, f"checkpoint {ref.path}"
 
 
-def load_for_inference(path: str | Path, dtype: torch.dtype | None = None) -> LoadedModel:
+def load_for_inference(path: str | Path, dtype: torch.dtype | None = None,
+                       ctx: ParallelContext | None = None,
+                       mtp_depth: int | None = None) -> LoadedModel:
+    """The model at `path` in eval mode on this process's device. `ctx`: a tensor-parallel
+    context to slice the weights over (default: TP = 1). `mtp_depth`: keep only the first
+    `mtp_depth` MTP depths of the tail (a DeepSeek model's first module alone is a D = 1
+    drafter; parallel and blockwise heads are independent of each other)."""
     dcfg, full, tokenizer, specials, source = read_full_state_dict(path)
-    ctx = single_process_context()
+    if mtp_depth is not None and mtp_depth != dcfg.mtp.depth:
+        if not 1 <= mtp_depth <= dcfg.mtp.depth:
+            raise ValueError(f"mtp_depth = {mtp_depth}: {path} has an MTP tail of depth "
+                             f"{dcfg.mtp.depth}; keep 1..{dcfg.mtp.depth} of its depths")
+        dcfg = dataclasses.replace(dcfg, mtp=dataclasses.replace(dcfg.mtp, depth=mtp_depth))
+        kept = meta_parameters(dcfg)
+        full = {k: v for k, v in full.items() if k in kept}
+        source += f" (MTP depths 1..{mtp_depth})"
+    ctx = ctx or single_process_context()
     model = MTPLanguageModel(dcfg, ctx)
     load_full_state_dict(model, full, ctx.tp_group)
     device = accelerator.current_device()
