@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU measurements of the scale work, on one 2-GPU machine, in two parts of under ten
+# minutes each (results recorded in benchmarks/RESULTS.md):
+#   PART=1  stdlib shards (seq 1024 and 4096, one 32k tokenizer);
+#           GPU 0: gpt-110m throughput at this commit (ours-none, ours-deepseek1) and with
+#                  document-masked attention (ours-deepseek1 + data.mask_cross_document);
+#           GPU 1: the same two rows on the tree in $OLD (the commit before the architecture
+#                  work), with its own shards — the before/after A/B;
+#           both:  llama3-8b TP 2 with sequence parallelism, selective recomputation at
+#                  micro-batch 1 and full recomputation at micro-batch 2 (peak memory, tokens/s,
+#                  MFU; the plan's figure is `mtp plan` for the same config).
+#   PART=2  GPU 1: the decoding engine (bench_generation.py suite, gpt-110m);
+#           GPU 0: gpt-1b checkpoints: one written in the background, the final one in the
+#                  foreground (the pause each costs the training loop);
+#           both:  gpt-350m at TP 2 checkpointing at step 6, resumed at DP 2 ZeRO-1 (the
+#                  reshard on load), and `mtp checkpoint convert` of it to TP 1.
+# From the repository root, project importable; results in $OUT.
+set -uo pipefail
+OUT=${OUT:-bench-out}; PY=${PYTHON:-python}; WORK=${WORK:-/tmp/scale}; OLD=${OLD:-.old}
+PART=${PART:-1}
+mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd); WORK=$(cd "$WORK" && pwd)
+stage() { echo "=== $(date -u +%T) $*"; }
+keep() { grep -E "step [0-9]+/|checkpoint|reshard|resumed|error|Error|plan|converted|peak" "$@" \
+         | grep -v "^\[20" | cut -c1-400; }
+train() { $PY -m pretrain train "$@" train.eval_interval=0 train.log_interval=1; }
+DATA=$WORK/data
+prep() {  # seq length, then the tokenizer to reuse (if any)
+  local out=$DATA/stdlib-seq$1
+  [ -f "$out/manifest.json" ] && return 0
+  $PY -m pretrain prepare --source stdlib --out "$out" --vocab-size 32000 --seq-len "$1" \
+    --max-depth 4 --tokenizer-sample-mb 8 --no-progress ${2:+--tokenizer "$2"}
+}
+
+if [ "$PART" = 1 ]; then
+  stage prepare
+  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
+  prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 &
+  B=(benchmarks/bench_training.py --shapes 110m --steps 10 --warmup 4)
+  stage "gpt-110m rows: this commit on GPU 0, $OLD on GPU 1"
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    $PY "${B[@]}" --data "$DATA" --rows "ours-none,ours-deepseek1" --json "$OUT/ab-new.json"
+    $PY "${B[@]}" --data "$DATA" \
+      --rows "ours-deepseek1+data.mask_cross_document=attention" --json "$OUT/docmask.json"
+  ) > "$OUT/ab-new.log" 2>&1 &
+  new=$!
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    cd "$OLD" && PYTHONPATH=$PWD $PY "${B[@]}" --data "$WORK/old-data" \
+      --rows "ours-none,ours-deepseek1" --json "$OUT/ab-old.json"
+  ) > "$OUT/ab-old.log" 2>&1 &
+  old=$!
+  wait $new $old
+  for f in ab-new ab-old; do echo "--- $f"; grep -E "^\|" "$OUT/$f.log" | tail -4; done
+  grep -E "^\|" "$OUT/ab-new.log" | tail -2
+  wait
+  for spec in "selective 1" "full 2"; do
+    set -- $spec
+    stage "llama3-8b TP 2, sequence parallel, recompute $1, micro-batch $2"
+    timeout 200 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+      --config configs/llama3-8b.yaml run_dir="$WORK/run-8b-$1" \
+      data.path="$DATA/stdlib-seq4096" data.num_workers=1 model.recompute="$1" \
+      train.micro_batch_size="$2" train.global_batch_size=$((4 * $2)) train.steps=7 \
+      optim.warmup_steps=2 checkpoint.interval=0 train.eval_interval=0 train.log_interval=1 \
+      > "$OUT/8b-$1.log" 2>&1
+    echo "exit $?"; keep "$OUT/8b-$1.log" | tail -5
+  done
+fi
+
+if [ "$PART" = 2 ]; then
+  stage prepare
+  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
+  prep 2048 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  stage "decoding engine (GPU 1) and gpt-1b checkpoint pauses (GPU 0)"
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 480 $PY benchmarks/bench_generation.py suite --out "$OUT/gen" --work "$WORK/gen" \
+      --shapes 110m --data "$DATA/stdlib-seq1024" --train-steps 200 --requests 8
+  ) > "$OUT/gen.log" 2>&1 &
+  gen=$!
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    train --config configs/gpt-1b.yaml run_dir="$WORK/run-1b" data.path="$DATA/stdlib-seq2048" \
+      train.micro_batch_size=8 train.global_batch_size=16 train.steps=8 optim.warmup_steps=2 \
+      checkpoint.interval=4 checkpoint.async_save=true checkpoint.keep_last=2
+    du -sh "$WORK/run-1b/checkpoints"/*
+    rm -rf "$WORK/run-1b/checkpoints"
+  ) > "$OUT/ckpt-1b.log" 2>&1
+  keep "$OUT/ckpt-1b.log" | tail -12
+  stage "gpt-350m: TP 2 → DP 2 ZeRO-1 on load, and offline conversion"
+  T=(-m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train
+     --config configs/gpt-350m.yaml data.path="$DATA/stdlib-seq2048" train.micro_batch_size=8
+     train.global_batch_size=16 train.steps=10 optim.warmup_steps=2 train.eval_interval=0
+     train.log_interval=1 checkpoint.keep_last=3)
+  $PY "${T[@]}" run_dir="$WORK/run-350m" parallel.tp=2 checkpoint.interval=6 \
+    > "$OUT/reshard.log" 2>&1
+  $PY "${T[@]}" run_dir="$WORK/run-350m-dp2" parallel.tp=1 checkpoint.interval=0 \
+    --resume "$WORK/run-350m/checkpoints/step_00000006" >> "$OUT/reshard.log" 2>&1
+  keep "$OUT/reshard.log" | tail -20
+  ( time $PY -m pretrain checkpoint convert "$WORK/run-350m/checkpoints/step_00000006" \
+      --layout tp=1,dp=2 --out "$WORK/350m-tp1" --no-progress ) > "$OUT/convert.log" 2>&1
+  tail -5 "$OUT/convert.log"
+  wait $gen
+  grep -E "^\||device|speed" "$OUT/gen.log" | tail -12
+fi
+stage done
