@@ -10,7 +10,7 @@
 #                  micro-batch 1 and full recomputation at micro-batch 2 (peak memory, tokens/s,
 #                  MFU; the plan's figure is `mtp plan` for the same config).
 #   PART=2  GPU 1: the decoding engine (bench_generation.py suite, gpt-110m);
-#           GPU 0: gpt-1b checkpoints: one written in the background, the final one in the
+#           GPU 0: the A/B's rows on $OLD (AB=0 skips them), then gpt-1b checkpoints: one written in the background, the final one in the
 #                  foreground (the pause each costs the training loop);
 #           both:  gpt-350m at TP 2 checkpointing at step 6, resumed at DP 2 ZeRO-1 (the
 #                  reshard on load), and `mtp checkpoint convert` of it to TP 1.
@@ -47,7 +47,7 @@ if [ "$PART" = 1 ]; then
   new=$!
   (
     export CUDA_VISIBLE_DEVICES=1
-    cd "$OLD" && PYTHONPATH=$PWD $PY "${B[@]}" --data "$WORK/old-data" \
+    cd "$OLD" && PYTHONPATH=$PWD:${PYTHONPATH:-} $PY "${B[@]}" --data "$WORK/old-data" \
       --rows "ours-none,ours-deepseek1" --json "$OUT/ab-old.json"
   ) > "$OUT/ab-old.log" 2>&1 &
   old=$!
@@ -76,17 +76,22 @@ if [ "$PART" = 2 ]; then
   (
     export CUDA_VISIBLE_DEVICES=1
     timeout 480 $PY benchmarks/bench_generation.py suite --out "$OUT/gen" --work "$WORK/gen" \
-      --shapes 110m --data "$DATA/stdlib-seq1024" --train-steps 200 --requests 8
+      --shapes 110m --data "$DATA/stdlib-seq1024" --train-steps 200 --requests 8 \
+      --batch-sizes 1,8
   ) > "$OUT/gen.log" 2>&1 &
   gen=$!
   (
     export CUDA_VISIBLE_DEVICES=0
+    [ "${AB:-1}" = 1 ] && (cd "$OLD" && PYTHONPATH=$PWD:${PYTHONPATH:-} $PY \
+      benchmarks/bench_training.py --shapes 110m --steps 10 --warmup 4 --data "$WORK/old-data" \
+      --rows "ours-none,ours-deepseek1" --json "$OUT/ab-old.json" > "$OUT/ab-old.log" 2>&1)
     train --config configs/gpt-1b.yaml run_dir="$WORK/run-1b" data.path="$DATA/stdlib-seq2048" \
       train.micro_batch_size=8 train.global_batch_size=16 train.steps=8 optim.warmup_steps=2 \
       checkpoint.interval=4 checkpoint.async_save=true checkpoint.keep_last=2
     du -sh "$WORK/run-1b/checkpoints"/*
     rm -rf "$WORK/run-1b/checkpoints"
   ) > "$OUT/ckpt-1b.log" 2>&1
+  grep -E "^\|" "$OUT/ab-old.log" | tail -3
   keep "$OUT/ckpt-1b.log" | tail -12
   stage "gpt-350m: TP 2 → DP 2 ZeRO-1 on load, and offline conversion"
   T=(-m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train
