@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline import BuildConfig, DataSource, RemoteOptions, ShardLoader, build_dataset
 from data_pipeline.sources import stdlib_root
-from pretrain.distributed import free_port
+from pretrain.launch import free_port
 
 # Three disjoint slices of the stdlib by top-level name (s* left out: it holds site-packages).
 SLICES = {"a-e": ("[a-e]*.py", "[a-e]*/**/*.py"), "f-o": ("[f-o]*.py", "[f-o]*/**/*.py"),

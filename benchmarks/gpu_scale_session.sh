@@ -14,6 +14,11 @@
 #                  foreground (the pause each costs the training loop);
 #           both:  gpt-350m at TP 2 checkpointing at step 6, resumed at DP 2 ZeRO-1 (the
 #                  reshard on load), and `mtp checkpoint convert` of it to TP 1.
+#   PART=3  GPU 0: gpt-1b checkpoints again (two in the background, reusing their host
+#                  buffers, then the final one), then the A/B's rows at this commit;
+#           GPU 1: the A/B's rows on $OLD (the same machine as the rows above);
+#           both:  llama3-8b as in part 1 (selective, micro-batch 1) with compile off, stopped
+#                  after its sixth step (no final checkpoint): where the plan's gap comes from.
 # From the repository root, project importable; results in $OUT.
 set -uo pipefail
 OUT=${OUT:-bench-out}; PY=${PYTHON:-python}; WORK=${WORK:-/tmp/scale}; OLD=${OLD:-.old}
@@ -108,5 +113,45 @@ if [ "$PART" = 2 ]; then
   tail -5 "$OUT/convert.log"
   wait $gen
   grep -E "^\||device|speed" "$OUT/gen.log" | tail -12
+fi
+if [ "$PART" = 3 ]; then
+  stage prepare
+  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
+  prep 2048 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 &
+  B=(benchmarks/bench_training.py --shapes 110m --steps 10 --warmup 4 --rows ours-none,ours-deepseek1)
+  stage "gpt-1b checkpoints, then this commit's rows (GPU 0); $OLD's rows (GPU 1)"
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    train --config configs/gpt-1b.yaml run_dir="$WORK/run-1b" data.path="$DATA/stdlib-seq2048" \
+      train.micro_batch_size=8 train.global_batch_size=16 train.steps=9 optim.warmup_steps=2 \
+      checkpoint.interval=3 checkpoint.async_save=true checkpoint.keep_last=1
+    rm -rf "$WORK/run-1b/checkpoints"
+    $PY "${B[@]}" --data "$DATA" --json "$OUT/ab-new.json" > "$OUT/ab-new.log" 2>&1
+  ) > "$OUT/ckpt-1b.log" 2>&1 &
+  new=$!
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    cd "$OLD" && PYTHONPATH=$PWD:${PYTHONPATH:-} $PY "${B[@]}" --data "$WORK/old-data" \
+      --json "$OUT/ab-old.json"
+  ) > "$OUT/ab-old.log" 2>&1 &
+  old=$!
+  wait $new $old
+  keep "$OUT/ckpt-1b.log" | grep -E "checkpoint|step [0-9]/" | tail -12
+  for f in ab-new ab-old; do echo "--- $f"; grep -E "^\| 110m" "$OUT/$f.log"; done
+  wait
+  stage "llama3-8b TP 2, sequence parallel, recompute selective, micro-batch 1, compile off"
+  log=$OUT/8b-eager.log
+  $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+    --config configs/llama3-8b.yaml run_dir="$WORK/run-8b-eager" train.compile=false \
+    data.path="$DATA/stdlib-seq4096" data.num_workers=1 train.micro_batch_size=1 \
+    train.global_batch_size=4 train.steps=50 optim.warmup_steps=2 checkpoint.interval=0 \
+    train.eval_interval=0 train.log_interval=1 > "$log" 2>&1 &
+  job=$!
+  for _ in $(seq 240); do grep -q "step 6/50" "$log" && break; sleep 1; done
+  # SIGKILL: a SIGTERM would make the run write its 8B checkpoint before exiting. The ranks die
+  # with their launcher (pretrain/launch.py); pkill is the fallback.
+  kill -9 $job 2>/dev/null; sleep 5; pkill -9 -f run-8b-eager; wait $job
+  keep "$log" | grep -E "plan|step [0-9]/" | tail -4
 fi
 stage done

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from model import accelerator
 from pretrain.checkpoint_state import (
+    HostBuffers,
     SavedState,
     link_optimizer_state,
     load_into,
@@ -43,7 +44,12 @@ class CheckpointError(RuntimeError):
 
 class CheckpointSaveError(CheckpointError):
     """A save failed on some rank (disk full, write error): raised on every rank alike, after the
-    partial directory was left unmarked (and removed with `remove_partial`)."""
+    partial directory was left unmarked (and removed with `remove_partial`). `step`: the
+    checkpoint's step (a background save's failure surfaces at a later step)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def tag_for(step: int) -> str:
@@ -144,11 +150,11 @@ def set_rng_states(state: dict) -> None:
 
 def parameters_finite(module: torch.nn.Module) -> bool:
     """True when every parameter on every rank is finite (a collective over the world)."""
+    # One flag per parameter, summed on the device: no host synchronisation per parameter.
+    flags = [torch.isfinite(p.detach()).all() for p in module.parameters() if p.numel()]
     bad = torch.zeros(1, device=accelerator.current_device())
-    for p in module.parameters():
-        if p.numel() and not torch.isfinite(p.detach()).all():
-            bad += 1
-            break
+    if flags:
+        bad += torch.stack(flags).logical_not().sum().to(bad.device)
     dist.all_reduce(bad)
     return bad.item() == 0
 
@@ -251,7 +257,9 @@ class CheckpointWriter:
     before it.
     """
 
-    def __init__(self):
+    def __init__(self, pinned: bool = False):
+        """`pinned`: page-locked host copies (GPUs; see checkpoint_state.HostBuffers)."""
+        self._buffers = HostBuffers(pinned)
         self._thread: threading.Thread | None = None
         self._pending: SaveRequest | None = None
         self._error: str | None = None
@@ -305,7 +313,7 @@ class CheckpointWriter:
         req = None
         if not _any_rank(bool(errors)):
             link_optimizer_state(engine.optimizer)
-            index, tensors = snapshot(owners)
+            index, tensors = snapshot(owners, self._buffers)
             req = SaveRequest(root, step, rank, dist.get_world_size(), index, tensors,
                               rng_states(), {**marker, "trainer": trainer_state}, keep_last,
                               remove_partial, wait_timeout_s)
@@ -347,7 +355,7 @@ class CheckpointWriter:
             f"under {root}); the partial directory {path} was "
             f"{'removed' if req.remove_partial else 'left unmarked'}, and the newest complete "
             f"checkpoint is {f'step {previous[-1]}' if previous else 'none'}. Free space under "
-            f"{root} (or move run_dir) and resume with --resume auto")
+            f"{root} (or move run_dir) and resume with --resume auto", req.step)
 
 
 def _prune(root: Path, keep_last: int) -> None:

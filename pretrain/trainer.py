@@ -112,7 +112,7 @@ class Trainer:
         named, copies = full_parameter_names(self.engine.module)
         self.owners = [o if o.name not in copies else dataclasses.replace(o, writes=False)
                        for o in owned(named, self.topo.tp_rank, self.layout.tp, self.topo.dp_rank)]
-        self.writer = ckpt.CheckpointWriter()
+        self.writer = ckpt.CheckpointWriter(pinned=self.policy.pin_memory)
         self._t_last, self._steps_since = time.perf_counter(), 0  # throughput window
         self.fused_overflow_check = built.fused_overflow_check
         if built.init_source:
@@ -331,8 +331,8 @@ class Trainer:
         except ckpt.CheckpointSaveError as err:
             if not keep_going:
                 raise
-            self.logger.print(f"ERROR: checkpoint save failed ({err}); training continues "
-                              "(checkpoint.on_save_error = 'continue')")
+            self.logger.print(f"ERROR: checkpoint save failed at step {err.step} ({err}); "
+                              "training continues (checkpoint.on_save_error = 'continue')")
             return None
         stall = time.perf_counter() - t0
         self.logger.print(f"{'writing' if background else 'saved'} checkpoint {ref.path} "
@@ -478,7 +478,7 @@ class Trainer:
         except ckpt.CheckpointSaveError as err:
             if self.cfg.checkpoint.on_save_error != "continue":
                 raise
-            self.logger.print(f"ERROR: checkpoint save failed ({err})")
+            self.logger.print(f"ERROR: checkpoint save failed at step {err.step} ({err})")
             if result.exit_code == exit_codes.OK:
                 result.exit_code = exit_codes.SAVE_FAILED
 

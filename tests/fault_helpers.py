@@ -308,23 +308,23 @@ def launch_ranks(argv: list[str], world: int, log_dir: Path, name: str) -> list[
 
 def save_error_runs(rank, world, calls, fail_rank: int, fail_step: int):
     """Rank function: `mtp train` calls (as cli_calls) where a call with "inject": True gets one
-    OSError(ENOSPC) from the first write of step `fail_step`'s ZeRO optimizer shard on rank
-    `fail_rank` only (the other ranks' writes succeed)."""
+    OSError(ENOSPC) from the first write of step `fail_step`'s state file (masters and Adam
+    moments) on rank `fail_rank` only (the other ranks' writes succeed)."""
     import errno
 
-    import torch
+    import safetensors.torch
 
-    real = torch.save
+    real = safetensors.torch.save_file
     armed = {"on": False}
 
-    def failing(obj, f, *args, **kwargs):
+    def failing(tensors, f, *args, **kwargs):
         if (armed["on"] and rank == fail_rank and f"step_{fail_step:08d}" in str(f)
-                and "optim_states" in str(f)):
+                and "state_rank" in str(f)):
             armed["on"] = False
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(f))
-        return real(obj, f, *args, **kwargs)
+        return real(tensors, f, *args, **kwargs)
 
-    torch.save = failing
+    safetensors.torch.save_file = failing
     out = []
     for call in calls:
         armed["on"] = bool(call.get("inject"))

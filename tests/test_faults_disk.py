@@ -61,8 +61,9 @@ def test_injected_write_error_on_one_rank_stop_or_continue(tmp_path, tmp_path_fa
     # rank 1 names the file, and step 3 stays the newest complete checkpoint and `latest`.
     assert stop0[0] == stop1[0] == EXIT_SAVE_FAILED, (stop0[2][-2000:], stop1[2][-2000:])
     assert re.search(r"checkpoint save failed: could not write checkpoint step 6 \(\S+"
-                     r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: OSError: .*No space left on "
-                     r"device \(injected\).*newest complete checkpoint is step 3", stop1[2]), stop1[2]
+                     r"step_00000006: OSError: .*No space left on device \(injected\): "
+                     r"'\S+state_rank00001\.safetensors'.*newest complete checkpoint is step 3",
+                     stop1[2]), stop1[2]
     assert "newest complete checkpoint is step 3" in stop0[2]
     assert max(steps_logged(stop0[1])) == 6
     # resume picks step 3 (the partial step-6 directory is ignored) and trains to the end

@@ -76,7 +76,8 @@ def outcome(tmp_path_factory):
 
     a = base / "run-a" / "checkpoints" / "step_00000003"
     b = base / "run-b" / "checkpoints" / "step_00000003"
-    mp = "mp_rank_00_model_states.pt"
+    state = "state_rank00000.safetensors"  # rank 0's masters and moments
+    index = "state_rank00000.json"
     x = {k: base / f"export-{k}" / "step_00000003" for k in
          ("incomplete", "mixed", "truncated", "missing")}
     calls = {
@@ -96,13 +97,14 @@ def outcome(tmp_path_factory):
                         ("unlink", x["incomplete"] / "COMPLETE.json")],
             "argv": ["export", str(x["incomplete"]), "--out", str(base / "out-1")]},
         "export_mixed": {
-            "prepare": [("copytree", a, x["mixed"]), ("copy", b / mp, x["mixed"] / mp)],
+            "prepare": [("copytree", a, x["mixed"]), ("copy", b / state, x["mixed"] / state),
+                       ("copy", b / index, x["mixed"] / index)],
             "argv": ["export", str(x["mixed"]), "--out", str(base / "out-2")]},
         "export_truncated": {
-            "prepare": [("copytree", a, x["truncated"]), ("truncate", x["truncated"] / mp, 4000)],
+            "prepare": [("copytree", a, x["truncated"]), ("truncate", x["truncated"] / state, 4000)],
             "argv": ["export", str(x["truncated"]), "--out", str(base / "out-3")]},
         "export_missing": {
-            "prepare": [("copytree", a, x["missing"]), ("unlink", x["missing"] / mp)],
+            "prepare": [("copytree", a, x["missing"]), ("unlink", x["missing"] / state)],
             "argv": ["export", str(x["missing"]), "--out", str(base / "out-4")]},
         "export_good": {"argv": ["export", str(a), "--out", str(base / "out-5")]},
     }
@@ -175,10 +177,11 @@ def test_export_refuses_incomplete_or_foreign_checkpoints(outcome):
              r"mtp export: error: \S+step_00000003 does not match the model its own config "
              r"describes \(wrong or mixed files\?\): .*: shape \(\d+, 64\) but the config "
              r"implies \(\d+, 32\)")
-    _refused(outcome, "export_truncated", r"mtp export: error: \S+mp_rank_00_model_states\.pt is "
+    _refused(outcome, "export_truncated", r"mtp export: error: \S+state_rank00000\.safetensors is "
                                           r"unreadable \(.*\); the checkpoint is damaged")
     _refused(outcome, "export_missing", r"mtp export: error: \S+step_00000003 lacks "
-                                        r"mp_rank_00_model_states\.pt \(TP rank 0 of 1\)")
+                                        r"state_rank00000\.safetensors \(its index "
+                                        r"state_rank00000\.json is there\)")
     assert outcome["export_good"][0] == 0, outcome["export_good"][2][-2000:]
     for k in range(1, 5):
         assert not (outcome["_base"] / f"out-{k}").exists()  # nothing half-exported

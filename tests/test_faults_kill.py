@@ -48,7 +48,7 @@ def test_a_kill_during_pruning_never_leaves_a_gutted_complete_checkpoint(tmp_pat
     for step in (3, 6, 9):
         d = root / ckpt.tag_for(step)
         d.mkdir(parents=True)
-        for f in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        for f in ("state_rank00000.safetensors", "state_rank00000.json"):
             (d / f).write_bytes(b"x")
         (d / ckpt.COMPLETE).write_text("{}")
 

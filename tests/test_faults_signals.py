@@ -53,7 +53,8 @@ def _interrupt(job: Job, after_step: int, send) -> tuple[int, int, float, str]:
     assert m, log[-3000:]
     k = int(m.group(1))
     assert k >= after_step and max(steps_logged(log)) == k, log[-3000:]  # no step after it
-    assert re.search(rf"^saved checkpoint \S+/step_{k:08d}$", log, re.M), log[-3000:]
+    assert re.search(rf"^saved checkpoint \S+/step_{k:08d} \(training paused [\d.]+ s\)$", log,
+                     re.M), log[-3000:]
     return rc, k, took, log
 
 

@@ -24,7 +24,8 @@ def accumulation_errors(rank, world):
 
     from pretrain.config import load_config, validate_layout
     from pretrain.deepspeed_config import deepspeed_config
-    from pretrain.distributed import detect_launch_env, init_distributed
+    from pretrain.distributed import init_distributed
+    from pretrain.launch import detect_launch_env
     from pretrain.runtime import RuntimePolicy
 
     init_distributed(detect_launch_env(), 60)

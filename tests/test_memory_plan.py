@@ -69,8 +69,9 @@ def engine_state_bytes(rank, world):
     moments) — beside the plan's figures. (Gradients live inside DeepSpeed's reduction during
     the backward; their peak is left to the GPU measurements.)"""
     from pretrain.config import load_config, validate_layout
-    from pretrain.distributed import build_topology, detect_launch_env, init_distributed
+    from pretrain.distributed import build_topology, init_distributed
     from pretrain.engine import build_engine
+    from pretrain.launch import detect_launch_env
     from pretrain.memory_plan import plan_memory
     from pretrain.runtime import resolve_runtime
 

@@ -34,6 +34,8 @@ def full_state_dict_from_checkpoint(ref: CheckpointRef) -> tuple[RunConfig, dict
     except FileNotFoundError:
         raise CheckpointError(f"{ref.path} holds no layout-free state files; it was written by "
                               "an older version of the project") from None
+    except ValueError as err:
+        raise CheckpointError(f"{err}; export an earlier checkpoint") from None
     meta = meta_parameters(cfg.decoder)
     missing = [n for n in meta if not saved.has(n, MASTER)]
     extra = sorted(set(saved.names()) - set(meta))
@@ -42,15 +44,17 @@ def full_state_dict_from_checkpoint(ref: CheckpointRef) -> tuple[RunConfig, dict
             f"{ref.path} does not match the model its own config describes: missing "
             f"{missing[:5]}, unexpected {extra[:5]}")
     full = {}
-    try:
-        for name, p in meta.items():
+    for name, p in meta.items():
+        try:
             full[name] = saved.full(name, MASTER, tp_layout(p))
-            if tuple(full[name].shape) != tuple(p.shape):
-                raise ValueError(f"{name}: shape {tuple(full[name].shape)} but the config "
-                                 f"implies {tuple(p.shape)}")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{ref.path} is damaged ({type(err).__name__}: {err}); export an "
-                              "earlier checkpoint") from None
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{err}; the checkpoint is damaged, export an earlier one") \
+                from None
+        if tuple(full[name].shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"{ref.path} does not match the model its own config describes (wrong or mixed "
+                f"files?): {name}: shape {tuple(full[name].shape)} but the config implies "
+                f"{tuple(p.shape)}")
     return cfg, full
 
 
