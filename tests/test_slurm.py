@@ -8,6 +8,7 @@ the reason, unless MTP_REQUIRE_SLURM=1 (CI), which turns that into a failure."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -138,9 +139,10 @@ def _wait_for_text(env, job_id: str, log_dir: Path, pattern: str, timeout: float
 
 
 # ---------------------------------------------------------------------------------- tests
-@pytest.mark.timeout(240)
-def test_sbatch_tiny_cpu_run_two_tasks(slurm_env, tiny_data, tmp_path):
-    """Two srun tasks (DP = 2) rendezvous through MASTER_ADDR/PORT from the batch script."""
+@pytest.mark.timeout(300)
+def test_sbatch_tiny_cpu_run_two_tasks_then_resume_on_one(slurm_env, tiny_data, tmp_path):
+    """Two srun tasks (DP = 2) rendezvous through MASTER_ADDR/PORT from the batch script; the
+    same run directory then resumes in a job of one task (a node lost): resharded on load."""
     run_dir = tmp_path / "run"
     job = _sbatch(slurm_env, tmp_path, [*CPU_JOB, "--ntasks-per-node=2"],
                   [*TINY, f"data.path={tiny_data}", f"run_dir={run_dir}", "train.steps=20",
@@ -156,6 +158,20 @@ def test_sbatch_tiny_cpu_run_two_tasks(slurm_env, tiny_data, tmp_path):
     assert (run_dir / "checkpoints" / "step_00000020" / "COMPLETE.json").is_file()
     losses = _loss_scalars(run_dir)
     assert sorted(losses["loss/total"]) == [5, 10, 15, 20]
+
+    job = _sbatch(slurm_env, tmp_path, [*CPU_JOB, "--ntasks-per-node=1"],
+                  [*TINY, f"data.path={tiny_data}", f"run_dir={run_dir}", "train.steps=25",
+                   "train.log_interval=5"])
+    info = _wait_job(slurm_env, job, tmp_path, timeout=150)
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    assert "mtp train: world 1 = TP 1 × PP 1 × DP 1" in log
+    assert re.search(r"^resharding \S+step_00000020: written at TP 1 × PP 1 × DP 2, ZeRO \d, "
+                     r"resuming at TP 1 × PP 1 × DP 1", log, re.M), log[-4000:]
+    assert re.search(r"^step 25/25 \| loss ", log, re.M), log[-4000:]
+    [event] = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert event["resharded"] and event["step"] == 20
+    assert (event["from_layout"]["dp"], event["to_layout"]["dp"]) == (2, 1)
 
 
 @pytest.mark.timeout(300)
