@@ -148,13 +148,13 @@ def test_readme_main_job_runs_end_to_end(tmp_path):
     env = dict(os.environ, MTP_SKIP_SETUP="1", MTP_DATA_DIR=str(tmp_path / "data"),
                MTP_RUN_DIR=str(tmp_path / "run"))
     res = subprocess.run(
-        ["bash", "scripts/quickstart.sh", "train.steps=12", "train.log_interval=4",
-         "train.eval_interval=6", "checkpoint.interval=6"],
+        ["bash", "scripts/quickstart.sh", "train.steps=6", "train.log_interval=3",
+         "train.eval_interval=3", "checkpoint.interval=3"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = tmp_path / "run"
-    assert "step 12/12" in res.stdout and "validation:" in res.stdout
-    assert (run / "checkpoints" / "step_00000012" / "COMPLETE.json").is_file()
+    assert "step 6/6" in res.stdout and "validation:" in res.stdout
+    assert (run / "checkpoints" / "step_00000006" / "COMPLETE.json").is_file()
     assert list((run / "tensorboard").glob("events.out.tfevents*"))
     for f in ("config.json", "model.safetensors", "tokenizer.model", "mtp.safetensors", "mtp_config.json"):
         assert (run / "export" / f).is_file(), f
@@ -163,12 +163,20 @@ def test_readme_main_job_runs_end_to_end(tmp_path):
     assert "draft acceptance by depth" in res.stderr
     assert "speculative vs plain: 2/2 sequences identical" in res.stderr
 
-    # The export is the trained main model: transformers' logits equal ours from the checkpoint.
+    # One Python process for the checks below (each command's start-up, torch and DeepSpeed
+    # imports, costs more than its work at this size): the export is the trained main model
+    # (transformers' logits equal ours from the checkpoint); the export (main model + MTP tail)
+    # and the training checkpoint generate the same text, and speculative greedy equals plain
+    # greedy; `mtp eval` reports acceptance. Each command runs through the CLI's main().
+    generations = [(label, str(source), extra) for label, source, extra in (
+        ("ckpt-spec", run, ["--speculative"]), ("export-spec", run / "export", ["--speculative"]),
+        ("export-plain", run / "export", []))]
     code = f"""
 import torch, transformers
 from model import MTPLanguageModel, single_process_context
 from model.sharding import load_full_state_dict
 from pretrain.checkpoint import resolve_checkpoint
+from pretrain.cli import main
 from pretrain.export.from_checkpoint import full_state_dict_from_checkpoint
 cfg, full = full_state_dict_from_checkpoint(resolve_checkpoint({str(run)!r}))
 ctx = single_process_context()
@@ -179,32 +187,23 @@ ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0)
 diff = (hf(ids).logits - ours.main_logits(ids)).abs().max().item()
 assert diff < 1e-4, diff
 print("max logit difference", diff)
+for label, source, extra in {generations!r}:
+    rc = main(["generate", source, "--prompt", "import os", "--prompt", "def main(args):",
+               "--max-new-tokens", "24", "--dtype", "fp32", "--json", {str(tmp_path)!r} + f"/{{label}}.json",
+               *extra])
+    assert rc == 0, (label, rc)
+rc = main(["eval", {str(run)!r}, "--data", {str(tmp_path / "data")!r}, "--batches", "2",
+           "--prompts", "4", "--new-tokens", "16", "--json", {str(tmp_path / "eval.json")!r}])
+assert rc == 0, ("eval", rc)
+print("all commands ran")
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "max logit difference" in res.stdout
-
-    # Generation: the export (main model + MTP tail) and the training checkpoint generate the
-    # same text, and speculative greedy equals plain greedy; `mtp eval` reports acceptance.
-    mtp = [sys.executable, "-m", "pretrain"]
-    outs = {}
-    for label, source, extra in (("ckpt-spec", run, ["--speculative"]),
-                                 ("export-spec", run / "export", ["--speculative"]),
-                                 ("export-plain", run / "export", [])):
-        res = subprocess.run(mtp + ["generate", str(source), "--prompt", "import os",
-                                    "--prompt", "def main(args):", "--max-new-tokens", "24",
-                                    "--dtype", "fp32", "--json", str(tmp_path / f"{label}.json"),
-                                    *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        outs[label] = json.loads((tmp_path / f"{label}.json").read_text())
+                         timeout=600, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "max logit difference" in res.stdout and "all commands ran" in res.stdout
+    outs = {label: json.loads((tmp_path / f"{label}.json").read_text()) for label, _, _ in generations}
     assert outs["ckpt-spec"]["tokens"] == outs["export-spec"]["tokens"] == outs["export-plain"]["tokens"]
     assert outs["export-spec"]["speculative"]["main_forwards"] > 0
-    res = subprocess.run(mtp + ["eval", str(run), "--data", str(tmp_path / "data"), "--batches", "2",
-                                "--prompts", "4", "--new-tokens", "16", "--json",
-                                str(tmp_path / "eval.json")], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert len(ev["loss_per_depth"]) == 3 and len(ev["acceptance"]["acceptance_rate"]) == 2
 
