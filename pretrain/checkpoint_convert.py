@@ -43,9 +43,11 @@ def parse_layout(text: str) -> dict[str, int]:
     return out
 
 
-def convert(ref: CheckpointRef, out: Path, layout: dict[str, int], progress: bool = True) -> dict:
+def convert(ref: CheckpointRef, out: Path, layout: dict[str, int], progress: bool = True,
+            announce=None) -> dict:
     """Write `ref` converted for `layout` (tp, pp, dp, zero; missing keys: the checkpoint's) to
-    `out`. Returns the target layout."""
+    `out`. `announce(source, target)` is called once the request is known to be valid, before
+    any writing. Returns the target layout."""
     marker = ref.marker()
     source = layout_of(marker)
     target = {**source, **layout}
@@ -55,13 +57,16 @@ def convert(ref: CheckpointRef, out: Path, layout: dict[str, int], progress: boo
         cfg = config_from_dict(cfg_dict)
         validate_layout(cfg, target["tp"] * target["pp"] * target["dp"])
     except ConfigError as err:
-        raise ConfigError(f"--layout {layout}: {err}") from None
+        asked = ",".join(f"{k}={v}" for k, v in layout.items())
+        raise ConfigError(f"--layout {asked}: {err}") from None
     if out.exists():
         raise ConfigError(f"--out {out} exists; choose a new directory")
     try:
         saved = SavedState(ref.path)
     except FileNotFoundError as err:
         raise CheckpointError(f"{ref.path}: {err}; it is not a checkpoint of this format") from None
+    if announce is not None:
+        announce(source, target)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     t0 = time.perf_counter()

@@ -134,6 +134,23 @@ def outcome(tmp_path_factory):
         "train_unknown_flag": (["train", *tiny, "--resmue", "auto"],
                                r"unrecognized arguments: --resmue( auto)? \(see `mtp train --help`\)",
                                ()),
+        # plan
+        "plan_gpus_not_dividing": (["plan", "--config", "configs/llama3-8b.yaml", "--gpus", "3"],
+                                   r"config error: .*does not divide", ()),
+        # checkpoint
+        "checkpoint_bad_layout": (["checkpoint", "convert", str(run), "--layout", "tp=two",
+                                   "--out", str(base / "c1")],
+                                  r"--layout 'tp=two': 'tp=two' is not KEY=N with KEY one of tp, "
+                                  r"pp, dp, zero", ()),
+        "checkpoint_layout_does_not_fit": (["checkpoint", "convert", str(run), "--layout", "tp=3",
+                                            "--out", str(base / "c2")],
+                                           r"--layout tp=3: .*divisible", ()),
+        "checkpoint_nowhere": (["checkpoint", "convert", str(missing), "--layout", "tp=1",
+                                "--out", str(base / "c3")],
+                               r"no complete checkpoint under \S+nowhere: it does not exist", ()),
+        "checkpoint_out_exists": (["checkpoint", "convert", str(run), "--layout", "tp=1",
+                                   "--out", str(export)],
+                                  r"--out \S+export exists; choose a new directory", ()),
         # export
         "export_nowhere": (["export", str(missing), "--out", str(base / "x1")],
                            r"no complete checkpoint under \S+nowhere: it does not exist; give a "
@@ -210,6 +227,8 @@ def outcome(tmp_path_factory):
                   "checkpoint.interval=2", "train.global_batch_size=8"],
          "trigger": {"when": str(lost_run / "checkpoints" / "step_00000002" / "COMPLETE.json"),
                      "do": "unlink", "file": str(lost_run / "job.lock" / "gen-00000001.json")}},
+        {"argv": ["checkpoint", "convert", str(run), "--layout", "tp=2", "--out",
+                  str(base / "converted"), "--no-progress"]},
     ]
     readme = [{"argv": argv} for argv in _readme_commands(run, base / "readme-export", data,
                                                           base)]
@@ -316,3 +335,17 @@ def test_start_up_is_quiet(outcome):
     # stderr holds our summary line alone; DeepSpeed's logger would print to stdout
     assert re.fullmatch(r"plain: \d tokens in [\d.]+ s \([\d.]+ tokens/s\)\n", res.stderr), res.stderr
     assert "Setting accelerator" not in res.stdout and "[WARNING]" not in res.stdout
+
+
+def test_checkpoint_convert_says_what_it_did_and_leaves_the_run(outcome):
+    code, out, err, _ = outcome["extra"][2]
+    assert code == 0, err[-3000:]
+    assert re.fullmatch(r"mtp checkpoint: converting \S+step_00000002 \(step 2, TP 1 × PP 1 × DP 1, "
+                        r"ZeRO 1\) for TP 2 × PP 1 × DP 1, ZeRO 1\n", err), err
+    assert re.fullmatch(r"converted step 2 to \S+converted for TP 2 × PP 1 × DP 1, ZeRO 1; resume "
+                        r"with --resume \S+converted\n", out), out
+    converted = outcome["base"] / "converted"
+    assert sorted(p.name for p in converted.glob("state_rank*.json")) == [
+        "state_rank00000.json", "state_rank00001.json"]  # one whole shard per target TP rank
+    before, after = outcome["untouched"]
+    assert before == after  # the run it read is unchanged

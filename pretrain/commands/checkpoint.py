@@ -44,17 +44,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pretrain.checkpoint import CheckpointError, layout_of, resolve_checkpoint
+    from pretrain.checkpoint import CheckpointError, resolve_checkpoint
     from pretrain.checkpoint_convert import convert, parse_layout
     from pretrain.config import ConfigError
 
     try:
         layout = parse_layout(args.layout)
         ref = resolve_checkpoint(args.checkpoint)
-        source = layout_of(ref.marker())
-        print(f"mtp checkpoint: converting {ref.path} (step {ref.step}, {_describe(source)})",
-              file=sys.stderr)
-        target = convert(ref, Path(args.out), layout, progress=not args.no_progress)
+
+        def announce(source: dict, target: dict) -> None:
+            print(f"mtp checkpoint: converting {ref.path} (step {ref.step}, {_describe(source)}) "
+                  f"for {_describe(target)}", file=sys.stderr)
+
+        target = convert(ref, Path(args.out), layout, progress=not args.no_progress,
+                         announce=announce)
     except (ConfigError, CheckpointError) as err:
         raise UsageError(str(err)) from None
     except OSError as err:
