@@ -26,8 +26,9 @@ from tests.train_fixtures import build_tiny_dataset
 # "tp2-as-tp1": the tp2 source's checkpoint converted offline (`mtp checkpoint convert`) for TP 1.
 W1_PAIRS = [("dp2-z1", "dp1"), ("dp2-z3", "dp1"), ("tp2", "dp1"), ("pp2", "dp1"),
             ("tp2-pp2", "dp1"), ("tp2-as-tp1", "dp1")]
-W2_PAIRS = [("dp1", "tp2"), ("dp1", "pp2"), ("tp2-pp2", "dp2-z3"), ("tp2", "pp2")]
-W4_PAIRS = [("dp2-z1", "tp2-pp2")]
+W2_PAIRS = [("dp1", "tp2"), ("dp1", "pp2"), ("tp2-pp2", "dp2-z3"), ("tp2", "pp2"),
+            ("dp2-z1", "dp2-z3")]
+W4_PAIRS = [("dp2-z1", "tp2-pp2"), ("dp2-z3", "dp4")]
 
 
 @pytest.fixture(scope="module")
