@@ -21,38 +21,61 @@ pytestmark = pytest.mark.slow  # whole training/export/eval runs in subprocesses
 STUDY = [sys.executable, str(REPO / "benchmarks" / "mtp_study.py")]
 
 
-def _ood_dataset(root: Path, tokenizer: Path) -> Path:
-    """A different source (this project's data_pipeline package), the training tokenizer."""
-    from data_pipeline import BuildConfig, build_dataset
-
-    out = root / "ood"
-    build_dataset(BuildConfig(source=str(REPO / "data_pipeline"), out_dir=out, vocab_size=VOCAB,
-                              seq_len=SEQ, max_depth=4, val_fraction=0.5, shard_samples=256,
-                              num_workers=1, progress=False, tokenizer_path=tokenizer))
-    return out
+STUDY_ARGS = ["--steps", "6", "--curve-points", "2", "--eval-batches", "2", "--prompts", "2",
+              "--prompt-len", "12", "--new-tokens", "6"]
 
 
-def test_study_arms_and_report(tmp_path):
-    data = build_tiny_dataset(tmp_path, max_depth=4)
-    ood = _ood_dataset(tmp_path, data / "tokenizer.model")
-    cfg = tiny_run(data, tmp_path / "unused")
+@pytest.fixture(scope="module")
+def gpu_study(tmp_path_factory):
+    """benchmarks/study_gpu.sh on a pack of real code (the tiny dataset's stdlib packages), two
+    lanes at the same time: 'deepseek1' and 'none', 6 steps each. Both tests read it: the script's
+    own checks, and the study's arms (the frozen-trunk arm then trains on this 'none')."""
+    tmp = tmp_path_factory.mktemp("gpu-study")
+    data = build_tiny_dataset(tmp / "cfgdata", max_depth=4)
+    res = subprocess.run([*STUDY, "pack", "--source", str(tmp / "cfgdata" / "corpus"),
+                          "--out", str(tmp / "real"), "--max-mib", "8"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    cfg = tiny_run(data, tmp / "unused")
     cfg["model"]["max_seq_len"] = 64  # room for prompt + new tokens at evaluation
     cfg["data"]["num_workers"] = 0
-    config = tmp_path / "tiny.yaml"
+    config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    study = tmp_path / "study"
-    common = ["--data", str(data), "--ood-data", str(ood), "--out", str(study), "--config",
-              str(config), "--steps", "6", "--curve-points", "2", "--eval-batches", "2",
-              "--prompts", "2", "--prompt-len", "12", "--new-tokens", "6"]
+    out, work = tmp / "out", tmp / "work"
+    env = {**__import__("os").environ, "OUT": str(out), "PACK": str(tmp / "real"),  # STEPS: --steps
+           "WORK": str(work), "LANES": "deepseek1 none", "STEPS": "6", "VOCAB": str(VOCAB),
+           "SEQ_LEN": str(SEQ), "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "study_gpu.sh"), "--config",
+                          str(config), *STUDY_ARGS[2:]], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=900)
+    return {"res": res, "out": out, "work": work, "config": config, "cfg": cfg,
+            "pack": json.loads((tmp / "real" / "pack.json").read_text())}
 
-    # The frozen-trunk arm needs the baseline first and says so.
-    res = subprocess.run([*STUDY, "run", "blockwise4-frozen", *common], capture_output=True,
-                         text=True, cwd=REPO)
-    assert res.returncode != 0 and "run that arm first" in res.stderr
-    for arm in ("none", "deepseek1", "blockwise4-frozen"):
-        res = subprocess.run([*STUDY, "run", arm, *common], capture_output=True, text=True,
-                             cwd=REPO, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
+
+def test_study_arms_and_report(gpu_study, tmp_path, monkeypatch):
+    res = gpu_study["res"]
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    cfg, work = gpu_study["cfg"], gpu_study["work"]
+    study = work / "study"  # the arms' full directories (exports included)
+    common = ["--data", str(work / "data"), "--ood-data", str(work / "ood"), "--config",
+              str(gpu_study["config"]), *STUDY_ARGS]
+
+    # The frozen-trunk arm needs the baseline first and says so (the script's main() in this
+    # process, on a study directory without one: it refuses before any work).
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # its `import provenance`
+    spec = importlib.util.spec_from_file_location("_mtp_study", REPO / "benchmarks" / "mtp_study.py")
+    study_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study_module)
+    monkeypatch.setattr(study_module, "_destroy_process_group", lambda: None)  # none was made
+    with pytest.raises(SystemExit, match="run that arm first"):
+        study_module.main(["run", "blockwise4-frozen", *common, "--out", str(tmp_path / "empty")])
+    assert not (tmp_path / "empty" / "blockwise4-frozen" / "result.json").exists()
+    # 'none' and 'deepseek1' ran in the script's lanes; the frozen arm trains on that 'none'.
+    res = subprocess.run([*STUDY, "run", "blockwise4-frozen", *common, "--out", str(study)],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
 
     results = {a: json.loads((study / a / "result.json").read_text())
                for a in ("none", "deepseek1", "blockwise4-frozen")}
@@ -104,8 +127,8 @@ def test_study_arms_and_report(tmp_path):
         assert f"study-plots/{png}" in text
 
 
-def test_pack_and_the_offline_gpu_script(tmp_path):
-    """pack: a deterministic budgeted subset; study_gpu.sh: unpack, shards, an arm (tiny)."""
+def test_pack_and_the_offline_gpu_script(gpu_study, tmp_path):
+    """pack: a deterministic budgeted subset; study_gpu.sh: unpack, shards, two lanes of arms."""
     src = tmp_path / "src"
     for i in range(300):  # ~6 MiB of incompressible-ish Python, so the budget bites
         body = "".join(f"x_{i}_{j} = {hash((i, j)) % 10**12}\n" for j in range(900))
@@ -122,31 +145,13 @@ def test_pack_and_the_offline_gpu_script(tmp_path):
     assert a["compressed_bytes"] <= 2.2 * 2**20
     assert (tmp_path / "a" / "corpus.tar.xz").read_bytes() == (tmp_path / "b" / "corpus.tar.xz").read_bytes()
 
-    # The script on a pack of real code (the tiny dataset's stdlib packages).
-    data = build_tiny_dataset(tmp_path / "cfgdata", max_depth=4)
-    res = subprocess.run([*STUDY, "pack", "--source", str(tmp_path / "cfgdata" / "corpus"),
-                          "--out", str(tmp_path / "real"), "--max-mib", "8"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert res.returncode == 0, res.stderr
-    real = json.loads((tmp_path / "real" / "pack.json").read_text())
+    # The script on a pack of real code (the tiny dataset's stdlib packages): the shared run.
+    res, out, real = gpu_study["res"], gpu_study["out"], gpu_study["pack"]
     assert real["files_kept"] == real["files_total"]  # within budget: everything
-    cfg = tiny_run(data, tmp_path / "unused")
-    cfg["model"]["max_seq_len"] = 64
-    cfg["data"]["num_workers"] = 0
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "out"
-    env = {**__import__("os").environ, "OUT": str(out), "PACK": str(tmp_path / "real"),
-           "WORK": str(tmp_path / "work"), "LANES": "deepseek1 none", "STEPS": "3", "VOCAB": "512",
-           "SEQ_LEN": str(SEQ), "PYTHON": sys.executable}
-    res = subprocess.run(["bash", str(REPO / "benchmarks" / "study_gpu.sh"), "--config",
-                          str(config), "--eval-batches", "1", "--prompts", "1", "--prompt-len",
-                          "8", "--new-tokens", "4"], capture_output=True, text=True, cwd=REPO,
-                         env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     for arm, lane in (("deepseek1", 0), ("none", 1)):  # two lanes, at the same time
         r = json.loads((out / "study" / arm / "result.json").read_text())
-        assert r["steps"] == 3 and set(r["eval"]) == {"in_distribution", "out_of_distribution"}
+        assert r["steps"] == 6 and set(r["eval"]) == {"in_distribution", "out_of_distribution"}
         assert f"arm {arm} done" in (out / f"lane-{lane}.log").read_text()
-    manifest = json.loads((tmp_path / "work" / "data" / "manifest.json").read_text())
+    manifest = json.loads((gpu_study["work"] / "data" / "manifest.json").read_text())
     assert manifest["source"]["documents_listed"] == real["files_kept"]
