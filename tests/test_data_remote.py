@@ -70,9 +70,14 @@ def test_a_dropped_connection_is_resumed_at_the_byte_reached(server, local):
     shards = {n for m, n, _ in server.requests[before:] if n.endswith(".tar")}
     ranges = [(n, r) for m, n, r in server.requests[before:] if r is not None]
     sizes = {s.name: s.size for s in load_manifest(server.url("ok")).shards("train")}
-    # each shard: one GET that broke half-way, one Range request for exactly the rest
-    assert sorted(ranges) == sorted((n, f"bytes={sizes[n] // 2}-") for n in shards)
-    assert len(ld.retries) == len(shards)
+    # each shard: one GET that broke half-way, one Range request for exactly the rest; except
+    # that the last shard opened may not have been read up to its break when the requested
+    # batches ran out (how far depends on when the reader gets to it, not on the data)
+    assert ranges and sorted(ranges) == sorted(set(ranges))
+    assert all(r == f"bytes={sizes[n] // 2}-" for n, r in ranges), ranges
+    opened = [n for m, n, r in server.requests[before:] if n.endswith(".tar") and r is None]
+    assert shards - {n for n, _ in ranges} <= {opened[-1]}, (ranges, opened)
+    assert len(ld.retries) == len(ranges)
     assert all("curl exit 18" in r and "retry 1/3" in r and "/drop/train-" in r
                for r in ld.retries)
 
