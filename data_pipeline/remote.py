@@ -233,7 +233,11 @@ def _stream_into(location: Location, name: str, url: str, options: RemoteOptions
                                    "(not installed?)") from None
         try:
             while True:
-                chunk = pipe.read(_CHUNK)
+                # the stream itself, not `pipe.read`: that one polls the command after each read
+                # and raises once it has exited non-zero, discarding the chunk just read; a
+                # command that wrote its bytes and failed before the first read would then lose
+                # them all and the retry start again from byte 0. `close` checks the status.
+                chunk = pipe.stream.read(_CHUNK)
                 if not chunk:
                     break
                 if skip:
@@ -248,7 +252,7 @@ def _stream_into(location: Location, name: str, url: str, options: RemoteOptions
             pipe.proc.kill()
             pipe.proc.wait()
             raise
-        except OSError:  # gopen's Pipe: the command exited with a non-zero status
+        except OSError:  # gopen's Pipe.close: the command exited with a non-zero status
             pipe.proc.kill()
             status = pipe.proc.wait()
             err_file.seek(0)
