@@ -99,8 +99,13 @@ def complete_checkpoints(root: Path) -> list[CheckpointRef]:
 def resolve_checkpoint(path: str | Path) -> CheckpointRef:
     """A checkpoint directory itself, or a run directory / checkpoints root (newest complete)."""
     p = Path(path)
-    if (p / COMPLETE).is_file() and _step_of(p) is not None:
-        return CheckpointRef(p.parent, p.name, _step_of(p))
+    if (p / COMPLETE).is_file():
+        step = _step_of(p)
+        if step is None:  # named otherwise, e.g. `mtp checkpoint convert --out DIR`
+            step = CheckpointRef(p.parent, p.name, 0).marker().get("step")
+            if not isinstance(step, int):
+                raise CheckpointError(f"{p / COMPLETE} records no step; use another checkpoint")
+        return CheckpointRef(p.parent, p.name, step)
     if _step_of(p) is not None and p.is_dir():
         raise CheckpointError(
             f"{p} is an incomplete checkpoint (no {COMPLETE}: its save did not finish); use an "

@@ -16,6 +16,15 @@ LAYOUTS = {
     "dp4": {"parallel": {"zero_stage": 1}},
 }
 STEPS, SAVED = 4, 2
+CONVERTED = "tp2-as-tp1"  # the tp2 source's checkpoint converted offline for TP 1
+
+
+def checkpoint_dir(tmp, source: str) -> Path:
+    """The step-SAVED checkpoint of `source`; the converted one sits where `mtp checkpoint
+    convert --out` put it, under a name of the user's choosing."""
+    if source == CONVERTED:
+        return Path(tmp) / "converted-ckpt"
+    return Path(tmp) / f"src-{source}" / "checkpoints" / f"step_{SAVED:08d}"
 
 
 def _cfg(data: str, run_dir: Path, layout: str):
@@ -85,14 +94,13 @@ def targets(rank, world, data, tmp, pairs):
     import torch
 
     from model.sharding import tp_layout
-    from pretrain.checkpoint import tag_for
     from pretrain.checkpoint_state import SavedState
     from pretrain.model_builder import full_parameter_names
     from pretrain.trainer import Trainer
 
     out = {}
     for source, target in pairs:
-        ckpt = Path(tmp) / f"src-{source}" / "checkpoints" / tag_for(SAVED)
+        ckpt = checkpoint_dir(tmp, source)
         run_dir = Path(tmp) / f"dst-{source}-to-{target}"
         trainer = Trainer(_cfg(data, run_dir, target), resume=str(ckpt))
         saved = SavedState(ckpt)

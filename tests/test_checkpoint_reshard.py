@@ -14,7 +14,7 @@ import torch
 
 from model.sharding import tp_layout
 from model.transformer import meta_parameters
-from pretrain.checkpoint import CheckpointRef, tag_for
+from pretrain.checkpoint import CheckpointRef
 from pretrain.checkpoint_convert import convert
 from pretrain.checkpoint_state import FIELDS, SavedState
 from pretrain.config import config_from_dict
@@ -53,7 +53,7 @@ def reshard(tmp_path_factory):
 
 
 def _ckpt(tmp, source: str) -> Path:
-    return Path(tmp) / f"src-{source}" / "checkpoints" / tag_for(cases.SAVED)
+    return cases.checkpoint_dir(tmp, source)
 
 
 def _source_ref(tmp, source: str) -> CheckpointRef:
