@@ -42,6 +42,25 @@ def peak_memory_bytes() -> int | None:
     return int(get_accelerator().max_memory_allocated())
 
 
+def memory_history_supported() -> bool:
+    """Whether the device allocator can record its allocation history here (not on the CPU)."""
+    return not is_cpu()
+
+
+def record_memory_history(enabled: bool, max_entries: int = 200_000) -> None:
+    """Start (or stop) recording every allocation and free of the device allocator, with the
+    Python and C++ stacks that made them (the history `dump_memory_history` writes)."""
+    assert memory_history_supported(), "no device allocator history on the CPU"
+    memory = torch.get_device_module(current_device().type).memory
+    memory._record_memory_history("all" if enabled else None, max_entries=max_entries)
+
+
+def dump_memory_history(path: str) -> None:
+    """Write the recorded history and the allocator's current segments to `path` (a pickle that
+    https://pytorch.org/memory_viz opens)."""
+    torch.get_device_module(current_device().type).memory._dump_snapshot(path)
+
+
 def device_memory_bytes() -> int | None:
     """Total memory of the current device; None on the CPU (no device memory to plan for)."""
     if is_cpu():

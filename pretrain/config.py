@@ -287,13 +287,20 @@ class TrainConfig:
     """Peak dense bf16 TFLOP/s of one device for MFU; 0 = known cards (H100/H200/A100) by name."""
     collective_timeout_s: int = 600
     """Timeout of collectives: a dead peer makes the others fail after this, not hang."""
+    memory_snapshot_steps: int = 0
+    """Record the GPU allocator's history (every allocation and free, with the stack that made
+    it) from start-up through this many steps, and write it to RUN_DIR/memory/rankNNNNN.pickle
+    (open it at https://pytorch.org/memory_viz): where the peak falls and what holds it. Also
+    written when a step in that window runs out of memory. 0: off. GPUs only; recording slows
+    the host side of those steps."""
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval",
                      "collective_timeout_s"):
             require_positive(f"train.{name}", getattr(self, name))
         for name in ("eval_interval", "eval_batches", "max_skipped_steps",
-                     "eval_acceptance_prompts", "eval_acceptance_tokens"):
+                     "eval_acceptance_prompts", "eval_acceptance_tokens",
+                     "memory_snapshot_steps"):
             require_positive(f"train.{name}", getattr(self, name), allow_zero=True)
 
 

@@ -68,6 +68,10 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
     if t.precision == "bf16" and not on_gpu:
         raise ConfigError("train.precision = 'bf16' needs a GPU; use 'fp32' or 'auto' on CPU")
     bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+    if t.memory_snapshot_steps and not accelerator.memory_history_supported():
+        raise ConfigError(f"train.memory_snapshot_steps = {t.memory_snapshot_steps} records the "
+                          "GPU allocator's history, and this run has no GPU; set it to 0 (the "
+                          "memory plan, `mtp plan`, estimates the same parts without a GPU)")
 
     # Compiling costs ~30 s per block shape on a CPU and gains little there; ZeRO-3 gathers
     # parameters in module hooks that compiled code would bypass (config validation refuses

@@ -32,6 +32,7 @@ from pretrain.distributed import build_topology, init_distributed
 from pretrain.engine import build_engine
 from pretrain.launch import detect_launch_env
 from pretrain.memory_plan import GIB, plan_memory
+from pretrain.memory_snapshot import MemorySnapshot
 from pretrain.metrics import MetricsLogger, format_line, peak_flops
 from pretrain.model_builder import full_parameter_names
 from pretrain.preemption import PreemptionFlag
@@ -89,6 +90,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_lock: RunLock | None = None
         self.logger: MetricsLogger | None = None
+        self.memory: MemorySnapshot | None = None
         try:
             self._set_up(cfg, train_loader, preempt)
         except BaseException:
@@ -106,6 +108,8 @@ class Trainer:
         self.seq_len = self.manifest.seq_len
         self.tokens_per_step = cfg.train.global_batch_size * self.seq_len
 
+        # from here on, so that the weights and optimizer states are in the history too
+        self.memory = MemorySnapshot(cfg.train.memory_snapshot_steps, self.run_dir, self.rank)
         built = build_engine(cfg, self.layout, self.topo, self.policy, self.device, self.seq_len,
                              self.manifest.eos_id)
         self.engine, self.runner = built.engine, built.runner
@@ -281,11 +285,23 @@ class Trainer:
         part is missing), so that no file lands in a run directory another job may own."""
         if getattr(self, "writer", None) is not None:
             self.writer.wait_local()
+        self._write_memory_history("the run stopped")  # a failure: what the window holds
         if self.logger is not None:
             self.logger.close()
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
+
+    def _write_memory_history(self, why: str) -> None:
+        if self.memory is None or not self.memory.recording:
+            return
+        try:
+            path = self.memory.stop()
+        except (OSError, RuntimeError) as err:  # never hide the failure that brought us here
+            print(f"could not write the memory history ({why}): {err}", file=sys.stderr)
+            return
+        print(f"{why}: memory history written to {path} (open it at "
+              "https://pytorch.org/memory_viz)", file=sys.stderr, flush=True)
 
     def _layout(self) -> dict:
         lay = self.layout
@@ -446,8 +462,16 @@ class Trainer:
             self.logger.print("signal received during start-up: exiting for requeue")
             result.exit_code = exit_codes.PREEMPTED
         while result.exit_code == exit_codes.OK and self.step < cfg.train.steps:
-            stats = self.train_step(batches, self.mtp_weight(self.progress.consumed_tokens))
+            try:
+                stats = self.train_step(batches, self.mtp_weight(self.progress.consumed_tokens))
+            except torch.OutOfMemoryError:
+                self._write_memory_history(f"step {self.step + 1} ran out of memory")
+                raise
             self.progress.step += 1
+            if (path := self.memory.step_done()) is not None:
+                self.logger.print(f"memory history of the start-up and the first "
+                                  f"{cfg.train.memory_snapshot_steps} step(s) written to {path} "
+                                  "(one file per rank; open it at https://pytorch.org/memory_viz)")
             self.progress.consumed_tokens += self.tokens_per_step
             self._steps_since += 1
             self._handle_nonfinite(stats)
@@ -468,6 +492,8 @@ class Trainer:
                 result.exit_code = exit_codes.SAVE_FAILED  # trained to the end, but not saved
         else:
             self._finish_background_save(result)
+        self._write_memory_history(f"training ended at step {self.step}, inside "
+                                   "train.memory_snapshot_steps")
         result.step = self.step
         return result
 

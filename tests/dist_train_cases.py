@@ -171,6 +171,64 @@ def behaviours(rank, world, data, tmp):
                         .read_text())
     out["lambda_saved"] = marker["trainer"]["mtp_weight"]
     out["consumed_saved"] = marker["trainer"]["consumed_tokens"]
+    out["memory"] = _memory_snapshots(data, tmp)
+    return out
+
+
+def _memory_snapshots(data: Path, tmp: Path) -> dict:
+    """train.memory_snapshot_steps: refused on the CPU; with the device allocator's recording
+    stood in for (it exists on GPUs only), the history is written after the window's last step,
+    and when a step runs out of memory."""
+    import torch
+
+    from model import accelerator
+    from pretrain.config import ConfigError, config_from_dict
+    from pretrain.trainer import Trainer
+    from tests.train_fixtures import tiny_run
+
+    def cfg(name, steps):
+        return config_from_dict(tiny_run(data, tmp / name, train={"memory_snapshot_steps": steps},
+                                         checkpoint={"interval": 0, "save_at_exit": False}))
+
+    out = {}
+    try:
+        Trainer(cfg("mem-cpu", 2))
+    except ConfigError as err:
+        out["cpu_error"] = str(err)
+    calls = []
+    real = {n: getattr(accelerator, n) for n in
+            ("memory_history_supported", "record_memory_history", "dump_memory_history")}
+
+    def dump(path):
+        calls.append(("dump", Path(path).relative_to(tmp).as_posix(), trainer.step))
+        Path(path).write_text("history")
+
+    accelerator.memory_history_supported = lambda: True
+    accelerator.record_memory_history = lambda enabled, max_entries=0: calls.append(
+        ("record", enabled))
+    accelerator.dump_memory_history = dump
+    try:
+        trainer = Trainer(cfg("mem", 2))
+        trainer.train()
+        out["window"] = list(calls)
+        calls.clear()
+        trainer = Trainer(cfg("mem-oom", 3))
+        real_step = trainer.runner.train_step
+
+        def step(*args):
+            if trainer.step == 1:
+                raise torch.OutOfMemoryError("injected")
+            return real_step(*args)
+
+        trainer.runner.train_step = step
+        try:
+            trainer.train()
+        except torch.OutOfMemoryError as err:
+            out["oom_error"] = str(err)
+        out["oom"] = list(calls)
+    finally:
+        for name, fn in real.items():
+            setattr(accelerator, name, fn)
     return out
 
 

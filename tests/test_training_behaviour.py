@@ -71,3 +71,16 @@ def test_validation_reports_real_draft_acceptance(tmp_path):
             assert 0.0 <= v[key] <= 1.0
         assert 1.0 <= v["val/acceptance/tokens_per_forward"] <= 3.0
         assert "val/loss/depth_2" in v
+
+
+def test_memory_history_is_written_after_its_window_and_on_out_of_memory(outcome):
+    m = outcome["memory"]
+    assert "train.memory_snapshot_steps = 2 records the GPU allocator's history" in m["cpu_error"]
+    assert "set it to 0" in m["cpu_error"]
+    # recording from before the engine is built, written once step 2 is done, then stopped
+    assert m["window"] == [("record", True), ("dump", "mem/memory/rank00000.pickle", 2),
+                           ("record", False)]
+    # step 2 runs out of memory: written then, and the error goes on to stop the run
+    assert m["oom_error"] == "injected"
+    assert m["oom"] == [("record", True), ("dump", "mem-oom/memory/rank00000.pickle", 1),
+                        ("record", False)]
