@@ -19,6 +19,10 @@
 #           GPU 1: the A/B's rows on $OLD (the same machine as the rows above);
 #           both:  llama3-8b as in part 1 (selective, micro-batch 1) with compile off, stopped
 #                  after its sixth step (no final checkpoint): where the plan's gap comes from.
+#   PART=4  both:  llama3-8b TP 2, compile off, three steps each with the allocator's history
+#                  (train.memory_snapshot_steps=2): SP + selective at micro-batch 1, no SP and
+#                  no recomputation at micro-batch 1, SP + full at micro-batch 2; what is live
+#                  at each peak (benchmarks/memory_peak.py) beside `mtp plan` for the same run.
 # From the repository root, project importable; results in $OUT.
 set -uo pipefail
 OUT=${OUT:-bench-out}; PY=${PYTHON:-python}; WORK=${WORK:-/tmp/scale}; OLD=${OLD:-.old}
@@ -153,5 +157,28 @@ if [ "$PART" = 3 ]; then
   # with their launcher (pretrain/launch.py); pkill is the fallback.
   kill -9 $job 2>/dev/null; sleep 5; pkill -9 -f run-8b-eager; wait $job
   keep "$log" | grep -E "plan|step [0-9]/" | tail -4
+fi
+if [ "$PART" = 4 ]; then
+  stage prepare
+  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
+  prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  for spec in "selective 1 true" "none 1 false" "full 2 true"; do
+    set -- $spec
+    name=8b-$1-sp$3-micro$2
+    opts=(--config configs/llama3-8b.yaml model.recompute="$1" train.micro_batch_size="$2"
+          train.global_batch_size=$((4 * $2)) parallel.sequence_parallel="$3")
+    stage "llama3-8b TP 2, recompute $1, sequence parallel $3, micro-batch $2, compile off"
+    $PY -m pretrain plan "${opts[@]}" --gpus 2 --seq-len 4096 > "$OUT/$name-plan.txt" 2>&1
+    timeout 240 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+      "${opts[@]}" run_dir="$WORK/run-$name" data.path="$DATA/stdlib-seq4096" \
+      data.num_workers=1 train.compile=false train.steps=3 train.memory_snapshot_steps=2 \
+      optim.warmup_steps=2 checkpoint.interval=0 checkpoint.save_at_exit=false \
+      train.eval_interval=0 train.log_interval=1 > "$OUT/$name.log" 2>&1
+    echo "exit $?"; keep "$OUT/$name.log" | tail -4
+    tail -3 "$OUT/$name-plan.txt"
+    $PY benchmarks/memory_peak.py "$WORK/run-$name/memory/rank00000.pickle" --top 15 \
+      | tee "$OUT/$name-peak.txt"
+    rm -rf "$WORK/run-$name"
+  done
 fi
 stage done

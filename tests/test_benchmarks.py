@@ -146,3 +146,46 @@ def test_bench_generation_suite_smoke(tmp_path):
     table = [ln for ln in res.stdout.splitlines() if ln.startswith("| tiny")]
     assert [ln.split("|")[1].strip() for ln in table[:6]] == [
         "tiny D=1", "tiny D=1", "tiny D=3", "tiny D=3", "tiny D=1 TP=2", "tiny D=1 TP=2"]
+
+
+def _frame(path: str, line: int, name: str) -> dict:
+    return {"filename": path, "line": line, "name": name}
+
+
+def test_memory_peak_reads_what_is_live_at_the_peak(tmp_path):
+    """A hand-made allocator history: one block from before the window still live at the end,
+    one from before it freed inside it, and a peak of two activations that the backward frees."""
+    import pickle
+
+    ours = [_frame("/x/torch/nn/functional.py", 10, "linear"),
+            _frame("/repo/model/mlp.py", 47, "forward"), _frame("/repo/pretrain/trainer.py", 1, "x")]
+    ds = [_frame("/x/site-packages/deepspeed/runtime/zero/stage_1_and_2.py", 5, "step")]
+    gib = 2**30
+
+    def ev(action, addr, size, frames, t):
+        return {"action": action, "addr": addr, "size": size, "frames": frames, "time_us": t}
+
+    events = [ev("free_requested", 7, 1 * gib, ds, 0), ev("free_completed", 7, 1 * gib, ds, 1),
+              ev("alloc", 1, 2 * gib, ours, 10), ev("alloc", 2, 3 * gib, ours[1:], 20),
+              ev("free_completed", 1, 2 * gib, ours, 30), ev("alloc", 3, 1 * gib, ds, 2_000_040),
+              ev("free_completed", 2, 3 * gib, ours[1:], 2_000_050)]
+    snapshot = {"device_traces": [events], "segments": [{"device": 0, "blocks": [
+        {"address": 9, "size": 4 * gib, "state": "active_allocated", "frames": ds},
+        {"address": 3, "size": 1 * gib, "state": "active_allocated", "frames": ds}]}]}
+    bench = _load_script("memory_peak")
+    best, at_us, groups = bench.peak(snapshot)
+    # the weights (4) and the early block (freed at 1 µs) → 4 after it; +2 +3 = 9 at 20 µs
+    assert best == 9 * gib and at_us == 20
+    assert groups == {"model/mlp.py:47 forward": 5 * gib,
+                      "deepspeed/runtime/zero/stage_1_and_2.py:5 step": 4 * gib}
+    path = tmp_path / "rank00000.pickle"
+    path.write_bytes(pickle.dumps(snapshot))
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks/memory_peak.py"), str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [
+        "peak allocated: 9.00 GiB at 0.000 s into the trace; live then:",
+        "    5.00 GiB  model/mlp.py:47 forward",
+        "    4.00 GiB  deepspeed/runtime/zero/stage_1_and_2.py:5 step"]
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks/memory_peak.py"), str(path),
+                          "--device", "1"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no allocation history for device 1" in bad.stderr
