@@ -11,11 +11,12 @@ DeepSpeed's optimizer. So a checkpoint resumes on another TP, PP or DP size or Z
 every fp32 master value and both moments intact; `mtp checkpoint convert` only makes the reads
 cheaper (one whole tensor per parameter).
 
-Why not DeepSpeed's universal checkpoint: it is a separate offline conversion from DeepSpeed's
-native files (which keep a bf16 copy of the weights besides the fp32 state, 14 bytes a parameter
-against 12 here), and its TP merge needs per-parameter patterns for our stride-2 SwiGLU and
-grouped-QKV splits; the fragments here are written from what the running optimizer holds, with
-the split read off each parameter (model/sharding.py).
+Why not DeepSpeed's universal checkpoint (docs/DESIGN.md, "Checkpoints and resume", has the
+measurements):
+it needs an offline conversion before any load, writes a weights copy beside the fp32 state, and
+its loader matches optimizer groups by position, which lost the norm gains' state when the TP
+size (and so our group count) changed. The fragments here are named by parameter, written from
+what the running optimizer holds, with the split read off each parameter (model/sharding.py).
 
 Files: `state_rankNNNNN.safetensors` (tensors `NAME|TP|FIELD`) and `state_rankNNNNN.json` (the
 index: per name, the TP rank and size, the shard's shape and the fragment's start and numel).
