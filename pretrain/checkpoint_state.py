@@ -12,11 +12,11 @@ every fp32 master value and both moments intact; `mtp checkpoint convert` only m
 cheaper (one whole tensor per parameter).
 
 Why not DeepSpeed's universal checkpoint (docs/DESIGN.md, "Checkpoints and resume", has the
-measurements):
-it needs an offline conversion before any load, writes a weights copy beside the fp32 state, and
-its loader matches optimizer groups by position, which lost the norm gains' state when the TP
-size (and so our group count) changed. The fragments here are named by parameter, written from
-what the running optimizer holds, with the split read off each parameter (model/sharding.py).
+measurements): it needs an offline conversion before any load, writes a weights copy beside the
+fp32 state, and its loader matches optimizer groups by position, which lost the norm gains' state
+when the TP size (and so our group count) changed. The fragments here are named by parameter,
+written from what the running optimizer holds, with the split read off each parameter
+(model/sharding.py).
 
 Files: `state_rankNNNNN.safetensors` (tensors `NAME|TP|FIELD`) and `state_rankNNNNN.json` (the
 index: per name, the TP rank and size, the shard's shape and the fragment's start and numel).
