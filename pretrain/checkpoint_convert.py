@@ -6,7 +6,9 @@ parameter is stored as whole TP shards of the target size — one file per targe
 fragment a whole shard — so a rank of the new layout reads its own shard and nothing else
 (data-parallel ranks and ZeRO stages cut their fragments out of it at load). The source is only
 read: the result is written to a temporary directory next to --out and renamed into place, so a
-conversion killed at any point leaves the source as it was and no half-written output.
+conversion killed at any point leaves the source as it was and no half-written output. The
+temporary directory names its process (OWNER.json); the next conversion to the same --out
+removes those whose process has ended on this machine (at 8B a leftover is ~100 GB).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from model.transformer import meta_parameters
 from pretrain.checkpoint import COMPLETE, CheckpointError, CheckpointRef, layout_of
 from pretrain.checkpoint_state import FIELDS, SavedState
 from pretrain.config import ConfigError, config_from_dict, validate_layout
+from pretrain.run_lock import process_ended, this_process
 
 LAYOUT_KEYS = ("tp", "pp", "dp", "zero")
+OWNER = "OWNER.json"  # in a conversion's temporary directory: the process writing it
 
 
 def parse_layout(text: str) -> dict[str, int]:
@@ -44,10 +48,11 @@ def parse_layout(text: str) -> dict[str, int]:
 
 
 def convert(ref: CheckpointRef, out: Path, layout: dict[str, int], progress: bool = True,
-            announce=None) -> dict:
+            announce=None, removed=None) -> dict:
     """Write `ref` converted for `layout` (tp, pp, dp, zero; missing keys: the checkpoint's) to
     `out`. `announce(source, target)` is called once the request is known to be valid, before
-    any writing. Returns the target layout."""
+    any writing; `removed(path)` for each leftover of an interrupted conversion to `out` that
+    is deleted. Returns the target layout."""
     marker = ref.marker()
     source = layout_of(marker)
     target = {**source, **layout}
@@ -68,15 +73,20 @@ def convert(ref: CheckpointRef, out: Path, layout: dict[str, int], progress: boo
     if announce is not None:
         announce(source, target)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in _remove_leftovers(out):
+        if removed is not None:
+            removed(leftover)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     t0 = time.perf_counter()
     try:
+        (tmp / OWNER).write_text(json.dumps(this_process()))
         _write_shards(saved, meta_parameters(cfg.decoder), target["tp"], tmp, progress)
         new_marker = {**marker, "layout": {"world": target["tp"] * target["pp"] * target["dp"],
                                            **target},
                       "config": cfg.to_dict(),
                       "converted_from": {"checkpoint": str(ref.path), "layout": source,
                                          "seconds": round(time.perf_counter() - t0, 3)}}
+        (tmp / OWNER).unlink()
         (tmp / COMPLETE).write_text(json.dumps(new_marker, indent=1))
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
@@ -84,6 +94,22 @@ def convert(ref: CheckpointRef, out: Path, layout: dict[str, int], progress: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _remove_leftovers(out: Path) -> list[Path]:
+    """Delete the temporary directories of earlier conversions to `out` whose process has ended
+    (killed, or its node lost); one without a readable OWNER.json is being created, or is not
+    ours to judge, and stays."""
+    removed = []
+    for tmp in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        try:
+            owner = json.loads((tmp / OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if process_ended(owner):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 def _write_shards(saved: SavedState, meta: dict, tp: int, directory: Path,

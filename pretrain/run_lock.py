@@ -109,6 +109,12 @@ def _alive_here(record: dict) -> bool:
     return record.get("pid_start") is None
 
 
+def process_ended(record: dict) -> bool:
+    """Whether the process of a `this_process()` record ran on this machine and has ended (a
+    record of another machine, or of one still running, is not known to have ended)."""
+    return _same_machine(record, _machine()) and not _alive_here(record)
+
+
 def describe(record: dict) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started", 0)))
     job = f", {record['job']}" if record.get("job") else ""

@@ -349,3 +349,47 @@ def test_checkpoint_convert_says_what_it_did_and_leaves_the_run(outcome):
         "state_rank00000.json", "state_rank00001.json"]  # one whole shard per target TP rank
     before, after = outcome["untouched"]
     assert before == after  # the run it read is unchanged
+
+
+def test_a_conversion_killed_mid_write_leaves_the_source_and_is_cleared_by_the_next(
+        outcome, tmp_path, capsys):
+    """kill -9 after the converted shards' first file is on disk: the source is unchanged and
+    still converts; the hidden temporary directory is removed by the next conversion to the
+    same place (its process is gone), and nothing named --out ever appears half-written."""
+    import signal
+    import time
+
+    run, out, ready = outcome["run"], tmp_path / "conv", tmp_path / "ready"
+    before = _fingerprint(run)
+    argv = ["checkpoint", "convert", str(run), "--layout", "tp=2", "--out", str(out),
+            "--no-progress"]
+    stalled = (  # the first shard file is written, then the process waits to be killed
+        "import sys, time, safetensors.torch as st\n"
+        "real = st.save_file\n"
+        "def stall(*a, **k):\n"
+        f"    real(*a, **k); open({str(ready)!r}, 'w').close(); time.sleep(600)\n"
+        "st.save_file = stall\n"
+        f"from pretrain.cli import main; sys.exit(main({argv!r}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", stalled], cwd=REPO, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() else "timeout"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    [leftover] = tmp_path.glob(".conv.tmp-*")
+    assert not out.exists() and (leftover / "state_rank00000.safetensors").is_file()
+    assert not (leftover / "COMPLETE.json").exists()
+    assert _fingerprint(run) == before
+    from pretrain.cli import main
+
+    assert main(argv) == 0
+    assert f"mtp checkpoint: removed {leftover}, left by a conversion that did not finish" \
+        in capsys.readouterr().err
+    assert not leftover.exists() and (out / "COMPLETE.json").is_file()
+    assert not (out / "OWNER.json").exists()
+    assert _fingerprint(run) == before

@@ -56,8 +56,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"mtp checkpoint: converting {ref.path} (step {ref.step}, {_describe(source)}) "
                   f"for {_describe(target)}", file=sys.stderr)
 
+        def removed(path: Path) -> None:
+            print(f"mtp checkpoint: removed {path}, left by a conversion that did not finish",
+                  file=sys.stderr)
+
         target = convert(ref, Path(args.out), layout, progress=not args.no_progress,
-                         announce=announce)
+                         announce=announce, removed=removed)
     except (ConfigError, CheckpointError) as err:
         raise UsageError(str(err)) from None
     except OSError as err:
