@@ -13,6 +13,7 @@ LAYOUTS = {
     "tp2": {"parallel": {"tp": 2}},
     "pp2": {"parallel": {"pp": 2}},
     "tp2-pp2": {"parallel": {"tp": 2, "pp": 2}},
+    "tp2-pp2-dp2": {"parallel": {"tp": 2, "pp": 2}},  # at world 8
     "dp4": {"parallel": {"zero_stage": 1}},
 }
 STEPS, SAVED = 4, 2

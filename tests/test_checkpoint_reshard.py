@@ -1,6 +1,7 @@
 """Resuming a checkpoint on another layout (TP, PP, DP size, ZeRO stage, world size): the
 loaded fp32 masters and Adam moments equal the checkpoint's files exactly, and the resumed run
-continues the source run's loss curve."""
+continues the source run's loss curve. Sources train at worlds 1, 2, 4 and 8 (TP2×PP2×DP2),
+resumed at worlds 1, 2 and 4."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ W1_PAIRS = [("dp2-z1", "dp1"), ("dp2-z3", "dp1"), ("tp2", "dp1"), ("pp2", "dp1")
             ("tp2-pp2", "dp1"), ("tp2-as-tp1", "dp1")]
 W2_PAIRS = [("dp1", "tp2"), ("dp1", "pp2"), ("tp2-pp2", "dp2-z3"), ("tp2", "pp2"),
             ("dp2-z1", "dp2-z3")]
-W4_PAIRS = [("dp2-z1", "tp2-pp2"), ("dp2-z3", "dp4")]
+W4_PAIRS = [("dp2-z1", "tp2-pp2"), ("dp2-z3", "dp4"), ("tp2-pp2-dp2", "dp4")]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def reshard(tmp_path_factory):
     data = str(build_tiny_dataset(tmp_path_factory.mktemp("data")))
     out = {"sources": {}, "targets": {}}
     for world, layouts, pairs in ((2, ["dp2-z1", "dp2-z3", "tp2", "pp2"], []),
+                                  (8, ["tp2-pp2-dp2"], []),
                                   (4, ["tp2-pp2"], W4_PAIRS),
                                   (1, ["dp1"], W1_PAIRS),
                                   (2, [], W2_PAIRS)):
