@@ -29,19 +29,21 @@ W1_PAIRS = [("dp2-z1", "dp1"), ("dp2-z3", "dp1"), ("tp2", "dp1"), ("pp2", "dp1")
             ("tp2-pp2", "dp1"), ("tp2-as-tp1", "dp1")]
 W2_PAIRS = [("dp1", "tp2"), ("dp1", "pp2"), ("tp2-pp2", "dp2-z3"), ("tp2", "pp2"),
             ("dp2-z1", "dp2-z3")]
-W4_PAIRS = [("dp2-z1", "tp2-pp2"), ("dp2-z3", "dp4"), ("tp2-pp2-dp2", "dp4")]
+W4_PAIRS = [("dp2-z1", "tp2-pp2"), ("dp2-z3", "dp4"), ("tp2-pp2-dp2", "dp4"), ("dp1", "dp4")]
 
 
 @pytest.fixture(scope="module")
 def reshard(tmp_path_factory):
-    """Sources at worlds 2, 4 and 1, then every pair resumed; {"sources", "targets"}."""
+    """Sources at worlds 1, 2, 8 and 4, each pair resumed once its source exists;
+    {"sources", "targets"}."""
     tmp = str(tmp_path_factory.mktemp("reshard"))
     data = str(build_tiny_dataset(tmp_path_factory.mktemp("data")))
     out = {"sources": {}, "targets": {}}
-    for world, layouts, pairs in ((2, ["dp2-z1", "dp2-z3", "tp2", "pp2"], []),
+    for world, layouts, pairs in ((1, ["dp1"], []),
+                                  (2, ["dp2-z1", "dp2-z3", "tp2", "pp2"], []),
                                   (8, ["tp2-pp2-dp2"], []),
                                   (4, ["tp2-pp2"], W4_PAIRS),
-                                  (1, ["dp1"], W1_PAIRS),
+                                  (1, [], W1_PAIRS),
                                   (2, [], W2_PAIRS)):
         got = run_world(cases.phase, world, data, tmp, layouts, pairs, timeout_s=500)[0]
         out["sources"].update(got["sources"])
