@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -239,13 +240,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="110m")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="110m",
+                   help="configs/gpt-110m.yaml as shipped, or 'small' (4 layers of width 512) "
+                        "for a quick run (default 110m)")
     p.add_argument("--source", choices=sorted(SOURCES), default="dp2",
                    help="the source run's layout (2 ranks); the target is DP 1")
     p.add_argument("--steps", type=int, default=2, help="training steps before the saves")
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "bench-ckpt-data"),
                    help="prepared dataset (built from the stdlib on first use)")
-    p.add_argument("--work", default=None, help="where the checkpoints go (default: a temp dir)")
+    p.add_argument("--work", default=None,
+                   help="where the checkpoints go, kept afterwards (default: a temporary "
+                        "directory, removed at the end)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--role", choices=["source", "target"], help=argparse.SUPPRESS)
     p.add_argument("--resume", default=None, help=argparse.SUPPRESS)
@@ -254,11 +259,19 @@ def main() -> None:
         return source(args)
     if args.role == "target":
         return target(args)
+    _prepare(Path(args.data))
+    keep = args.work is not None
+    args.work = args.work or tempfile.mkdtemp(prefix="bench-ckpt-")
+    try:
+        _compare(args)
+    finally:
+        if not keep:
+            shutil.rmtree(args.work, ignore_errors=True)
 
+
+def _compare(args) -> None:
     from benchmarks.provenance import commit
 
-    _prepare(Path(args.data))
-    args.work = args.work or tempfile.mkdtemp(prefix="bench-ckpt-")
     work = Path(args.work)
     print(f"{args.shape}, {args.source} → DP 1, checkpoints in {work}", flush=True)
     saved = _torchrun(args, "source", 2)
