@@ -468,7 +468,9 @@ class Trainer:
                 self._write_memory_history(f"step {self.step + 1} ran out of memory")
                 raise
             self.progress.step += 1
+            t0 = time.perf_counter()
             if (path := self.memory.step_done()) is not None:
+                self._t_last += time.perf_counter() - t0  # writing it is not training time
                 self.logger.print(f"memory history of the start-up and the first "
                                   f"{cfg.train.memory_snapshot_steps} step(s) written to {path} "
                                   "(one file per rank; open it at https://pytorch.org/memory_viz)")
