@@ -226,10 +226,43 @@ def _memory_snapshots(data: Path, tmp: Path) -> dict:
         except torch.OutOfMemoryError as err:
             out["oom_error"] = str(err)
         out["oom"] = list(calls)
+        out["cli"] = _out_of_memory_through_the_cli(data, tmp)
     finally:
         for name, fn in real.items():
             setattr(accelerator, name, fn)
     return out
+
+
+def _out_of_memory_through_the_cli(data: Path, tmp: Path) -> tuple[int, str]:
+    """`mtp train` whose second step runs out of memory: (exit code, stderr)."""
+    import contextlib
+    import io
+
+    import torch
+    import yaml
+
+    from pretrain.cli import main
+    from pretrain.trainer import Trainer
+    from tests.train_fixtures import tiny_run
+
+    config = tmp / "oom.yaml"
+    config.write_text(yaml.safe_dump(tiny_run(data, tmp / "mem-cli")))
+    real_step = Trainer.train_step
+
+    def step(self, *args):
+        if self.step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. If "
+                                         "reserved but unallocated memory is large try ...")
+        return real_step(self, *args)
+
+    Trainer.train_step = step
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(["train", "--config", str(config), "train.memory_snapshot_steps=3"])
+    finally:
+        Trainer.train_step = real_step
+    return code, err.getvalue()
 
 
 def shipped_configs(rank, world, data, tmp, names):

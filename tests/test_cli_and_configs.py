@@ -219,5 +219,5 @@ def test_exit_codes_are_stated_once_and_restated_consistently():
     assert not re.search(r"\bexit 75\b|^\s*75\)", sbatch, re.M)  # only through the variable
     readme = (REPO / "scripts/slurm/README.md").read_text()
     for code in (exit_codes.USAGE, exit_codes.NONFINITE, exit_codes.SAVE_FAILED,
-                 exit_codes.PEER_LOST, exit_codes.PREEMPTED):
+                 exit_codes.PEER_LOST, exit_codes.OUT_OF_MEMORY, exit_codes.PREEMPTED):
         assert f" {code} " in readme.split("pretrain/exit_codes.py")[1][:400]

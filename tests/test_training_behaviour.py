@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -84,3 +85,13 @@ def test_memory_history_is_written_after_its_window_and_on_out_of_memory(outcome
     assert m["oom_error"] == "injected"
     assert m["oom"] == [("record", True), ("dump", "mem-oom/memory/rank00000.pickle", 1),
                         ("record", False)]
+    # through `mtp train`: exit 6 with one paragraph that says where and what fits, and the
+    # history written first
+    code, err = m["cli"]
+    assert code == 6, err
+    assert "step 2 ran out of memory: memory history written to " in err
+    assert re.search(r"^mtp train: rank 0 of 1: out of device memory in step 2 \(CUDA out of "
+                     r"memory\. Tried to allocate 2\.00 GiB\)\. This config does not fit: "
+                     r"`mtp plan --config \S+oom\.yaml \[the same overrides\]`.* "
+                     r"model\.recompute=full.*--resume auto\.$", err, re.M), err
+    assert "Traceback" not in err

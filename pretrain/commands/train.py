@@ -34,6 +34,22 @@ def _collective_failure(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(k in text for k in _COLLECTIVE_FAILURE)
 
 
+def _out_of_memory(err: BaseException, config: str, steps_done: int | None) -> str:
+    """One paragraph for an out-of-memory error: where, what torch said, and what fits."""
+    import os
+
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    where = f"in step {steps_done + 1}" if steps_done is not None else "during start-up"
+    said = str(err).split(". If reserved")[0].strip()  # torch's allocator advice follows
+    return (f"mtp train: rank {rank} of {world}: out of device memory {where} ({said}). This "
+            f"config does not fit: `mtp plan --config {config} [the same overrides]` shows what "
+            "a GPU holds. To fit: model.recompute=full, a smaller train.micro_batch_size (the "
+            "global batch stays, with more accumulation), parallel.sequence_parallel=true with "
+            "TP > 1, a higher parallel.zero_stage, or more GPUs; "
+            "train.memory_snapshot_steps=N records what holds the peak. Nothing after the newest "
+            "complete checkpoint is kept: change the config and restart with --resume auto.")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="pretrain a model (MTP objectives, TP/PP/ZeRO, exact resume)",
@@ -69,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
 
+    import torch
+
     from pretrain.trainer import NonFiniteError, RunDirLost, Trainer
 
     trainer = None
@@ -90,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
                          every_rank=not started) from None
     except NonFiniteError as err:
         raise CommandError(str(err), exit_codes.NONFINITE, label="stopped") from None
+    except torch.OutOfMemoryError as err:
+        print(_out_of_memory(err, args.config, trainer.step if started else None),
+              file=sys.stderr, flush=True)
+        return exit_codes.OUT_OF_MEMORY
     except RuntimeError as err:
         if not _collective_failure(err):
             raise
