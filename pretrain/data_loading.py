@@ -1,14 +1,64 @@
-"""The one place that turns a run's data config into loaders: training batches, validation
-batches and held-out prompts, for the trainer and for `mtp eval` alike."""
+"""The one place that turns a run's data config into loaders: the datasets' manifests checked
+against the model, then training batches, validation batches and held-out prompts, for the
+trainer and for `mtp eval` alike."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from data_pipeline import ShardLoader
-from pretrain.config import DataConfig
+from data_pipeline import Manifest, ShardError, ShardLoader, load_manifest
+from data_pipeline.mixture import check_same_tokenizer
+from pretrain.config import ConfigError, DataConfig, RunConfig
 
 Purpose = Literal["train", "validation", "prompts"]
+
+
+def load_manifests(cfg: RunConfig) -> list[tuple[str, Manifest]]:
+    """(source label, manifest) of every data source, after checking each against the model and
+    all of them against each other (a mixture shares one tokenizer)."""
+    data = cfg.data
+    manifests = []
+    for i, source in enumerate(data.source_list()):
+        key = "data.path" if data.path else f"data.sources[{i}].path"
+        try:
+            # With skip_corrupt the loader checks (and skips, counting) the shards itself.
+            manifest = load_manifest(source.path, check_files=not data.skip_corrupt,
+                                     remote=data.remote.options())
+        except ShardError:
+            raise
+        except ValueError as err:  # no/unreadable manifest, tokenizer replaced after the build
+            raise ConfigError(f"{key} = {source.path!r}: {err}") from None
+        _check_dataset(cfg, manifest, source.path)
+        manifests.append((source.label, manifest))
+    try:
+        check_same_tokenizer(manifests)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return manifests
+
+
+def _check_dataset(cfg: RunConfig, manifest: Manifest, path: str) -> None:
+    m = cfg.model
+    if manifest.vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"the dataset's tokenizer has {manifest.vocab_size} tokens but model.vocab_size = "
+            f"{m.vocab_size}; set model.vocab_size >= {manifest.vocab_size} (padding to a "
+            "multiple of the TP size is fine)")
+    if cfg.mtp.depth > manifest.max_depth:
+        raise ConfigError(
+            f"mtp.depth = {cfg.mtp.depth} but the dataset at {path} was built for "
+            f"max_depth {manifest.max_depth}; rebuild it with `mtp prepare --max-depth "
+            f"{cfg.mtp.depth}` or lower mtp.depth")
+    if manifest.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"the dataset's windows have seq_len {manifest.seq_len} but model.max_seq_len = "
+            f"{m.max_seq_len}; raise model.max_seq_len")
+    tp = cfg.parallel.tp
+    if cfg.parallel.sequence_parallel and manifest.seq_len % tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel = true splits the sequence over parallel.tp = {tp} "
+            f"ranks, but the dataset's seq_len {manifest.seq_len} is not divisible by {tp}; "
+            "build the data with a divisible --seq-len or turn sequence parallelism off")
 
 
 def make_loader(data: DataConfig, purpose: Purpose, *, dp_rank: int, dp_size: int,

@@ -15,8 +15,6 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import logger as ds_logger
 
-from data_pipeline import ShardError, load_manifest
-from data_pipeline.mixture import check_same_tokenizer
 from model import accelerator
 from model.cost import forward_flops_per_token
 from model.generation import DecodingEngine
@@ -26,7 +24,7 @@ from pretrain import exit_codes, quiet
 from pretrain.acceptance_eval import acceptance_metrics
 from pretrain.checkpoint_state import owned
 from pretrain.config import ConfigError, RunConfig, validate_layout
-from pretrain.data_loading import make_loader, weighted_validation
+from pretrain.data_loading import load_manifests, make_loader, weighted_validation
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.distributed import build_topology, init_distributed
 from pretrain.engine import build_engine
@@ -102,7 +100,8 @@ class Trainer:
         self.policy = resolve_runtime(cfg, self.layout)
         self.device = accelerator.current_device()
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.manifest = self._load_manifest()
+        self.manifests = load_manifests(cfg)  # [(source label, manifest)], checked
+        self.manifest = self.manifests[0][1]
         self._take_run_dir()  # before anything is written there
         self.logger = MetricsLogger(self.run_dir, active=self.rank == 0)
         self.seq_len = self.manifest.seq_len
@@ -149,52 +148,6 @@ class Trainer:
         return self.progress.step
 
     # ------------------------------------------------------------------ setup helpers
-    def _load_manifest(self):
-        """The first source's manifest, after checking every source against the model and each
-        other (a mixture shares one tokenizer); all of them in self.manifests."""
-        data = self.cfg.data
-        self.manifests = []
-        for i, source in enumerate(data.source_list()):
-            key = "data.path" if data.path else f"data.sources[{i}].path"
-            try:
-                # With skip_corrupt the loader checks (and skips, counting) the shards itself.
-                manifest = load_manifest(source.path, check_files=not data.skip_corrupt,
-                                         remote=data.remote.options())
-            except ShardError:
-                raise
-            except ValueError as err:  # no/unreadable manifest, tokenizer replaced after the build
-                raise ConfigError(f"{key} = {source.path!r}: {err}") from None
-            self._check_dataset(manifest, source.path)
-            self.manifests.append((source.label, manifest))
-        try:
-            check_same_tokenizer(self.manifests)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        return self.manifests[0][1]
-
-    def _check_dataset(self, manifest, path: str) -> None:
-        m = self.cfg.model
-        if manifest.vocab_size > m.vocab_size:
-            raise ConfigError(
-                f"the dataset's tokenizer has {manifest.vocab_size} tokens but model.vocab_size = "
-                f"{m.vocab_size}; set model.vocab_size >= {manifest.vocab_size} (padding to a "
-                "multiple of the TP size is fine)")
-        if self.cfg.mtp.depth > manifest.max_depth:
-            raise ConfigError(
-                f"mtp.depth = {self.cfg.mtp.depth} but the dataset at {path} was built for "
-                f"max_depth {manifest.max_depth}; rebuild it with `mtp prepare --max-depth "
-                f"{self.cfg.mtp.depth}` or lower mtp.depth")
-        if manifest.seq_len > m.max_seq_len:
-            raise ConfigError(
-                f"the dataset's windows have seq_len {manifest.seq_len} but model.max_seq_len = "
-                f"{m.max_seq_len}; raise model.max_seq_len")
-        tp = self.cfg.parallel.tp
-        if self.cfg.parallel.sequence_parallel and manifest.seq_len % tp:
-            raise ConfigError(
-                f"parallel.sequence_parallel = true splits the sequence over parallel.tp = {tp} "
-                f"ranks, but the dataset's seq_len {manifest.seq_len} is not divisible by {tp}; "
-                "build the data with a divisible --seq-len or turn sequence parallelism off")
-
     def _loader(self, purpose: str, source: str | None = None):
         t = self.cfg.train
         return make_loader(self.cfg.data, purpose, dp_rank=self.topo.dp_rank,

@@ -23,9 +23,11 @@ CONVERTED = "tp2-as-tp1"  # the tp2 source's checkpoint converted offline for TP
 def checkpoint_dir(tmp, source: str) -> Path:
     """The step-SAVED checkpoint of `source`; the converted one sits where `mtp checkpoint
     convert --out` put it, under a name of the user's choosing."""
+    from pretrain.checkpoint import tag_for
+
     if source == CONVERTED:
         return Path(tmp) / "converted-ckpt"
-    return Path(tmp) / f"src-{source}" / "checkpoints" / f"step_{SAVED:08d}"
+    return Path(tmp) / f"src-{source}" / "checkpoints" / tag_for(SAVED)
 
 
 def _cfg(data: str, run_dir: Path, layout: str):
