@@ -28,6 +28,7 @@ from model import accelerator
 from pretrain.checkpoint_state import (
     HostBuffers,
     SavedState,
+    fragment_layout,
     link_optimizer_state,
     load_into,
     snapshot,
@@ -268,6 +269,34 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._pending: SaveRequest | None = None
         self._error: str | None = None
+        self._reserving: threading.Thread | None = None
+        self.reserved: tuple[float, float] | None = None
+        """(GiB, seconds) of the host buffers `prepare` allocated, once it has finished."""
+        self.reserve_error: str | None = None
+
+    def prepare(self, engine, owners) -> None:
+        """Allocate this rank's host buffers on a helper thread while training goes on, so the
+        first background save pauses training no longer than the later ones (at 8B page-locking
+        ~50 GB per rank takes tens of seconds). Call after the first optimizer step (its state
+        must exist); the first save waits for it if it is still running."""
+        link_optimizer_state(engine.optimizer)
+        layout = fragment_layout(owners)
+
+        def reserve() -> None:
+            t0 = time.perf_counter()
+            try:
+                self._buffers.reserve(layout)
+            except (RuntimeError, MemoryError) as err:  # the saves allocate as they go
+                self.reserve_error = f"{type(err).__name__}: {err}"
+            self.reserved = (self._buffers.reserved_bytes / 2**30, time.perf_counter() - t0)
+
+        self._reserving = threading.Thread(target=reserve, name="checkpoint-buffers", daemon=True)
+        self._reserving.start()
+
+    def _wait_reserved(self) -> None:
+        if self._reserving is not None:
+            self._reserving.join()
+            self._reserving = None
 
     def _join(self) -> SaveRequest | None:
         if self._thread is not None:
@@ -299,6 +328,7 @@ class CheckpointWriter:
         (so resume keeps using the previous checkpoint and `latest` keeps naming it), and with
         `remove_partial` rank 0 deletes it."""
         self.finish()
+        self._wait_reserved()
         if not parameters_finite(engine.module):
             raise CheckpointError(
                 f"refusing to save step {step}: the weights hold non-finite values; the previous "

@@ -29,7 +29,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -122,13 +121,54 @@ class HostBuffers:
     """The host copies a save writes, kept from one save to the next (a save starts after the
     previous one has finished writing them). With `pinned` (GPUs) they are page-locked, so the
     device-to-host copies run asynchronously at the link's speed and training waits for one
-    synchronisation; the allocation is paid at the first save only. Copied fragment by fragment
-    into fresh pageable memory, gpt-1b's 15 GB state paused training 10.6 s on an H200
-    (benchmarks/RESULTS.md)."""
+    synchronisation. Allocating them is the expensive part: copied fragment by fragment into
+    fresh pageable memory, gpt-1b's 15 GB state paused training 10.6 s on an H200, and into
+    fresh pinned memory 7.8 s, against 0.3 s into buffers kept from an earlier save
+    (benchmarks/RESULTS.md). `reserve` pays that allocation ahead of the first save, off the
+    training thread.
+
+    Reserved buffers are views into slabs of a few large allocations: torch's pinned allocator
+    rounds every allocation up to a power of two, which per fragment would page-lock up to twice
+    the state."""
+
+    SLAB_BYTES = 1 << 30
+    ALIGN = 64  # bytes; every view starts on a cache line, so any dtype may view it
 
     def __init__(self, pinned: bool):
         self.pinned = pinned
         self._buffers: dict[str, torch.Tensor] = {}
+        self.reserved_bytes = 0
+
+    def reserve(self, layout: list[tuple[str, int, torch.dtype]]) -> None:
+        """Allocate (and fault in) the buffers of `layout` — (key, numel, dtype) as
+        `fragment_layout` lists them — packed into slabs, largest first. Runs on a helper
+        thread: torch releases the GIL while it allocates."""
+        nbytes = {key: numel * dtype.itemsize for key, numel, dtype in layout}
+        slab_bytes = max(self.SLAB_BYTES, _power_of_two_ceil(max(nbytes.values(), default=0)))
+        slabs: list[list[tuple[str, int, torch.dtype]]] = []
+        free: list[int] = []  # bytes left in each slab
+        for key, numel, dtype in sorted(layout, key=lambda x: -nbytes[x[0]]):
+            size = -(-nbytes[key] // self.ALIGN) * self.ALIGN
+            fit = next((i for i, left in enumerate(free) if left >= size), None)
+            if fit is None:
+                slabs.append([])
+                free.append(slab_bytes)
+                fit = len(slabs) - 1
+            slabs[fit].append((key, numel, dtype))
+            free[fit] -= size
+        for i, members in enumerate(slabs):
+            used = slab_bytes - free[i]
+            # The last slab is cut to what it holds (so at most one rounding's waste).
+            slab = torch.empty(used if i == len(slabs) - 1 else slab_bytes, dtype=torch.uint8,
+                               pin_memory=self.pinned)
+            if not self.pinned:
+                slab.zero_()  # fault the pages in now, not during the first save's copies
+            self.reserved_bytes += slab.numel()
+            offset = 0
+            for key, numel, dtype in members:
+                size = numel * dtype.itemsize
+                self._buffers[key] = slab[offset: offset + size].view(dtype)
+                offset += -(-size // self.ALIGN) * self.ALIGN
 
     def copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """A flat host copy of `t` (complete after `wait`)."""
@@ -146,6 +186,33 @@ class HostBuffers:
             get_accelerator().synchronize()
 
 
+def _power_of_two_ceil(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _key(owner: Owner, field: str) -> str:
+    return f"{owner.name}|{owner.tp_rank}|{field}"
+
+
+def fragment_layout(owners: list[Owner]) -> list[tuple[str, int, torch.dtype]]:
+    """(key, numel, dtype) of every host copy `snapshot` makes, read without copying or
+    communicating (so frozen ZeRO-3 parameters, gathered at each save, are left out). Valid
+    once the optimizer's state exists (after the first step)."""
+    out = []
+    for o in owners:
+        if not o.writes or (o.frozen and o.zero3):
+            continue
+        for field in FIELDS:
+            if o.frozen:  # read from the module at each save, as fp32
+                if field == MASTER:
+                    out.append((_key(o, field), o.numel, torch.float32))
+                continue
+            t = _read_local(o, field)
+            if t is not None:
+                out.append((_key(o, field), t.numel(), t.dtype))
+    return out
+
+
 def snapshot(owners: list[Owner], buffers: HostBuffers) -> tuple[dict, dict[str, torch.Tensor]]:
     """(index, host copies of every owned fragment): what a save writes. Copying to the host
     is all that has to happen before training may go on; the writing can follow later."""
@@ -160,7 +227,7 @@ def snapshot(owners: list[Owner], buffers: HostBuffers) -> tuple[dict, dict[str,
             t = _read_local(o, field)
             if t is None:
                 continue
-            key = f"{o.name}|{o.tp_rank}|{field}"
+            key = _key(o, field)
             tensors[key] = buffers.copy(key, t)
             fields.append(field)
         shard_shape = list(o.param.ds_shape) if o.zero3 else list(o.param.shape)
@@ -174,8 +241,34 @@ def snapshot(owners: list[Owner], buffers: HostBuffers) -> tuple[dict, dict[str,
 def write_rank_files(directory: Path, rank: int, index: dict,
                      tensors: dict[str, torch.Tensor]) -> None:
     """The rank's tensors, then its index (the index last: it is what names the tensors)."""
-    safetensors.torch.save_file(tensors, str(directory / _rank_file(rank, "safetensors")))
+    write_safetensors(directory / _rank_file(rank, "safetensors"), tensors)
     (directory / _rank_file(rank, "json")).write_text(json.dumps(index))
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written tensor by tensor from the host buffers. safetensors'
+    save_file first turns every tensor into a bytes object, a second copy of the whole state in
+    host memory (~50 GB per rank at 8B): this writes the same format (an 8-byte little-endian
+    header length, the JSON header padded to 8 bytes, the data in header order) with no copy."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        assert t.device.type == "cpu" and t.is_contiguous(), name
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.numel() * t.element_size()]}
+        offset = header[name]["data_offsets"][1]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for t in tensors.values():
+            if t.numel():  # a byte view: numpy has no bfloat16
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 class SavedState:

@@ -116,6 +116,9 @@ class Trainer:
         self.owners = [o if o.name not in copies else dataclasses.replace(o, writes=False)
                        for o in owned(named, self.topo.tp_rank, self.layout.tp, self.topo.dp_rank)]
         self.writer = ckpt.CheckpointWriter(pinned=self.policy.pin_memory)
+        # Background saves get their host buffers allocated after the first step (see
+        # CheckpointWriter.prepare), reported at the first save.
+        self._prepare_saves = self.policy.async_save and cfg.checkpoint.interval > 0
         self._t_last, self._steps_since = time.perf_counter(), 0  # throughput window
         self.fused_overflow_check = built.fused_overflow_check
         if built.init_source:
@@ -304,6 +307,13 @@ class Trainer:
                               "training continues (checkpoint.on_save_error = 'continue')")
             return None
         stall = time.perf_counter() - t0
+        if (reserved := self.writer.reserved) is not None:
+            self.writer.reserved = None  # reported once
+            problem = self.writer.reserve_error
+            self.logger.print(
+                f"host buffers for background saves: {reserved[0]:.1f} GiB on rank {self.rank}, "
+                f"allocated while training in {reserved[1]:.1f} s"
+                + (f" (stopped: {problem}; the rest is allocated by each save)" if problem else ""))
         self.logger.print(f"{'writing' if background else 'saved'} checkpoint {ref.path} "
                           f"(training paused {stall:.1f} s)")
         self._t_last += stall  # a save's pause is not training time
@@ -429,6 +439,9 @@ class Trainer:
                                   "(one file per rank; open it at https://pytorch.org/memory_viz)")
             self.progress.consumed_tokens += self.tokens_per_step
             self._steps_since += 1
+            if self._prepare_saves:
+                self._prepare_saves = False
+                self.writer.prepare(self.engine, self.owners)
             self._handle_nonfinite(stats)
             self._report_skipped_data()
             if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:

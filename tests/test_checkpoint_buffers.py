@@ -1,0 +1,55 @@
+"""The host side of a checkpoint save: buffers reserved ahead of the first save, packed into
+slabs, and the safetensors file written from them without a second copy."""
+
+from __future__ import annotations
+
+import safetensors.torch
+import torch
+
+from pretrain.checkpoint_state import HostBuffers, write_safetensors
+
+
+def test_reserved_buffers_are_disjoint_aligned_views_that_saves_reuse(monkeypatch):
+    monkeypatch.setattr(HostBuffers, "SLAB_BYTES", 4096)
+    layout = [("a|0|fp32", 300, torch.float32), ("b|0|fp32", 7, torch.float32),
+              ("c|1|exp_avg", 1000, torch.float32),  # 4000 bytes: fills a slab alone
+              ("d|0|fp32", 5, torch.bfloat16), ("e|0|fp32", 0, torch.float32),
+              ("f|0|exp_avg_sq", 2000, torch.float32)]  # larger than a slab: slabs grow to 8192
+    buffers = HostBuffers(pinned=False)
+    buffers.reserve(layout)
+    spans = []
+    for key, numel, dtype in layout:
+        buf = buffers._buffers[key]
+        assert (buf.numel(), buf.dtype) == (numel, dtype)
+        start = buf.data_ptr()
+        assert start % HostBuffers.ALIGN == 0, key
+        spans.append((start, start + numel * dtype.itemsize))
+    spans.sort()
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))  # no overlap
+    data = sum(n * d.itemsize for _, n, d in layout)
+    # 8192-byte slabs hold f (8000 B); c (4000 B) and the rest (1264 B after alignment) share one
+    assert data <= buffers.reserved_bytes <= 8192 + 4000 + 1264 + 5 * HostBuffers.ALIGN
+
+    t = torch.randn(300)
+    copy = buffers.copy("a|0|fp32", t)
+    assert copy.data_ptr() == buffers._buffers["a|0|fp32"].data_ptr()  # the reserved one
+    assert torch.equal(copy, t)
+    # A fragment whose size changed (not expected within a run) gets a buffer of its own.
+    assert buffers.copy("b|0|fp32", torch.ones(9)).numel() == 9
+
+
+def test_streamed_safetensors_file_reads_back_exactly(tmp_path):
+    slab = torch.zeros(4096, dtype=torch.uint8)
+    tensors = {
+        "w|0|fp32": slab[0:400].view(torch.float32).copy_(torch.randn(100)),
+        "w|0|exp_avg": slab[448:848].view(torch.float32).copy_(torch.randn(100)),
+        "bf": torch.randn(3, 5).to(torch.bfloat16),
+        "empty": torch.empty(0),
+        "ids": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+    }
+    path = tmp_path / "state.safetensors"
+    write_safetensors(path, tensors)
+    back = safetensors.torch.load_file(path)
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
