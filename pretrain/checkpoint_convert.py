@@ -21,13 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import safetensors.torch
 from tqdm import tqdm
 
 from model.sharding import shard_tensor, tp_layout
 from model.transformer import meta_parameters
 from pretrain.checkpoint import COMPLETE, CheckpointError, CheckpointRef, layout_of
-from pretrain.checkpoint_state import FIELDS, SavedState
+from pretrain.checkpoint_state import FIELDS, SavedState, write_rank_files
 from pretrain.config import ConfigError, config_from_dict, validate_layout
 from pretrain.run_lock import process_ended, this_process
 
@@ -137,5 +136,4 @@ def _write_shards(saved: SavedState, meta: dict, tp: int, directory: Path,
                                "numel": math.prod(shard_shape),
                                "fields": [f for f in FIELDS if saved.has(name, f)]}]
     for r in range(tp):
-        safetensors.torch.save_file(tensors[r], str(directory / f"state_rank{r:05d}.safetensors"))
-        (directory / f"state_rank{r:05d}.json").write_text(json.dumps(index[r]))
+        write_rank_files(directory, r, index[r], tensors[r])
