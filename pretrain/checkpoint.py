@@ -273,6 +273,9 @@ class CheckpointWriter:
         self.reserved: tuple[float, float] | None = None
         """(GiB, seconds) of the host buffers `prepare` allocated, once it has finished."""
         self.reserve_error: str | None = None
+        self.written: tuple[int, float] | None = None
+        """(step, seconds) of the last background save, once this rank has written it (on rank
+        0: once COMPLETE.json is there); the trainer reports it and clears it."""
 
     def prepare(self, engine, owners) -> None:
         """Allocate this rank's host buffers on a helper thread while training goes on, so the
@@ -368,7 +371,10 @@ class CheckpointWriter:
         return CheckpointRef(root, tag_for(step), step)
 
     def _background(self, req: SaveRequest) -> None:
+        t0 = time.perf_counter()
         self._error = _run_save(req)
+        if self._error is None:
+            self.written = (req.step, time.perf_counter() - t0)
 
     def _fail(self, req: SaveRequest, error: str | None) -> None:
         """Collective: the failed save's directory unmarked (removed with remove_partial), and

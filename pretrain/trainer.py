@@ -307,6 +307,7 @@ class Trainer:
                               "training continues (checkpoint.on_save_error = 'continue')")
             return None
         stall = time.perf_counter() - t0
+        self._report_written()  # the previous background save, which this one waited for
         if (reserved := self.writer.reserved) is not None:
             self.writer.reserved = None  # reported once
             problem = self.writer.reserve_error
@@ -442,6 +443,7 @@ class Trainer:
             if self._prepare_saves:
                 self._prepare_saves = False
                 self.writer.prepare(self.engine, self.owners)
+            self._report_written()
             self._handle_nonfinite(stats)
             self._report_skipped_data()
             if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
@@ -465,10 +467,17 @@ class Trainer:
         result.step = self.step
         return result
 
+    def _report_written(self) -> None:
+        if (written := self.writer.written) is not None:
+            self.writer.written = None
+            self.logger.print(f"checkpoint step {written[0]} is on disk (written in the "
+                              f"background in {written[1]:.1f} s)")
+
     def _finish_background_save(self, result: TrainResult) -> None:
         """A background save still running when training stops is waited for."""
         try:
             self.writer.finish()
+            self._report_written()
         except ckpt.CheckpointSaveError as err:
             if self.cfg.checkpoint.on_save_error != "continue":
                 raise
