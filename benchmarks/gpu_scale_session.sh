@@ -23,6 +23,11 @@
 #                  (train.memory_snapshot_steps=2): SP + selective at micro-batch 1, no SP and
 #                  no recomputation at micro-batch 1, SP + full at micro-batch 2; what is live
 #                  at each peak (benchmarks/memory_peak.py) beside `mtp plan` for the same run.
+#   PART=5  both:  llama3-8b TP 2 (the shipped layout), compile off, a background checkpoint at
+#                  step 10 (host buffers reserved after step 1): the pause, the reservation's
+#                  time and its effect on the steps, the write time, the size on disk;
+#           then, in the time left: GPU 0: gpt-350m D=1 causal vs document-masked attention;
+#                  GPU 1: gpt-110m before/after A/B, one tree after the other on the same card.
 # From the repository root, project importable; results in $OUT.
 set -uo pipefail
 OUT=${OUT:-bench-out}; PY=${PYTHON:-python}; WORK=${WORK:-/tmp/scale}; OLD=${OLD:-.old}
@@ -180,5 +185,47 @@ if [ "$PART" = 4 ]; then
       | tee "$OUT/$name-peak.txt"
     rm -rf "$WORK/run-$name"
   done
+fi
+if [ "$PART" = 5 ]; then
+  start=$SECONDS
+  stamp() { while IFS= read -r l; do printf '%(%T)T %s\n' -1 "$l"; done; }
+  stage prepare
+  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
+  prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  prep 2048 "$DATA/stdlib-seq1024/tokenizer.model" > "$OUT/prepare-2048.log" 2>&1 &
+  df -h "$WORK" | tail -1; free -g | head -2
+  stage "llama3-8b TP 2, background checkpoint at step 10, compile off"
+  log=$OUT/8b-async.log
+  timeout 420 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+    --config configs/llama3-8b.yaml run_dir="$WORK/run-8b-async" train.compile=false \
+    data.path="$DATA/stdlib-seq4096" data.num_workers=1 train.steps=13 optim.warmup_steps=2 \
+    checkpoint.interval=10 checkpoint.async_save=true checkpoint.keep_last=1 \
+    checkpoint.save_at_exit=false train.eval_interval=0 train.log_interval=1 2>&1 | stamp > "$log"
+  echo "exit ${PIPESTATUS[0]}"
+  grep -E "host buffers|checkpoint|step [0-9]+/|error|Error" "$log" | grep -v "^\S* \[20" \
+    | cut -c1-300 | tail -22
+  du -sh "$WORK/run-8b-async/checkpoints"/* 2>/dev/null; df -h "$WORK" | tail -1
+  rm -rf "$WORK/run-8b-async"
+  wait
+  left=$(( 570 - (SECONDS - start) ))
+  stage "$left s left: gpt-350m causal vs document-masked (GPU 0), gpt-110m A/B (GPU 1)"
+  if [ "$left" -gt 150 ]; then
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      timeout $((left - 10)) $PY benchmarks/bench_training.py --shapes 350m --steps 10 --warmup 4 \
+        --data "$DATA" --json "$OUT/docmask-350m.json" \
+        --rows "ours-deepseek1,ours-deepseek1+data.mask_cross_document=attention"
+    ) > "$OUT/docmask-350m.log" 2>&1 &
+    (
+      export CUDA_VISIBLE_DEVICES=1
+      B=(benchmarks/bench_training.py --shapes 110m --steps 10 --warmup 4 --rows ours-none,ours-deepseek1)
+      (cd "$OLD" && PYTHONPATH=$PWD:${PYTHONPATH:-} timeout $(( (left - 10) / 2 )) $PY "${B[@]}" \
+        --data "$WORK/old-data" --json "$OUT/ab-old.json")
+      timeout $(( (left - 10) / 2 )) $PY "${B[@]}" --data "$DATA" --json "$OUT/ab-new.json"
+    ) > "$OUT/ab.log" 2>&1 &
+    wait
+    grep -E "^\|" "$OUT/docmask-350m.log" | tail -3
+    grep -E "^\| 110m" "$OUT/ab.log"
+  fi
 fi
 stage done
