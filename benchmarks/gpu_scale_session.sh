@@ -23,8 +23,8 @@
 #                  (train.memory_snapshot_steps=2): SP + selective at micro-batch 1, no SP and
 #                  no recomputation at micro-batch 1, SP + full at micro-batch 2; what is live
 #                  at each peak (benchmarks/memory_peak.py) beside `mtp plan` for the same run.
-#   PART=5  both:  llama3-8b TP 2 (the shipped layout), compile off, a background checkpoint at
-#                  step 10 (host buffers reserved after step 1): the pause, the reservation's
+#   PART=5  both:  llama3-8b TP 2 (the shipped layout at 4 micro-batches of 2 a step), compile
+#                  off, a background checkpoint at step 10 (host buffers reserved after step 1): the pause, the reservation's
 #                  time and its effect on the steps, the write time, the size on disk;
 #           then, in the time left: GPU 0: gpt-350m D=1 causal vs document-masked attention;
 #                  GPU 1: gpt-110m before/after A/B, one tree after the other on the same card.
@@ -198,7 +198,8 @@ if [ "$PART" = 5 ]; then
   log=$OUT/8b-async.log
   timeout 420 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
     --config configs/llama3-8b.yaml run_dir="$WORK/run-8b-async" train.compile=false \
-    data.path="$DATA/stdlib-seq4096" data.num_workers=1 train.steps=13 optim.warmup_steps=2 \
+    data.path="$DATA/stdlib-seq4096" data.num_workers=1 train.micro_batch_size=2 \
+    train.global_batch_size=8 train.steps=13 optim.warmup_steps=2 \
     checkpoint.interval=10 checkpoint.async_save=true checkpoint.keep_last=1 \
     checkpoint.save_at_exit=false train.eval_interval=0 train.log_interval=1 2>&1 | stamp > "$log"
   echo "exit ${PIPESTATUS[0]}"
@@ -218,6 +219,7 @@ if [ "$PART" = 5 ]; then
     ) > "$OUT/docmask-350m.log" 2>&1 &
     (
       export CUDA_VISIBLE_DEVICES=1
+      [ "${AB:-1}" = 1 ] || exit 0
       B=(benchmarks/bench_training.py --shapes 110m --steps 10 --warmup 4 --rows ours-none,ours-deepseek1)
       (cd "$OLD" && PYTHONPATH=$PWD:${PYTHONPATH:-} timeout $(( (left - 10) / 2 )) $PY "${B[@]}" \
         --data "$WORK/old-data" --json "$OUT/ab-old.json")
