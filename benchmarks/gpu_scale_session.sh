@@ -23,11 +23,14 @@
 #                  (train.memory_snapshot_steps=2): SP + selective at micro-batch 1, no SP and
 #                  no recomputation at micro-batch 1, SP + full at micro-batch 2; what is live
 #                  at each peak (benchmarks/memory_peak.py) beside `mtp plan` for the same run.
+#                  SPECS="recompute micro sp;..." picks the layouts.
 #   PART=5  both:  llama3-8b TP 2 (the shipped layout at 4 micro-batches of 2 a step), compile
-#                  off, a background checkpoint at step 10 (host buffers reserved after step 1): the pause, the reservation's
-#                  time and its effect on the steps, the write time, the size on disk;
+#                  off, a background checkpoint at step 10 (host buffers reserved from start-up):
+#                  the pause, the reservation's time and its effect on the steps, the write time,
+#                  the size on disk;
 #           then, in the time left: GPU 0: gpt-350m D=1 causal vs document-masked attention;
-#                  GPU 1: gpt-110m before/after A/B, one tree after the other on the same card.
+#                  GPU 1: gpt-110m before/after A/B, one tree after the other on the same card
+#                  (AB=0 skips the A/B, NO350=1 both).
 # From the repository root, project importable; results in $OUT.
 set -uo pipefail
 OUT=${OUT:-bench-out}; PY=${PYTHON:-python}; WORK=${WORK:-/tmp/scale}; OLD=${OLD:-.old}
@@ -167,7 +170,8 @@ if [ "$PART" = 4 ]; then
   stage prepare
   prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
   prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
-  for spec in "selective 1 true" "none 1 false" "full 2 true"; do
+  IFS=';' read -ra specs <<< "${SPECS:-selective 1 true;none 1 false;full 2 true}"
+  for spec in "${specs[@]}"; do
     set -- $spec
     name=8b-$1-sp$3-micro$2
     opts=(--config configs/llama3-8b.yaml model.recompute="$1" train.micro_batch_size="$2"
@@ -210,7 +214,7 @@ if [ "$PART" = 5 ]; then
   wait
   left=$(( 570 - (SECONDS - start) ))
   stage "$left s left: gpt-350m causal vs document-masked (GPU 0), gpt-110m A/B (GPU 1)"
-  if [ "$left" -gt 150 ]; then
+  if [ "$left" -gt 150 ] && [ "${NO350:-0}" = 0 ]; then
     (
       export CUDA_VISIBLE_DEVICES=0
       timeout $((left - 10)) $PY benchmarks/bench_training.py --shapes 350m --steps 10 --warmup 4 \

@@ -277,12 +277,12 @@ class CheckpointWriter:
         """(step, seconds) of the last background save, once this rank has written it (on rank
         0: once COMPLETE.json is there); the trainer reports it and clears it."""
 
-    def prepare(self, engine, owners) -> None:
-        """Allocate this rank's host buffers on a helper thread while training goes on, so the
-        first background save pauses training no longer than the later ones (at 8B page-locking
-        ~50 GB per rank takes tens of seconds). Call after the first optimizer step (its state
-        must exist); the first save waits for it if it is still running."""
-        link_optimizer_state(engine.optimizer)
+    def prepare(self, owners) -> None:
+        """Allocate this rank's host buffers on a helper thread, so the first background save
+        pauses training no longer than the later ones: page-locking the 47 GiB of an 8B rank
+        took 20 s on an H200 host, and while it runs the training thread's device calls wait
+        (benchmarks/RESULTS.md). Called at start-up, it overlaps compilation and the first
+        step; the first save waits for it if it is still running."""
         layout = fragment_layout(owners)
 
         def reserve() -> None:

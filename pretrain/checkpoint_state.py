@@ -196,20 +196,24 @@ def _key(owner: Owner, field: str) -> str:
 
 def fragment_layout(owners: list[Owner]) -> list[tuple[str, int, torch.dtype]]:
     """(key, numel, dtype) of every host copy `snapshot` makes, read without copying or
-    communicating (so frozen ZeRO-3 parameters, gathered at each save, are left out). Valid
-    once the optimizer's state exists (after the first step)."""
+    communicating (so frozen ZeRO-3 parameters, gathered at each save, are left out). Before
+    the first step Adam's moments do not exist yet: they are taken to be like the fp32 master
+    fragment, as Adam creates them (a save that finds otherwise allocates its own buffer)."""
     out = []
     for o in owners:
         if not o.writes or (o.frozen and o.zero3):
             continue
+        if o.frozen:  # read from the module at each save, as fp32
+            out.append((_key(o, MASTER), o.numel, torch.float32))
+            continue
+        master = _read_local(o, MASTER)
         for field in FIELDS:
-            if o.frozen:  # read from the module at each save, as fp32
-                if field == MASTER:
-                    out.append((_key(o, field), o.numel, torch.float32))
-                continue
-            t = _read_local(o, field)
-            if t is not None:
-                out.append((_key(o, field), t.numel(), t.dtype))
+            try:
+                t = master if field == MASTER else _read_local(o, field)
+            except KeyError:  # ZeRO-3 before the first step: no state for the parameter yet
+                t = None
+            t = master if t is None else t
+            out.append((_key(o, field), t.numel(), t.dtype))
     return out
 
 

@@ -116,9 +116,6 @@ class Trainer:
         self.owners = [o if o.name not in copies else dataclasses.replace(o, writes=False)
                        for o in owned(named, self.topo.tp_rank, self.layout.tp, self.topo.dp_rank)]
         self.writer = ckpt.CheckpointWriter(pinned=self.policy.pin_memory)
-        # Background saves get their host buffers allocated after the first step (see
-        # CheckpointWriter.prepare), reported at the first save.
-        self._prepare_saves = self.policy.async_save and cfg.checkpoint.interval > 0
         self._t_last, self._steps_since = time.perf_counter(), 0  # throughput window
         self.fused_overflow_check = built.fused_overflow_check
         if built.init_source:
@@ -145,6 +142,10 @@ class Trainer:
         self._maybe_resume()  # an incompatible checkpoint is refused before any work
         self._print_header(sum(p.numel() for p in self.engine.module.parameters()))
         self._check_memory_plan()
+        if self.policy.async_save and cfg.checkpoint.interval > 0:
+            # The host buffers of background saves, allocated while start-up goes on; reported
+            # at the first save.
+            self.writer.prepare(self.owners)
 
     @property
     def step(self) -> int:
@@ -313,7 +314,7 @@ class Trainer:
             problem = self.writer.reserve_error
             self.logger.print(
                 f"host buffers for background saves: {reserved[0]:.1f} GiB on rank {self.rank}, "
-                f"allocated while training in {reserved[1]:.1f} s"
+                f"allocated in the background from start-up in {reserved[1]:.1f} s"
                 + (f" (stopped: {problem}; the rest is allocated by each save)" if problem else ""))
         self.logger.print(f"{'writing' if background else 'saved'} checkpoint {ref.path} "
                           f"(training paused {stall:.1f} s)")
@@ -440,9 +441,6 @@ class Trainer:
                                   "(one file per rank; open it at https://pytorch.org/memory_viz)")
             self.progress.consumed_tokens += self.tokens_per_step
             self._steps_since += 1
-            if self._prepare_saves:
-                self._prepare_saves = False
-                self.writer.prepare(self.engine, self.owners)
             self._report_written()
             self._handle_nonfinite(stats)
             self._report_skipped_data()
