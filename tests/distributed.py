@@ -1,7 +1,12 @@
 """Harness for real multi-process distributed tests on CPU (gloo).
 
-`run_world(fn, world_size, *args)` spawns `world_size` processes, initialises a gloo world in each,
-calls `fn(rank, world_size, *args)` and returns every rank's (picklable) result, in rank order.
+`run_world(fn, world_size, *args)` starts `world_size` fresh processes, initialises a gloo world in
+each, calls `fn(rank, world_size, *args)` and returns every rank's (picklable) result, in rank order.
+
+The processes are forked from a forkserver that has imported torch and the trainer once per test
+session: a rank's imports (torch, DeepSpeed, megatron-core: ~5 s of CPU each) cost more than its
+work at the tests' sizes, and a world of 8 on two cores paid them 8 times over. The server runs
+no test code, so every rank still starts from clean module state.
 
 It never hangs: ranks report through a queue, the parent waits with a deadline and, on a timeout
 or as soon as one rank fails, kills the whole world and raises with the failing rank's own
@@ -18,12 +23,36 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+# Imported once in the forkserver (single-threaded after these imports, so forking it is safe).
+PRELOAD = ["torch", "pretrain.trainer"]
+
 
 class DistributedTestError(AssertionError):
     pass
 
 
-def _entry(fn, rank, world_size, port, timeout_s, args, results) -> None:
+class _ParentFd:
+    """One of this process's file descriptors, duplicated into the rank when it starts. Forkserver
+    children otherwise write to the server's stdout and stderr (those of the test that started
+    it), not to the current test's, which pytest captures and shows when the test fails."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return _detach, (DupFd(self.fd),)
+
+
+def _detach(dup) -> int:
+    return dup.detach()
+
+
+def _entry(fn, rank, world_size, port, timeout_s, args, results, stdio) -> None:
+    for target, fd in zip((1, 2), stdio):
+        os.dup2(fd, target)
+        os.close(fd)
     try:
         os.environ.update(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -47,7 +76,8 @@ def _entry(fn, rank, world_size, port, timeout_s, args, results) -> None:
 
 def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 240) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on a fresh gloo world; return results by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # no effect once the server runs
     results = ctx.Queue()
     from pretrain.launch import free_port
 
@@ -56,8 +86,8 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
     # itself with gloo's own error before it is killed.
     coll_timeout = max(10.0, timeout_s - 15)
     procs = [
-        ctx.Process(target=_entry, args=(fn, r, world_size, port, coll_timeout, args, results),
-                    daemon=True)
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, coll_timeout, args, results,
+                                         (_ParentFd(1), _ParentFd(2))), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
