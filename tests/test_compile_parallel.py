@@ -1,43 +1,49 @@
-"""train.compile under tensor and pipeline parallelism (real 2-process gloo worlds through
-torchrun): the compiled blocks and loss kernels train exactly like the eager ones."""
+"""train.compile under tensor and pipeline parallelism (a real 2-process gloo world): the compiled
+blocks and loss kernels train exactly like the eager ones."""
 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.distributed import run_world
 from tests.train_fixtures import build_tiny_dataset, loss_scalars, tiny_run
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
+RUNS = [("tp2-eager", False, {"tp": 2}), ("tp2-compiled", True, {"tp": 2}),
+        ("pp2-compiled", True, {"pp": 2})]
 
-def _train(tmp: Path, data: Path, name: str, compile_: bool, parallel: dict) -> dict:
-    run_dir = tmp / name
-    cfg = tiny_run(data, run_dir, "deepseek", 2, parallel={"tp": 1, "pp": 1, "zero_stage": 1,
-                                                          **parallel})
-    cfg["train"].update(steps=4, compile=compile_)
-    cfg["checkpoint"].update(interval=0, save_at_exit=False)
-    config = tmp / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "pretrain", "train", "--config", str(config)],
-        capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return loss_scalars(run_dir)
+
+def _train_all(rank, world, data, tmp, runs):
+    """Rank function: each run in turn in this world (what `mtp train` under torchrun does, with
+    the start-up paid once), logging its losses to TensorBoard in tmp/NAME."""
+    import torch
+
+    from pretrain.config import config_from_dict
+    from pretrain.trainer import Trainer
+
+    for name, compile_, parallel in runs:
+        # Forget the previous run's compiled graphs, so each run compiles as a fresh process does
+        # (no reuse of another layout's graphs, no shapes turned dynamic by a recompilation).
+        torch._dynamo.reset()
+        cfg = tiny_run(Path(data), Path(tmp) / name, "deepseek", 2,
+                       parallel={"tp": 1, "pp": 1, "zero_stage": 1, **parallel})
+        cfg["train"].update(steps=4, compile=compile_)
+        cfg["checkpoint"].update(interval=0, save_at_exit=False)
+        trainer = Trainer(config_from_dict(cfg))
+        assert trainer.policy.compile is compile_, name  # train.compile=true is honoured on CPU
+        assert trainer.train().exit_code == 0, name
 
 
 def test_compiled_training_matches_eager_under_tp_and_pp(tmp_path):
     data = build_tiny_dataset(tmp_path, max_depth=3)
-    eager = _train(tmp_path, data, "tp2-eager", False, {"tp": 2})
-    for name, parallel in (("tp2-compiled", {"tp": 2}), ("pp2-compiled", {"pp": 2})):
-        got = _train(tmp_path, data, name, True, parallel)
+    run_world(_train_all, 2, str(data), str(tmp_path), RUNS, timeout_s=540)
+    eager = loss_scalars(tmp_path / "tp2-eager")
+    for name, _, _ in RUNS[1:]:
+        got = loss_scalars(tmp_path / name)
         assert got.keys() == eager.keys() and "loss/depth_2" in got
         for tag, steps in eager.items():
             assert sorted(got[tag]) == [1, 2, 3, 4]
