@@ -11,19 +11,21 @@
 # Every finished arm leaves STUDY/<arm>/result.json under $OUT for `mtp_study.py report`, and each
 # lane its log, so a run cut short still returns what it finished. Arguments after the script
 # name go to every `mtp_study.py run` (e.g. --config, overrides); VOCAB and SEQ_LEN size the
-# shards (defaults: 32000, 1024, the ~110M config's).
+# shards (defaults: 32000, 1024, the ~110M config's); OOD_SOURCE is the out-of-distribution
+# corpus (default: stdlib; the CPU test gives one stdlib package, as its arms read 2 batches).
 set -euo pipefail
 OUT=${OUT:-study-out}; STEPS=${STEPS:-600}; PY=${PYTHON:-python}
 ARMS=${ARMS:-none}; LANES=${LANES:-$(echo $ARMS | tr ' ' ',')}
 PACK=${PACK:-study-pack}; WORK=${WORK:-/tmp/mtp-study}; VOCAB=${VOCAB:-32000}; SEQ_LEN=${SEQ_LEN:-1024}
+OOD_SOURCE=${OOD_SOURCE:-stdlib}
 mkdir -p "$OUT/study" "$WORK/corpus"
 stage() { echo "=== $(date -u +%T) $*"; }
 stage unpack; tar -xJf "$PACK/corpus.tar.xz" -C "$WORK/corpus"
 stage "shards (code)"
 $PY -m pretrain prepare --source "$WORK/corpus" --out "$WORK/data" --vocab-size "$VOCAB" \
   --seq-len "$SEQ_LEN" --max-depth 4 --val-fraction 0.02 --no-progress
-stage "shards (out of distribution: this Python's stdlib, same tokenizer)"
-$PY -m pretrain prepare --source stdlib --tokenizer "$WORK/data/tokenizer.model" \
+stage "shards (out of distribution: $OOD_SOURCE, same tokenizer)"
+$PY -m pretrain prepare --source "$OOD_SOURCE" --tokenizer "$WORK/data/tokenizer.model" \
   --vocab-size "$VOCAB" --seq-len "$SEQ_LEN" --max-depth 4 --val-fraction 0.5 --out "$WORK/ood" \
   --no-progress
 
