@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -144,12 +143,13 @@ def test_every_shipped_config_trains_in_a_tiny_version(tmp_path):
 def test_readme_main_job_runs_end_to_end(tmp_path):
     """scripts/quickstart.sh (the README's first command, minus the venv setup that CI already
     did) with a small step count: dataset, training, checkpoint, TensorBoard, export, and a
-    short generation with the export, plain and speculative."""
+    short generation with the export, plain and speculative. Validation reads 2 batches, not
+    the config's 8: the test checks that it runs, not its number."""
     env = dict(os.environ, MTP_SKIP_SETUP="1", MTP_DATA_DIR=str(tmp_path / "data"),
                MTP_RUN_DIR=str(tmp_path / "run"))
     res = subprocess.run(
         ["bash", "scripts/quickstart.sh", "train.steps=6", "train.log_interval=3",
-         "train.eval_interval=3", "checkpoint.interval=3"],
+         "train.eval_interval=3", "train.eval_batches=2", "checkpoint.interval=3"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = tmp_path / "run"
@@ -163,49 +163,51 @@ def test_readme_main_job_runs_end_to_end(tmp_path):
     assert "draft acceptance by depth" in res.stderr
     assert "speculative vs plain: 2/2 sequences identical" in res.stderr
 
-    # One Python process for the checks below (each command's start-up, torch and DeepSpeed
-    # imports, costs more than its work at this size): the export is the trained main model
-    # (transformers' logits equal ours from the checkpoint); the export (main model + MTP tail)
-    # and the training checkpoint generate the same text, and speculative greedy equals plain
-    # greedy; `mtp eval` reports acceptance. Each command runs through the CLI's main().
+    # One process for the checks below, forked with torch and the trainer already imported (each
+    # command's start-up costs more than its work at this size): the export is the trained main
+    # model (transformers' logits equal ours from the checkpoint); the export (main model + MTP
+    # tail) and the training checkpoint generate the same text, and speculative greedy equals
+    # plain greedy; `mtp eval` reports acceptance. Each command runs through the CLI's main().
     generations = [(label, str(source), extra) for label, source, extra in (
         ("ckpt-spec", run, ["--speculative"]), ("export-spec", run / "export", ["--speculative"]),
         ("export-plain", run / "export", []))]
-    code = f"""
-import torch, transformers
-from model import MTPLanguageModel, single_process_context
-from model.sharding import load_full_state_dict
-from pretrain.checkpoint import resolve_checkpoint
-from pretrain.cli import main
-from pretrain.export.from_checkpoint import full_state_dict_from_checkpoint
-cfg, full = full_state_dict_from_checkpoint(resolve_checkpoint({str(run)!r}))
-ctx = single_process_context()
-ours = MTPLanguageModel(cfg.decoder, ctx)
-load_full_state_dict(ours, full, ctx.tp_group)
-hf = transformers.LlamaForCausalLM.from_pretrained({str(run / 'export')!r}, torch_dtype=torch.float32)
-ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
-diff = (hf(ids).logits - ours.main_logits(ids)).abs().max().item()
-assert diff < 1e-4, diff
-print("max logit difference", diff)
-for label, source, extra in {generations!r}:
-    rc = main(["generate", source, "--prompt", "import os", "--prompt", "def main(args):",
-               "--max-new-tokens", "24", "--dtype", "fp32", "--json", {str(tmp_path)!r} + f"/{{label}}.json",
-               *extra])
-    assert rc == 0, (label, rc)
-rc = main(["eval", {str(run)!r}, "--data", {str(tmp_path / "data")!r}, "--batches", "2",
-           "--prompts", "4", "--new-tokens", "16", "--json", {str(tmp_path / "eval.json")!r}])
-assert rc == 0, ("eval", rc)
-print("all commands ran")
-"""
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         timeout=600, env=dict(os.environ, DS_ACCELERATOR="cpu"))
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "max logit difference" in res.stdout and "all commands ran" in res.stdout
+    (done,) = run_world(_export_and_commands, 1, str(run), str(tmp_path), generations,
+                        timeout_s=300)
+    assert done["diff"] < 1e-4, done["diff"]
+    assert done["codes"] == {"ckpt-spec": 0, "export-spec": 0, "export-plain": 0, "eval": 0}
     outs = {label: json.loads((tmp_path / f"{label}.json").read_text()) for label, _, _ in generations}
     assert outs["ckpt-spec"]["tokens"] == outs["export-spec"]["tokens"] == outs["export-plain"]["tokens"]
     assert outs["export-spec"]["speculative"]["main_forwards"] > 0
     ev = json.loads((tmp_path / "eval.json").read_text())
     assert len(ev["loss_per_depth"]) == 3 and len(ev["acceptance"]["acceptance_rate"]) == 2
+
+
+def _export_and_commands(rank, world, run, tmp, generations):
+    """Rank function of the README test: the largest logit difference between the export (through
+    transformers) and our model from the checkpoint, and the exit code of each command."""
+    import torch
+    import transformers
+
+    from model import MTPLanguageModel, single_process_context
+    from model.sharding import load_full_state_dict
+    from pretrain.checkpoint import resolve_checkpoint
+    from pretrain.export.from_checkpoint import full_state_dict_from_checkpoint
+
+    cfg, full = full_state_dict_from_checkpoint(resolve_checkpoint(run))
+    ctx = single_process_context()
+    ours = MTPLanguageModel(cfg.decoder, ctx)
+    load_full_state_dict(ours, full, ctx.tp_group)
+    hf = transformers.LlamaForCausalLM.from_pretrained(f"{run}/export", torch_dtype=torch.float32)
+    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+    diff = (hf(ids).logits - ours.main_logits(ids)).abs().max().item()
+    codes = {}
+    for label, source, extra in generations:
+        codes[label] = main(["generate", source, "--prompt", "import os", "--prompt",
+                             "def main(args):", "--max-new-tokens", "24", "--dtype", "fp32",
+                             "--json", f"{tmp}/{label}.json", *extra])
+    codes["eval"] = main(["eval", run, "--data", f"{tmp}/data", "--batches", "2", "--prompts",
+                          "4", "--new-tokens", "16", "--json", f"{tmp}/eval.json"])
+    return {"diff": diff, "codes": codes}
 
 
 def test_exit_codes_are_stated_once_and_restated_consistently():
