@@ -315,9 +315,10 @@ class CheckpointConfig:
     async_save: bool | Literal["auto"] = "auto"
     """Write interval checkpoints in the background: the step waits only for the state to be
     copied to host memory, a second save waits for the first, and COMPLETE.json is written once
-    every rank's files are on disk. 'auto': on GPUs (where a save of a large model would stall
-    every rank for its whole write), off on the CPU. The checkpoint at exit or on a signal is
-    always written before the process ends."""
+    every rank's files are on disk. The host buffers (the size of the rank's masters and
+    moments, e.g. 47 GiB per rank for 8B at TP 2) are allocated from start-up and kept. 'auto':
+    on GPUs (where a save of a large model would stall every rank for its whole write), off on
+    the CPU. The checkpoint at exit or on a signal is always written before the process ends."""
     on_save_error: Literal["stop", "continue"] = "stop"
     """A save that fails (disk full, write error): 'stop' the run (exit 4), or 'continue'
     training after logging the error and removing the partial directory. Either way the previous

@@ -312,19 +312,19 @@ def save_error_runs(rank, world, calls, fail_rank: int, fail_step: int):
     moments) on rank `fail_rank` only (the other ranks' writes succeed)."""
     import errno
 
-    import safetensors.torch
+    from pretrain import checkpoint_state
 
-    real = safetensors.torch.save_file
+    real = checkpoint_state.write_safetensors
     armed = {"on": False}
 
-    def failing(tensors, f, *args, **kwargs):
+    def failing(f, tensors):
         if (armed["on"] and rank == fail_rank and f"step_{fail_step:08d}" in str(f)
                 and "state_rank" in str(f)):
             armed["on"] = False
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(f))
-        return real(tensors, f, *args, **kwargs)
+        return real(f, tensors)
 
-    safetensors.torch.save_file = failing
+    checkpoint_state.write_safetensors = failing
     out = []
     for call in calls:
         armed["on"] = bool(call.get("inject"))
