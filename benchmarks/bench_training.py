@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -488,15 +489,18 @@ def table(results: dict) -> str:
 def _run_shape(args, shape_name: str, rows: list[str], results: dict,
                profiles: dict[str, tuple[str, str]]) -> dict:
     out = results[shape_name] = dict.fromkeys(rows)
+    saving = threading.Lock()  # rows that finish together (--concurrent) write the file in turn
 
     def run(row, gpu=None):
         def target(option):
             where, file = profiles.get(option, (None, None))
             return file if where == f"{shape_name}:{row}" else None
 
-        out[row] = _run_row(args, shape_name, row, target("profile"), gpu, target("host_profile"))
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+        result = _run_row(args, shape_name, row, target("profile"), gpu, target("host_profile"))
+        with saving:
+            out[row] = result
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
 
     single = [r for r in rows if _row(r)[1] == 1]
     if args.concurrent > 1:
