@@ -270,6 +270,7 @@ class CheckpointWriter:
         self._pending: SaveRequest | None = None
         self._error: str | None = None
         self._reserving: threading.Thread | None = None
+        self._stop_reserving = threading.Event()
         self.reserved: tuple[float, float] | None = None
         """(GiB, seconds) of the host buffers `prepare` allocated, once it has finished."""
         self.reserve_error: str | None = None
@@ -288,7 +289,7 @@ class CheckpointWriter:
         def reserve() -> None:
             t0 = time.perf_counter()
             try:
-                self._buffers.reserve(layout)
+                self._buffers.reserve(layout, self._stop_reserving)
             except (RuntimeError, MemoryError) as err:  # the saves allocate as they go
                 self.reserve_error = f"{type(err).__name__}: {err}"
             self.reserved = (self._buffers.reserved_bytes / 2**30, time.perf_counter() - t0)
@@ -310,7 +311,10 @@ class CheckpointWriter:
 
     def wait_local(self) -> None:
         """Wait for this rank's background writing, without the collective of `finish` (for
-        shutting down after a failure, when the peers may be gone)."""
+        shutting down after a failure, when the peers may be gone). A reservation still
+        running stops after its current slab: the process must not exit while it allocates."""
+        self._stop_reserving.set()
+        self._wait_reserved()
         if self._thread is not None:
             self._thread.join()
 

@@ -26,6 +26,7 @@ Frozen parameters (no optimizer state) are saved whole from their module by one 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,10 +140,12 @@ class HostBuffers:
         self._buffers: dict[str, torch.Tensor] = {}
         self.reserved_bytes = 0
 
-    def reserve(self, layout: list[tuple[str, int, torch.dtype]]) -> None:
+    def reserve(self, layout: list[tuple[str, int, torch.dtype]],
+                stop: threading.Event | None = None) -> None:
         """Allocate (and fault in) the buffers of `layout` — (key, numel, dtype) as
         `fragment_layout` lists them — packed into slabs, largest first. Runs on a helper
-        thread: torch releases the GIL while it allocates."""
+        thread (torch releases the GIL while it allocates); `stop` ends it between slabs, so a
+        run that ends early need not wait for the whole reservation."""
         nbytes = {key: numel * dtype.itemsize for key, numel, dtype in layout}
         slab_bytes = max(self.SLAB_BYTES, _power_of_two_ceil(max(nbytes.values(), default=0)))
         slabs: list[list[tuple[str, int, torch.dtype]]] = []
@@ -157,6 +160,8 @@ class HostBuffers:
             slabs[fit].append((key, numel, dtype))
             free[fit] -= size
         for i, members in enumerate(slabs):
+            if stop is not None and stop.is_set():
+                return
             used = slab_bytes - free[i]
             # The last slab is cut to what it holds (so at most one rounding's waste).
             slab = torch.empty(used if i == len(slabs) - 1 else slab_bytes, dtype=torch.uint8,

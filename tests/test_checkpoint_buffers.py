@@ -53,3 +53,15 @@ def test_streamed_safetensors_file_reads_back_exactly(tmp_path):
     assert back.keys() == tensors.keys()
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+def test_a_stopped_reservation_leaves_the_saves_to_allocate():
+    import threading
+
+    stop = threading.Event()
+    stop.set()  # the run ended before the reservation began its first slab
+    buffers = HostBuffers(pinned=False)
+    buffers.reserve([("a|0|fp32", 10, torch.float32)], stop)
+    assert buffers.reserved_bytes == 0 and not buffers._buffers
+    t = torch.randn(10)
+    assert torch.equal(buffers.copy("a|0|fp32", t), t)
