@@ -10,11 +10,11 @@ import math
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 from model.sharding import tp_layout
 from model.transformer import meta_parameters
+from pretrain import checkpoint_state
 from pretrain.checkpoint import CheckpointRef
 from pretrain.checkpoint_convert import convert
 from pretrain.checkpoint_state import FIELDS, SavedState
@@ -146,8 +146,8 @@ def test_a_failed_convert_leaves_the_source_and_no_output(reshard, tmp_path, mon
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    real = safetensors.torch.save_file
-    monkeypatch.setattr(safetensors.torch, "save_file", fail_on_second)
+    real = checkpoint_state.write_safetensors
+    monkeypatch.setattr(checkpoint_state, "write_safetensors", fail_on_second)
     with pytest.raises(OSError, match="No space"):
         convert(_source_ref(reshard["tmp"], "tp2"), tmp_path / "out", {"tp": 2, "dp": 2},
                 progress=False)

@@ -364,11 +364,12 @@ def test_a_conversion_killed_mid_write_leaves_the_source_and_is_cleared_by_the_n
     argv = ["checkpoint", "convert", str(run), "--layout", "tp=2", "--out", str(out),
             "--no-progress"]
     stalled = (  # the first shard file is written, then the process waits to be killed
-        "import sys, time, safetensors.torch as st\n"
-        "real = st.save_file\n"
+        "import sys, time\n"
+        "from pretrain import checkpoint_state as cs\n"
+        "real = cs.write_safetensors\n"
         "def stall(*a, **k):\n"
         f"    real(*a, **k); open({str(ready)!r}, 'w').close(); time.sleep(600)\n"
-        "st.save_file = stall\n"
+        "cs.write_safetensors = stall\n"
         f"from pretrain.cli import main; sys.exit(main({argv!r}))\n")
     proc = subprocess.Popen([sys.executable, "-c", stalled], cwd=REPO, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
