@@ -252,6 +252,33 @@ def _run_save(req: SaveRequest) -> str | None:
     return None
 
 
+def host_memory_available() -> int | None:
+    """Bytes of host memory the kernel can give without swapping (MemAvailable), where
+    /proc/meminfo exists."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def host_memory_warning(per_rank: int, local_ranks: int, available: int | None) -> str | None:
+    """What to tell the user when the host copies of background saves (kept for the whole run)
+    of the ranks on one host need more than 90 % of its available memory; None when they fit
+    or the free memory is unknown."""
+    need = per_rank * local_ranks
+    if available is None or need <= 0.9 * available:
+        return None
+    gib = 2**30
+    return (f"background saves hold {per_rank / gib:.1f} GiB of host memory on each of the "
+            f"{local_ranks} rank(s) on this host ({need / gib:.1f} GiB), more than the "
+            f"{available / gib:.1f} GiB available. Set checkpoint.async_save=false (each save then "
+            "pauses training for its write), or spread the job over more hosts")
+
+
 class CheckpointWriter:
     """Saves checkpoints, synchronously or in the background (checkpoint.async_save).
 
@@ -278,12 +305,13 @@ class CheckpointWriter:
         """(step, seconds) of the last background save, once this rank has written it (on rank
         0: once COMPLETE.json is there); the trainer reports it and clears it."""
 
-    def prepare(self, owners) -> None:
+    def prepare(self, owners) -> int:
         """Allocate this rank's host buffers on a helper thread, so the first background save
         pauses training no longer than the later ones: page-locking the 47 GiB of an 8B rank
         took 20 s on an H200 host, and while it runs the training thread's device calls wait
         (benchmarks/RESULTS.md). Called at start-up, it overlaps compilation and the first
-        step; the first save waits for it if it is still running."""
+        step; the first save waits for it if it is still running. Returns the bytes it
+        reserves."""
         layout = fragment_layout(owners)
 
         def reserve() -> None:
@@ -296,6 +324,7 @@ class CheckpointWriter:
 
         self._reserving = threading.Thread(target=reserve, name="checkpoint-buffers", daemon=True)
         self._reserving.start()
+        return sum(numel * dtype.itemsize for _, numel, dtype in layout)
 
     def _wait_reserved(self) -> None:
         if self._reserving is not None:

@@ -50,6 +50,13 @@ def job_rank() -> int:
     return 0
 
 
+def local_world_size() -> int:
+    """How many of the job's processes run on this host, as torchrun (LOCAL_WORLD_SIZE) or srun
+    (SLURM_NTASKS_PER_NODE, when the job gave it) announce it; 1 when neither does."""
+    env = os.environ
+    return int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or 1)
+
+
 def detect_launch_env() -> LaunchEnv:
     """Read rank/world from torchrun (RANK, WORLD_SIZE, LOCAL_RANK), from SLURM's srun (one task
     per process: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), or run as a world of one. Exports the

@@ -28,7 +28,7 @@ from pretrain.data_loading import load_manifests, make_loader, weighted_validati
 from pretrain.deepspeed_config import deepspeed_config
 from pretrain.distributed import build_topology, init_distributed
 from pretrain.engine import build_engine
-from pretrain.launch import detect_launch_env
+from pretrain.launch import detect_launch_env, local_world_size
 from pretrain.memory_plan import GIB, plan_memory
 from pretrain.memory_snapshot import MemorySnapshot
 from pretrain.metrics import MetricsLogger, format_line, peak_flops
@@ -144,8 +144,12 @@ class Trainer:
         self._check_memory_plan()
         if self.policy.async_save and cfg.checkpoint.interval > 0:
             # The host buffers of background saves, allocated while start-up goes on; reported
-            # at the first save.
-            self.writer.prepare(self.owners)
+            # at the first save. Every rank reads the free host memory before any allocates.
+            available = ckpt.host_memory_available()
+            dist.barrier()
+            per_rank = self.writer.prepare(self.owners)
+            if warning := ckpt.host_memory_warning(per_rank, local_world_size(), available):
+                self.logger.print(f"WARNING: {warning}")
 
     @property
     def step(self) -> int:

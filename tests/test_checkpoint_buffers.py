@@ -65,3 +65,16 @@ def test_a_stopped_reservation_leaves_the_saves_to_allocate():
     assert buffers.reserved_bytes == 0 and not buffers._buffers
     t = torch.randn(10)
     assert torch.equal(buffers.copy("a|0|fp32", t), t)
+
+
+def test_host_memory_warning_names_the_need_and_the_fix():
+    from pretrain.checkpoint import host_memory_available, host_memory_warning
+
+    gib = 2**30
+    assert host_memory_warning(47 * gib, 2, 256 * gib) is None  # the 8B run on a 256 GiB host
+    text = host_memory_warning(47 * gib, 8, 256 * gib)
+    assert "47.0 GiB" in text and "8 rank(s)" in text and "376.0 GiB" in text
+    assert "256.0 GiB available" in text and "checkpoint.async_save=false" in text
+    assert host_memory_warning(47 * gib, 8, None) is None  # unknown: say nothing
+    available = host_memory_available()
+    assert available is None or available > 0
