@@ -499,8 +499,10 @@ def _run_shape(args, shape_name: str, rows: list[str], results: dict,
         result = _run_row(args, shape_name, row, target("profile"), gpu, target("host_profile"))
         with saving:
             out[row] = result
-            if args.json:
-                Path(args.json).write_text(json.dumps(results, indent=1))
+            if args.json:  # replaced whole, so a reader never sees half a file
+                tmp = Path(f"{args.json}.tmp")
+                tmp.write_text(json.dumps(results, indent=1))
+                os.replace(tmp, args.json)
 
     single = [r for r in rows if _row(r)[1] == 1]
     if args.concurrent > 1:

@@ -318,7 +318,10 @@ class CheckpointWriter:
             t0 = time.perf_counter()
             try:
                 self._buffers.reserve(layout, self._stop_reserving)
-            except (RuntimeError, MemoryError) as err:  # the saves allocate as they go
+            except (RuntimeError, MemoryError) as err:
+                # Page-locking more would fail again inside a save: the rest goes to pageable
+                # memory (synchronous copies, correct, slower).
+                self._buffers.pinned = False
                 self.reserve_error = f"{type(err).__name__}: {err}"
             self.reserved = (self._buffers.reserved_bytes / 2**30, time.perf_counter() - t0)
 

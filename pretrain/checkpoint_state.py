@@ -139,6 +139,8 @@ class HostBuffers:
         self.pinned = pinned
         self._buffers: dict[str, torch.Tensor] = {}
         self.reserved_bytes = 0
+        self.allocated_by_saves = 0
+        """Buffers `copy` had to allocate: none after a complete `reserve` (the tests check)."""
 
     def reserve(self, layout: list[tuple[str, int, torch.dtype]],
                 stop: threading.Event | None = None) -> None:
@@ -163,8 +165,10 @@ class HostBuffers:
             if stop is not None and stop.is_set():
                 return
             used = slab_bytes - free[i]
-            # The last slab is cut to what it holds (so at most one rounding's waste).
-            slab = torch.empty(used if i == len(slabs) - 1 else slab_bytes, dtype=torch.uint8,
+            # Pinned slabs are whole (the allocator would round a cut one up anyway) except the
+            # last, cut to what it holds; pageable ones are cut to what they hold.
+            cut = i == len(slabs) - 1 or not self.pinned
+            slab = torch.empty(used if cut else slab_bytes, dtype=torch.uint8,
                                pin_memory=self.pinned)
             if not self.pinned:
                 slab.zero_()  # fault the pages in now, not during the first save's copies
@@ -181,6 +185,7 @@ class HostBuffers:
         if buf is None or buf.numel() != t.numel() or buf.dtype != t.dtype:
             buf = torch.empty(t.numel(), dtype=t.dtype, pin_memory=self.pinned)
             self._buffers[key] = buf
+            self.allocated_by_saves += 1
         buf.copy_(t.detach().reshape(-1), non_blocking=self.pinned)
         return buf
 
@@ -264,9 +269,17 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file first turns every tensor into a bytes object, a second copy of the whole state in
     host memory (~50 GB per rank at 8B): this writes the same format (an 8-byte little-endian
     header length, the JSON header padded to 8 bytes, the data in header order) with no copy."""
-    header, offset = {}, 0
     for name, t in tensors.items():
-        assert t.device.type == "cpu" and t.is_contiguous(), name
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: write_safetensors takes contiguous host tensors of "
+                             f"{sorted(map(str, _SAFETENSORS_DTYPES))}, got {t.dtype} on "
+                             f"{t.device}{'' if t.is_contiguous() else ', not contiguous'}")
+    # Widest dtypes first (as safetensors orders them), so every tensor's data stays aligned to
+    # its element size after the 8-byte-aligned header.
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header, offset = {}, 0
+    for name in order:
+        t = tensors[name]
         header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + t.numel() * t.element_size()]}
         offset = header[name]["data_offsets"][1]
@@ -275,9 +288,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
-        for t in tensors.values():
-            if t.numel():  # a byte view: numpy has no bfloat16
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        for name in order:
+            if tensors[name].numel():  # a byte view: numpy has no bfloat16
+                f.write(memoryview(tensors[name].reshape(-1).view(torch.uint8).numpy()))
 
 
 class SavedState:

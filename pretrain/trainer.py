@@ -142,14 +142,6 @@ class Trainer:
         self._maybe_resume()  # an incompatible checkpoint is refused before any work
         self._print_header(sum(p.numel() for p in self.engine.module.parameters()))
         self._check_memory_plan()
-        if self.policy.async_save and cfg.checkpoint.interval > 0:
-            # The host buffers of background saves, allocated while start-up goes on; reported
-            # at the first save. Every rank reads the free host memory before any allocates.
-            available = ckpt.host_memory_available()
-            dist.barrier()
-            per_rank = self.writer.prepare(self.owners)
-            if warning := ckpt.host_memory_warning(per_rank, local_world_size(), available):
-                self.logger.print(f"WARNING: {warning}")
 
     @property
     def step(self) -> int:
@@ -315,11 +307,15 @@ class Trainer:
         self._report_written()  # the previous background save, which this one waited for
         if (reserved := self.writer.reserved) is not None:
             self.writer.reserved = None  # reported once
-            problem = self.writer.reserve_error
-            self.logger.print(
-                f"host buffers for background saves: {reserved[0]:.1f} GiB on rank {self.rank}, "
-                f"allocated in the background from start-up in {reserved[1]:.1f} s"
-                + (f" (stopped: {problem}; the rest is allocated by each save)" if problem else ""))
+            how = ("page-locked beside the first steps (which wait for it)"
+                   if self.policy.pin_memory else "allocated beside the first steps")
+            self.logger.print(f"host buffers for background saves: {reserved[0]:.1f} GiB on "
+                              f"rank 0, {how}, in {reserved[1]:.1f} s")
+            if (problem := self.writer.reserve_error) is not None:
+                # Said by the rank it happened on (the logger speaks for rank 0 only).
+                print(f"WARNING: rank {self.rank}: reserving the host buffers of background saves "
+                      f"failed ({problem}); its saves copy into unpinned memory instead (slower)",
+                      file=sys.stderr, flush=True)
         self.logger.print(f"{'writing' if background else 'saved'} checkpoint {ref.path} "
                           f"(training paused {stall:.1f} s)")
         self._t_last += stall  # a save's pause is not training time
@@ -424,6 +420,7 @@ class Trainer:
         self._write_run_files()
         cfg = self.cfg
         batches = iter(self.train_loader) if self.train_loader is not None else None
+        self._prepare_background_saves()  # after the loader's workers are forked
         result = TrainResult(self.step, exit_codes.OK, [], [])
         self._t_last, self._steps_since = time.perf_counter(), 0
         accelerator.reset_peak_memory()
@@ -468,6 +465,19 @@ class Trainer:
                                    "train.memory_snapshot_steps")
         result.step = self.step
         return result
+
+    def _prepare_background_saves(self) -> None:
+        """The host buffers of background saves, allocated while the first steps run (see
+        CheckpointWriter.prepare), when an interval save is ahead; reported at the first save.
+        Every rank reads the free host memory before any allocates."""
+        interval = self.cfg.checkpoint.interval
+        if not (self.policy.async_save and interval and self.step + interval < self.cfg.train.steps):
+            return
+        available = ckpt.host_memory_available()
+        dist.barrier()
+        per_rank = self.writer.prepare(self.owners)
+        if warning := ckpt.host_memory_warning(per_rank, local_world_size(), available):
+            self.logger.print(f"WARNING: {warning}")
 
     def _report_written(self) -> None:
         if (written := self.writer.written) is not None:

@@ -50,7 +50,8 @@ def reference_runs(rank, world, data, tmp, kinds, dp_sizes, attention_kinds=()):
 
 def layout_runs(rank, world, data, tmp, name, sections, kinds):
     """For each kind: an uninterrupted 6-step run (checkpoints at 3 and 6), then a second run that
-    resumes from the step-3 checkpoint. Returns both loss curves from rank 0."""
+    resumes from the step-3 checkpoint. Returns, on rank 0, every rank's: both loss curves (as
+    rank 0 logs them) and the host buffers of the first run's saves."""
     from pretrain.config import config_from_dict
     from pretrain.trainer import Trainer
     from tests.train_fixtures import tiny_run
@@ -59,11 +60,20 @@ def layout_runs(rank, world, data, tmp, name, sections, kinds):
     for kind in kinds:
         run_a = Path(tmp) / f"{name}-{kind}-a"
         sections = {**sections, "optim": LAYOUT_OPTIM}
-        a = Trainer(config_from_dict(tiny_run(Path(data), run_a, kind, **sections))).train()
+        trainer = Trainer(config_from_dict(tiny_run(Path(data), run_a, kind, **sections)))
+        a = trainer.train()
         b_cfg = config_from_dict(tiny_run(Path(data), Path(tmp) / f"{name}-{kind}-b", kind, **sections))
         b = Trainer(b_cfg, resume=str(run_a / "checkpoints" / "step_00000003")).train()
-        out[kind] = {"a": _curve(a), "b": _curve(b)}
-    return out if rank == 0 else None
+        # With background saves: host buffers the saves had to allocate themselves (none when
+        # the reservation sized every fragment right), on this rank.
+        out[kind] = {"a": _curve(a), "b": _curve(b),
+                     "save_allocations": trainer.writer._buffers.allocated_by_saves,
+                     "reserved": trainer.writer._buffers.reserved_bytes}
+    import torch.distributed as dist
+
+    gathered = [None] * world
+    dist.all_gather_object(gathered, out)
+    return gathered if rank == 0 else None
 
 
 def _nan_loss_at(trainer, bad_steps):

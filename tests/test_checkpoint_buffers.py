@@ -3,6 +3,7 @@ slabs, and the safetensors file written from them without a second copy."""
 
 from __future__ import annotations
 
+import pytest
 import safetensors.torch
 import torch
 
@@ -78,3 +79,44 @@ def test_host_memory_warning_names_the_need_and_the_fix():
     assert host_memory_warning(47 * gib, 8, None) is None  # unknown: say nothing
     available = host_memory_available()
     assert available is None or available > 0
+
+
+def test_a_reservation_stopped_between_slabs_keeps_what_it_has(monkeypatch):
+    monkeypatch.setattr(HostBuffers, "SLAB_BYTES", 1024)
+
+    class StopAfterFirstSlab:  # what CheckpointWriter.wait_local's event looks like mid-way
+        checks = 0
+
+        def is_set(self):
+            self.checks += 1
+            return self.checks > 1
+
+    layout = [(f"p{i}|0|fp32", 256, torch.float32) for i in range(3)]  # one 1 KiB slab each
+    buffers = HostBuffers(pinned=False)
+    buffers.reserve(layout, StopAfterFirstSlab())
+    assert buffers.reserved_bytes == 1024 and len(buffers._buffers) == 1
+    for key, numel, _ in layout:  # the reserved key is reused; the others are allocated anew
+        buffers.copy(key, torch.ones(numel))
+    assert buffers.allocated_by_saves == 2
+
+
+def test_streamed_file_keeps_every_tensor_aligned_and_refuses_what_it_cannot_write(tmp_path):
+    from safetensors import safe_open
+
+    tensors = {"a_bf16": torch.ones(3, dtype=torch.bfloat16), "b_f32": torch.arange(5.0),
+               "c_i64": torch.arange(2), "d_u8": torch.ones(3, dtype=torch.uint8)}
+    path = tmp_path / "mixed.safetensors"
+    write_safetensors(path, tensors)
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    with safe_open(path, "pt") as f:
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t)
+    import json
+
+    header = json.loads(path.read_bytes()[8: 8 + header_len])
+    for name, t in tensors.items():
+        assert (8 + header_len + header[name]["data_offsets"][0]) % t.element_size() == 0, name
+    with pytest.raises(ValueError, match="x: write_safetensors takes contiguous host tensors"):
+        write_safetensors(tmp_path / "bad.safetensors", {"x": torch.ones(4, 4).t()})
+    with pytest.raises(ValueError, match="torch.int8"):
+        write_safetensors(tmp_path / "bad.safetensors", {"y": torch.ones(2, dtype=torch.int8)})

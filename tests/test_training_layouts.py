@@ -7,7 +7,7 @@ sequence parallelism on, which must change no value:
   single-process run fed the same global batches (tolerance: fp32 reduction order only);
 * a run resumed from the step-3 checkpoint logs exactly (bitwise) the losses of the
   uninterrupted run for steps 4–6. Where marked, that checkpoint is written in the background
-  (checkpoint.async_save), from host buffers reserved after the first step.
+  (checkpoint.async_save), every rank's copies landing in host buffers reserved for them.
 """
 
 from __future__ import annotations
@@ -78,9 +78,16 @@ def _close(a: float, b: float, rel: float) -> bool:
                          ids=[entry[0] for entry in LAYOUTS])
 def test_layout_matches_single_process_and_resumes_exactly(
         name, world, dp, sections, kinds, dataset, references, tmp_path):
-    results = run_world(cases.layout_runs, world, str(dataset), str(tmp_path), name, sections,
-                        kinds, timeout_s=500)[0]
+    per_rank = run_world(cases.layout_runs, world, str(dataset), str(tmp_path), name, sections,
+                         kinds, timeout_s=500)[0]
+    results = per_rank[0]
     docs = sections.get("data", {}).get("mask_cross_document") == "attention"
+    if sections.get("checkpoint", {}).get("async_save"):
+        # Every rank's saves copied into the buffers reserved for them, none of their own (a
+        # rank of the tiny model may own nothing to write: then it reserved nothing either).
+        for kind in kinds:
+            assert [out[kind]["save_allocations"] for out in per_rank] == [0] * world, kind
+            assert per_rank[0][kind]["reserved"] > 0, kind
     for kind in kinds:
         key = (kind, dp, "attention") if docs else (kind, dp)
         ref, a, b = references[key], results[kind]["a"], results[kind]["b"]
