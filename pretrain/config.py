@@ -316,7 +316,7 @@ class CheckpointConfig:
     """Write interval checkpoints in the background: the step waits only for the state to be
     copied to host memory, a second save waits for the first, and COMPLETE.json is written once
     every rank's files are on disk. The host buffers (the size of the rank's masters and
-    moments, e.g. 47 GiB per rank for 8B at TP 2) are allocated from start-up and kept. 'auto':
+    moments, e.g. 47 GiB per rank for 8B at TP 2) are allocated as training starts and kept. 'auto':
     on GPUs (where a save of a large model would stall every rank for its whole write), off on
     the CPU. The checkpoint at exit or on a signal is always written before the process ends."""
     on_save_error: Literal["stop", "continue"] = "stop"
