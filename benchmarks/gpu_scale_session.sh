@@ -31,6 +31,19 @@
 #           then, in the time left: GPU 0: gpt-350m D=1 causal vs document-masked attention;
 #                  GPU 1: gpt-110m before/after A/B, one tree after the other on the same card
 #                  (AB=0 skips the A/B, NO350=1 both).
+#   PART=6  both:  the rest of the llama3-8b table, compiled, 7 steps each (steady steps 4-7):
+#                  SPECS="recompute micro sp tp zero;..." (default: SP + none at micro 1, SP +
+#                  selective at micro 2, SP + full at micro 1, and ZeRO-3 DP 2 with selective at
+#                  micro 1), each beside `mtp plan`. About two minutes a row: split SPECS over
+#                  two calls to stay under ten minutes.
+#   PART=7  GPU 0: gpt-1b on one GPU, MTP off and D=1 (micro 8, global 16);
+#           GPU 1: the gradient-accumulation A/B: gpt-110m, 200 steps, bf16 vs fp32
+#                  accumulation (train.grad_accum_dtype), same data and seed, loss every 10 steps;
+#           both:  gpt-1b DP 2 with ZeRO-1 and with ZeRO-2 at the same global batch (scaling
+#                  against the one-GPU D=1 row).
+#   PART=8  both:  llama3-70b truncated to 2 and to 4 layers (TP 2, SP, selective, micro 1,
+#                  compile off, 3 steps): the measured peak per layer against `mtp plan`'s.
+# Parts 6-8 were written after the session that measured parts 1-5 and have not run yet.
 # From the repository root, project importable; results in $OUT.
 set -uo pipefail
 OUT=${OUT:-bench-out}; PY=${PYTHON:-python}; WORK=${WORK:-/tmp/scale}; OLD=${OLD:-.old}
@@ -233,5 +246,98 @@ if [ "$PART" = 5 ]; then
     grep -E "^\|" "$OUT/docmask-350m.log" | tail -3
     grep -E "^\| 110m" "$OUT/ab.log"
   fi
+fi
+steady() {  # mean tokens/s, MFU and the last peak over the logged steps from $2 on, in log $1
+  grep -E "step [0-9]+/" "$1" | grep -v "^\[20" | awk -v from="$2" '
+    { split($2, s, "/"); if (s[1] + 0 < from) next
+      for (i = 1; i <= NF; i++) { if ($i == "tok/s") { t = $(i-1); sub("k", "", t); tps += t; n++ }
+                                  if ($i == "MFU") { m = $(i+1); sub("%", "", m); mfu += m }
+                                  if ($i == "mem") peak = $(i+1) } }
+    END { if (n) printf "steady %.1fk tokens/s, MFU %.1f%%, peak %s GiB (%d steps)\n",
+                         tps / n, mfu / n, peak, n; else print "no steady steps logged" }'
+}
+if [ "$PART" = 6 ]; then
+  stage prepare
+  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
+  prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  IFS=';' read -ra specs <<< "${SPECS:-none 1 true 2 1;selective 2 true 2 1;full 1 true 2 1;selective 1 false 1 3}"
+  for spec in "${specs[@]}"; do
+    set -- $spec  # recompute micro sp tp zero
+    name=8b-$1-micro$2-sp$3-tp$4-zero$5
+    opts=(--config configs/llama3-8b.yaml model.recompute="$1" train.micro_batch_size="$2"
+          train.global_batch_size=$((4 * $2)) parallel.sequence_parallel="$3" parallel.tp="$4"
+          parallel.zero_stage="$5")
+    stage "llama3-8b $name"
+    $PY -m pretrain plan "${opts[@]}" --gpus 2 --seq-len 4096 > "$OUT/$name-plan.txt" 2>&1
+    timeout 220 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+      "${opts[@]}" run_dir="$WORK/run-$name" data.path="$DATA/stdlib-seq4096" \
+      data.num_workers=1 train.steps=7 optim.warmup_steps=2 checkpoint.interval=0 \
+      checkpoint.save_at_exit=false train.eval_interval=0 train.log_interval=1 \
+      > "$OUT/$name.log" 2>&1
+    echo "exit $? ($(grep -m1 -o "out of GPU memory[^.]*" "$OUT/$name.log" || echo ok))"
+    steady "$OUT/$name.log" 4; grep -E "^total|^fits" "$OUT/$name-plan.txt"
+    rm -rf "$WORK/run-$name"
+  done
+fi
+if [ "$PART" = 7 ]; then
+  stage prepare
+  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
+  prep 2048 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  G=(--config configs/gpt-1b.yaml data.path="$DATA/stdlib-seq2048" train.micro_batch_size=8
+     train.global_batch_size=16 train.steps=12 optim.warmup_steps=2 checkpoint.interval=0
+     checkpoint.save_at_exit=false train.eval_interval=0 train.log_interval=1)
+  stage "gpt-1b MTP off and D=1 (GPU 0); gpt-110m gradient accumulation bf16 vs fp32 (GPU 1)"
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    train "${G[@]}" run_dir="$WORK/run-1b-off" mtp.kind=none mtp.depth=0 > "$OUT/1b-off.log" 2>&1
+    train "${G[@]}" run_dir="$WORK/run-1b-d1" > "$OUT/1b-d1.log" 2>&1
+  ) &
+  one=$!
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    for dtype in bf16 fp32; do
+      $PY -m pretrain train --config configs/gpt-110m.yaml run_dir="$WORK/run-accum-$dtype" \
+        data.path="$DATA/stdlib-seq1024" train.micro_batch_size=16 train.global_batch_size=64 \
+        train.steps=200 optim.warmup_steps=20 train.grad_accum_dtype="$dtype" train.seed=7 \
+        checkpoint.interval=0 checkpoint.save_at_exit=false train.eval_interval=0 \
+        train.log_interval=10 > "$OUT/accum-$dtype.log" 2>&1
+    done
+  ) &
+  two=$!
+  wait $one
+  for f in 1b-off 1b-d1; do echo "--- $f"; steady "$OUT/$f.log" 5; done
+  wait $two
+  for dtype in bf16 fp32; do
+    echo "--- grad accumulation $dtype"; steady "$OUT/accum-$dtype.log" 50
+    grep -E "step [0-9]+/" "$OUT/accum-$dtype.log" | grep -v "^\[20" | awk '{print $2, $5}' \
+      | tr '\n' ' '; echo
+  done
+  for zero in 1 2; do
+    stage "gpt-1b DP 2, ZeRO-$zero, global batch 16"
+    $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train "${G[@]}" \
+      run_dir="$WORK/run-1b-dp2-z$zero" parallel.zero_stage=$zero > "$OUT/1b-dp2-z$zero.log" 2>&1
+    echo "exit $?"; steady "$OUT/1b-dp2-z$zero.log" 5
+  done
+  rm -rf "$WORK"/run-1b-* "$WORK"/run-accum-*
+fi
+if [ "$PART" = 8 ]; then
+  stage prepare
+  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
+  prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  for layers in 2 4; do
+    name=70b-$layers-layers
+    opts=(--config configs/llama3-70b.yaml model.num_layers=$layers parallel.tp=2 parallel.pp=1
+          parallel.sequence_parallel=true model.recompute=selective train.micro_batch_size=1
+          train.global_batch_size=4)
+    stage "llama3-70b truncated to $layers layers, TP 2"
+    $PY -m pretrain plan "${opts[@]}" --gpus 2 --seq-len 4096 > "$OUT/$name-plan.txt" 2>&1
+    timeout 240 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+      "${opts[@]}" run_dir="$WORK/run-$name" data.path="$DATA/stdlib-seq4096" \
+      data.num_workers=1 train.compile=false train.steps=3 optim.warmup_steps=2 \
+      checkpoint.interval=0 checkpoint.save_at_exit=false train.eval_interval=0 \
+      train.log_interval=1 > "$OUT/$name.log" 2>&1
+    echo "exit $?"; steady "$OUT/$name.log" 2; cat "$OUT/$name-plan.txt"
+    rm -rf "$WORK/run-$name"
+  done
 fi
 stage done
