@@ -61,10 +61,19 @@ prep() {  # seq length, then the tokenizer to reuse (if any)
   $PY -m pretrain prepare --source stdlib --out "$out" --vocab-size 32000 --seq-len "$1" \
     --max-depth 4 --tokenizer-sample-mb 8 --no-progress ${2:+--tokenizer "$2"}
 }
-
-if [ "$PART" = 1 ]; then
+prepare() {  # the seq-1024 shards and their tokenizer, then shards of each further length given
   stage prepare
   prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
+  local seq
+  for seq in "$@"; do
+    prep "$seq" "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  done
+}
+# `mtp train` on both GPUs of the machine
+TRAIN2=($PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train)
+
+if [ "$PART" = 1 ]; then
+  prepare
   prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 &
   B=(benchmarks/bench_training.py --shapes 110m --steps 10 --warmup 4)
   stage "gpt-110m rows: this commit on GPU 0, $OLD on GPU 1"
@@ -88,7 +97,7 @@ if [ "$PART" = 1 ]; then
   for spec in "selective 1" "full 2"; do
     set -- $spec
     stage "llama3-8b TP 2, sequence parallel, recompute $1, micro-batch $2"
-    timeout 200 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+    timeout 200 "${TRAIN2[@]}" \
       --config configs/llama3-8b.yaml run_dir="$WORK/run-8b-$1" \
       data.path="$DATA/stdlib-seq4096" data.num_workers=1 model.recompute="$1" \
       train.micro_batch_size="$2" train.global_batch_size=$((4 * $2)) train.steps=7 \
@@ -99,9 +108,7 @@ if [ "$PART" = 1 ]; then
 fi
 
 if [ "$PART" = 2 ]; then
-  stage prepare
-  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
-  prep 2048 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  prepare 2048
   stage "decoding engine (GPU 1) and gpt-1b checkpoint pauses (GPU 0)"
   (
     export CUDA_VISIBLE_DEVICES=1
@@ -124,13 +131,12 @@ if [ "$PART" = 2 ]; then
   grep -E "^\|" "$OUT/ab-old.log" | tail -3
   keep "$OUT/ckpt-1b.log" | tail -12
   stage "gpt-350m: TP 2 → DP 2 ZeRO-1 on load, and offline conversion"
-  T=(-m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train
-     --config configs/gpt-350m.yaml data.path="$DATA/stdlib-seq2048" train.micro_batch_size=8
-     train.global_batch_size=16 train.steps=10 optim.warmup_steps=2 train.eval_interval=0
-     train.log_interval=1 checkpoint.keep_last=3)
-  $PY "${T[@]}" run_dir="$WORK/run-350m" parallel.tp=2 checkpoint.interval=6 \
+  T=("${TRAIN2[@]}" --config configs/gpt-350m.yaml data.path="$DATA/stdlib-seq2048"
+     train.micro_batch_size=8 train.global_batch_size=16 train.steps=10 optim.warmup_steps=2
+     train.eval_interval=0 train.log_interval=1 checkpoint.keep_last=3)
+  "${T[@]}" run_dir="$WORK/run-350m" parallel.tp=2 checkpoint.interval=6 \
     > "$OUT/reshard.log" 2>&1
-  $PY "${T[@]}" run_dir="$WORK/run-350m-dp2" parallel.tp=1 checkpoint.interval=0 \
+  "${T[@]}" run_dir="$WORK/run-350m-dp2" parallel.tp=1 checkpoint.interval=0 \
     --resume "$WORK/run-350m/checkpoints/step_00000006" >> "$OUT/reshard.log" 2>&1
   keep "$OUT/reshard.log" | tail -20
   ( time $PY -m pretrain checkpoint convert "$WORK/run-350m/checkpoints/step_00000006" \
@@ -140,9 +146,7 @@ if [ "$PART" = 2 ]; then
   grep -E "^\||device|speed" "$OUT/gen.log" | tail -12
 fi
 if [ "$PART" = 3 ]; then
-  stage prepare
-  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
-  prep 2048 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  prepare 2048
   prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 &
   B=(benchmarks/bench_training.py --shapes 110m --steps 10 --warmup 4 --rows ours-none,ours-deepseek1)
   stage "gpt-1b checkpoints, then this commit's rows (GPU 0); $OLD's rows (GPU 1)"
@@ -167,7 +171,7 @@ if [ "$PART" = 3 ]; then
   wait
   stage "llama3-8b TP 2, sequence parallel, recompute selective, micro-batch 1, compile off"
   log=$OUT/8b-eager.log
-  $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+  "${TRAIN2[@]}" \
     --config configs/llama3-8b.yaml run_dir="$WORK/run-8b-eager" train.compile=false \
     data.path="$DATA/stdlib-seq4096" data.num_workers=1 train.micro_batch_size=1 \
     train.global_batch_size=4 train.steps=50 optim.warmup_steps=2 checkpoint.interval=0 \
@@ -180,9 +184,7 @@ if [ "$PART" = 3 ]; then
   keep "$log" | grep -E "plan|step [0-9]/" | tail -4
 fi
 if [ "$PART" = 4 ]; then
-  stage prepare
-  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
-  prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  prepare 4096
   IFS=';' read -ra specs <<< "${SPECS:-selective 1 true;none 1 false;full 2 true}"
   for spec in "${specs[@]}"; do
     set -- $spec
@@ -191,7 +193,7 @@ if [ "$PART" = 4 ]; then
           train.global_batch_size=$((4 * $2)) parallel.sequence_parallel="$3")
     stage "llama3-8b TP 2, recompute $1, sequence parallel $3, micro-batch $2, compile off"
     $PY -m pretrain plan "${opts[@]}" --gpus 2 --seq-len 4096 > "$OUT/$name-plan.txt" 2>&1
-    timeout 240 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+    timeout 240 "${TRAIN2[@]}" \
       "${opts[@]}" run_dir="$WORK/run-$name" data.path="$DATA/stdlib-seq4096" \
       data.num_workers=1 train.compile=false train.steps=3 train.memory_snapshot_steps=2 \
       optim.warmup_steps=2 checkpoint.interval=0 checkpoint.save_at_exit=false \
@@ -206,14 +208,12 @@ fi
 if [ "$PART" = 5 ]; then
   start=$SECONDS
   stamp() { while IFS= read -r l; do printf '%(%T)T %s\n' -1 "$l"; done; }
-  stage prepare
-  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
-  prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  prepare 4096
   prep 2048 "$DATA/stdlib-seq1024/tokenizer.model" > "$OUT/prepare-2048.log" 2>&1 &
   df -h "$WORK" | tail -1; free -g | head -2
   stage "llama3-8b TP 2, background checkpoint at step 10, compile off"
   log=$OUT/8b-async.log
-  timeout 420 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+  timeout 420 "${TRAIN2[@]}" \
     --config configs/llama3-8b.yaml run_dir="$WORK/run-8b-async" train.compile=false \
     data.path="$DATA/stdlib-seq4096" data.num_workers=1 train.micro_batch_size=2 \
     train.global_batch_size=8 train.steps=13 optim.warmup_steps=2 \
@@ -257,9 +257,7 @@ steady() {  # mean tokens/s, MFU and the last peak over the logged steps from $2
                          tps / n, mfu / n, peak, n; else print "no steady steps logged" }'
 }
 if [ "$PART" = 6 ]; then
-  stage prepare
-  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
-  prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  prepare 4096
   IFS=';' read -ra specs <<< "${SPECS:-none 1 true 2 1;selective 2 true 2 1;full 1 true 2 1;selective 1 false 1 3}"
   for spec in "${specs[@]}"; do
     set -- $spec  # recompute micro sp tp zero
@@ -269,7 +267,7 @@ if [ "$PART" = 6 ]; then
           parallel.zero_stage="$5")
     stage "llama3-8b $name"
     $PY -m pretrain plan "${opts[@]}" --gpus 2 --seq-len 4096 > "$OUT/$name-plan.txt" 2>&1
-    timeout 220 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+    timeout 220 "${TRAIN2[@]}" \
       "${opts[@]}" run_dir="$WORK/run-$name" data.path="$DATA/stdlib-seq4096" \
       data.num_workers=1 train.steps=7 optim.warmup_steps=2 checkpoint.interval=0 \
       checkpoint.save_at_exit=false train.eval_interval=0 train.log_interval=1 \
@@ -280,9 +278,7 @@ if [ "$PART" = 6 ]; then
   done
 fi
 if [ "$PART" = 7 ]; then
-  stage prepare
-  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
-  prep 2048 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  prepare 2048
   G=(--config configs/gpt-1b.yaml data.path="$DATA/stdlib-seq2048" train.micro_batch_size=8
      train.global_batch_size=16 train.steps=12 optim.warmup_steps=2 checkpoint.interval=0
      checkpoint.save_at_exit=false train.eval_interval=0 train.log_interval=1)
@@ -314,16 +310,14 @@ if [ "$PART" = 7 ]; then
   done
   for zero in 1 2; do
     stage "gpt-1b DP 2, ZeRO-$zero, global batch 16"
-    $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train "${G[@]}" \
+    "${TRAIN2[@]}" "${G[@]}" \
       run_dir="$WORK/run-1b-dp2-z$zero" parallel.zero_stage=$zero > "$OUT/1b-dp2-z$zero.log" 2>&1
     echo "exit $?"; steady "$OUT/1b-dp2-z$zero.log" 5
   done
   rm -rf "$WORK"/run-1b-* "$WORK"/run-accum-*
 fi
 if [ "$PART" = 8 ]; then
-  stage prepare
-  prep 1024 > "$OUT/prepare.log" 2>&1 || { tail -5 "$OUT/prepare.log"; exit 1; }
-  prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 || exit 1
+  prepare 4096
   for layers in 2 4; do
     name=70b-$layers-layers
     opts=(--config configs/llama3-70b.yaml model.num_layers=$layers parallel.tp=2 parallel.pp=1
@@ -331,7 +325,7 @@ if [ "$PART" = 8 ]; then
           train.global_batch_size=4)
     stage "llama3-70b truncated to $layers layers, TP 2"
     $PY -m pretrain plan "${opts[@]}" --gpus 2 --seq-len 4096 > "$OUT/$name-plan.txt" 2>&1
-    timeout 240 $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train \
+    timeout 240 "${TRAIN2[@]}" \
       "${opts[@]}" run_dir="$WORK/run-$name" data.path="$DATA/stdlib-seq4096" \
       data.num_workers=1 train.compile=false train.steps=3 optim.warmup_steps=2 \
       checkpoint.interval=0 checkpoint.save_at_exit=false train.eval_interval=0 \

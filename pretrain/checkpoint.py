@@ -252,33 +252,6 @@ def _run_save(req: SaveRequest) -> str | None:
     return None
 
 
-def host_memory_available() -> int | None:
-    """Bytes of host memory the kernel can give without swapping (MemAvailable), where
-    /proc/meminfo exists."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def host_memory_warning(per_rank: int, local_ranks: int, available: int | None) -> str | None:
-    """What to tell the user when the host copies of background saves (kept for the whole run)
-    of the ranks on one host need more than 90 % of its available memory; None when they fit
-    or the free memory is unknown."""
-    need = per_rank * local_ranks
-    if available is None or need <= 0.9 * available:
-        return None
-    gib = 2**30
-    return (f"background saves hold {per_rank / gib:.1f} GiB of host memory on each of the "
-            f"{local_ranks} rank(s) on this host ({need / gib:.1f} GiB), more than the "
-            f"{available / gib:.1f} GiB available. Set checkpoint.async_save=false (each save then "
-            "pauses training for its write), or spread the job over more hosts")
-
-
 class CheckpointWriter:
     """Saves checkpoints, synchronously or in the background (checkpoint.async_save).
 
@@ -303,7 +276,7 @@ class CheckpointWriter:
         self.reserve_error: str | None = None
         self.written: tuple[int, float] | None = None
         """(step, seconds) of the last background save, once this rank has written it (on rank
-        0: once COMPLETE.json is there); the trainer reports it and clears it."""
+        0: once COMPLETE.json is there); see take_written."""
 
     def prepare(self, owners) -> int:
         """Allocate this rank's host buffers on a helper thread, so the first background save
@@ -328,6 +301,18 @@ class CheckpointWriter:
         self._reserving = threading.Thread(target=reserve, name="checkpoint-buffers", daemon=True)
         self._reserving.start()
         return sum(numel * dtype.itemsize for _, numel, dtype in layout)
+
+    def take_reserved(self) -> tuple[float, float, str | None] | None:
+        """(GiB, seconds, error) of the finished reservation, once; None before or after."""
+        if self.reserved is None:
+            return None
+        (gib, seconds), self.reserved = self.reserved, None
+        return gib, seconds, self.reserve_error
+
+    def take_written(self) -> tuple[int, float] | None:
+        """(step, seconds) of the last background save on disk, once; None otherwise."""
+        written, self.written = self.written, None
+        return written
 
     def _wait_reserved(self) -> None:
         if self._reserving is not None:

@@ -196,6 +196,33 @@ class HostBuffers:
             get_accelerator().synchronize()
 
 
+def host_memory_available() -> int | None:
+    """Bytes of host memory the kernel can give without swapping (MemAvailable), where
+    /proc/meminfo exists."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def host_memory_warning(per_rank: int, local_ranks: int, available: int | None) -> str | None:
+    """What to tell the user when the host copies of background saves (kept for the whole run)
+    of the ranks on one host need more than 90 % of its available memory; None when they fit
+    or the free memory is unknown."""
+    need = per_rank * local_ranks
+    if available is None or need <= 0.9 * available:
+        return None
+    gib = 2**30
+    return (f"background saves hold {per_rank / gib:.1f} GiB of host memory on each of the "
+            f"{local_ranks} rank(s) on this host ({need / gib:.1f} GiB), more than the "
+            f"{available / gib:.1f} GiB available. Set checkpoint.async_save=false (each save then "
+            "pauses training for its write), or spread the job over more hosts")
+
+
 def _power_of_two_ceil(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 

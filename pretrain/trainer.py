@@ -22,7 +22,7 @@ from model.generation.runner import positions_needed
 from pretrain import checkpoint as ckpt
 from pretrain import exit_codes, quiet
 from pretrain.acceptance_eval import acceptance_metrics
-from pretrain.checkpoint_state import owned
+from pretrain.checkpoint_state import host_memory_available, host_memory_warning, owned
 from pretrain.config import ConfigError, RunConfig, validate_layout
 from pretrain.data_loading import load_manifests, make_loader, weighted_validation
 from pretrain.deepspeed_config import deepspeed_config
@@ -305,13 +305,13 @@ class Trainer:
             return None
         stall = time.perf_counter() - t0
         self._report_written()  # the previous background save, which this one waited for
-        if (reserved := self.writer.reserved) is not None:
-            self.writer.reserved = None  # reported once
+        if (reserved := self.writer.take_reserved()) is not None:
+            gib, seconds, problem = reserved
             how = ("page-locked beside the first steps (which wait for it)"
                    if self.policy.pin_memory else "allocated beside the first steps")
-            self.logger.print(f"host buffers for background saves: {reserved[0]:.1f} GiB on "
-                              f"rank 0, {how}, in {reserved[1]:.1f} s")
-            if (problem := self.writer.reserve_error) is not None:
+            self.logger.print(f"host buffers for background saves: {gib:.1f} GiB on rank 0, "
+                              f"{how}, in {seconds:.1f} s")
+            if problem is not None:
                 # Said by the rank it happened on (the logger speaks for rank 0 only).
                 print(f"WARNING: rank {self.rank}: reserving the host buffers of background saves "
                       f"failed ({problem}); its saves copy into unpinned memory instead (slower)",
@@ -473,15 +473,14 @@ class Trainer:
         interval = self.cfg.checkpoint.interval
         if not (self.policy.async_save and interval and self.step + interval < self.cfg.train.steps):
             return
-        available = ckpt.host_memory_available()
+        available = host_memory_available()
         dist.barrier()
         per_rank = self.writer.prepare(self.owners)
-        if warning := ckpt.host_memory_warning(per_rank, local_world_size(), available):
+        if warning := host_memory_warning(per_rank, local_world_size(), available):
             self.logger.print(f"WARNING: {warning}")
 
     def _report_written(self) -> None:
-        if (written := self.writer.written) is not None:
-            self.writer.written = None
+        if (written := self.writer.take_written()) is not None:
             self.logger.print(f"checkpoint step {written[0]} is on disk (written in the "
                               f"background in {written[1]:.1f} s)")
 

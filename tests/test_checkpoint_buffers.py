@@ -69,7 +69,7 @@ def test_a_stopped_reservation_leaves_the_saves_to_allocate():
 
 
 def test_host_memory_warning_names_the_need_and_the_fix():
-    from pretrain.checkpoint import host_memory_available, host_memory_warning
+    from pretrain.checkpoint_state import host_memory_available, host_memory_warning
 
     gib = 2**30
     assert host_memory_warning(47 * gib, 2, 256 * gib) is None  # the 8B run on a 256 GiB host
