@@ -305,17 +305,7 @@ class Trainer:
             return None
         stall = time.perf_counter() - t0
         self._report_written()  # the previous background save, which this one waited for
-        if (reserved := self.writer.take_reserved()) is not None:
-            gib, seconds, problem = reserved
-            how = ("page-locked beside the first steps (which wait for it)"
-                   if self.policy.pin_memory else "allocated beside the first steps")
-            self.logger.print(f"host buffers for background saves: {gib:.1f} GiB on rank 0, "
-                              f"{how}, in {seconds:.1f} s")
-            if problem is not None:
-                # Said by the rank it happened on (the logger speaks for rank 0 only).
-                print(f"WARNING: rank {self.rank}: reserving the host buffers of background saves "
-                      f"failed ({problem}); its saves copy into unpinned memory instead (slower)",
-                      file=sys.stderr, flush=True)
+        self._report_reserved()
         self.logger.print(f"{'writing' if background else 'saved'} checkpoint {ref.path} "
                           f"(training paused {stall:.1f} s)")
         self._t_last += stall  # a save's pause is not training time
@@ -478,6 +468,20 @@ class Trainer:
         per_rank = self.writer.prepare(self.owners)
         if warning := host_memory_warning(per_rank, local_world_size(), available):
             self.logger.print(f"WARNING: {warning}")
+
+    def _report_reserved(self) -> None:
+        if (reserved := self.writer.take_reserved()) is None:
+            return
+        gib, seconds, problem = reserved
+        how = ("page-locked beside the first steps (which wait for it)"
+               if self.policy.pin_memory else "allocated beside the first steps")
+        self.logger.print(f"host buffers for background saves: {gib:.1f} GiB on rank 0, {how}, "
+                          f"in {seconds:.1f} s")
+        if problem is not None:
+            # Said by the rank it happened on (the logger speaks for rank 0 only).
+            print(f"WARNING: rank {self.rank}: reserving the host buffers of background saves "
+                  f"failed ({problem}); its saves copy into unpinned memory instead (slower)",
+                  file=sys.stderr, flush=True)
 
     def _report_written(self) -> None:
         if (written := self.writer.take_written()) is not None:

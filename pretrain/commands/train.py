@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pretrain import exit_codes
 from pretrain.errors import CommandError, UsageError
+from pretrain.launch import job_rank
 
 EPILOG = f"""\
 Launch it as one process (CPU demo), under torchrun / the deepspeed launcher, or with srun (one task
@@ -36,9 +38,7 @@ def _collective_failure(err: BaseException) -> bool:
 
 def _out_of_memory(err: BaseException, config: str, steps_done: int | None) -> str:
     """One paragraph for an out-of-memory error: where, what torch said, and what fits."""
-    import os
-
-    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    rank, world = job_rank(), os.environ.get("WORLD_SIZE", "1")
     where = f"in step {steps_done + 1}" if steps_done is not None else "during start-up"
     said = str(err).split(". If reserved")[0].strip()  # torch's allocator advice follows
     return (f"mtp train: rank {rank} of {world}: out of device memory {where} ({said}). This "
