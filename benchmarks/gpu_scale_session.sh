@@ -34,20 +34,25 @@
 #   PART=6  both:  the rest of the llama3-8b table, compiled, 7 steps each (steady steps 4-7):
 #                  SPECS="recompute micro sp tp zero;..." (default: SP + none at micro 1, SP +
 #                  selective at micro 2, SP + full at micro 1, and ZeRO-3 DP 2 with selective at
-#                  micro 1), each beside `mtp plan`. About two minutes a row: split SPECS over
-#                  two calls to stay under ten minutes.
+#                  micro 1), each beside `mtp plan`; fields after the fifth are further overrides
+#                  (e.g. "selective 1 true 2 1 model.loss_chunk_tokens=1024"). About two minutes
+#                  a row: split SPECS over two calls to stay under ten minutes.
 #   PART=7  GPU 0: gpt-1b on one GPU, MTP off and D=1 (micro 8, global 16);
 #           GPU 1: the gradient-accumulation A/B: gpt-110m, 200 steps, bf16 vs fp32
 #                  accumulation (train.grad_accum_dtype), same data and seed, loss every 10 steps;
 #           both:  gpt-1b DP 2 with ZeRO-1 and with ZeRO-2 at the same global batch (scaling
 #                  against the one-GPU D=1 row).
 #   PART=8  both:  llama3-70b truncated to 2 and to 4 layers (TP 2, SP, selective, micro 1,
-#                  compile off, 3 steps): the measured peak per layer against `mtp plan`'s.
-# Parts 6-8 were written after the session that measured parts 1-5 and have not run yet.
-# From the repository root, project importable; results in $OUT.
+#                  compile off, 3 steps): the measured peak per layer against `mtp plan`'s
+#                  (LAYERS="2 4" picks the depths).
+#   PART=9  both:  the decoding engine at TP 2 (bench_generation.py suite --tp2-only, gpt-110m
+#                  trained 200 steps, 16 requests after the first, batch 1 and 8).
+# Parts 6-9 were written after the session that measured parts 1-5.
+# From the repository root, project importable; results in $OUT. PART="6 8" runs parts in turn.
 set -uo pipefail
 OUT=${OUT:-bench-out}; PY=${PYTHON:-python}; WORK=${WORK:-/tmp/scale}; OLD=${OLD:-.old}
 PART=${PART:-1}
+part() { [[ " $PART " == *" $1 "* ]]; }  # PART="6 8" runs both, in order
 mkdir -p "$OUT" "$WORK"
 OUT=$(cd "$OUT" && pwd); WORK=$(cd "$WORK" && pwd)
 stage() { echo "=== $(date -u +%T) $*"; }
@@ -72,7 +77,7 @@ prepare() {  # the seq-1024 shards and their tokenizer, then shards of each furt
 # `mtp train` on both GPUs of the machine
 TRAIN2=($PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pretrain train)
 
-if [ "$PART" = 1 ]; then
+if part 1; then
   prepare
   prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 &
   B=(benchmarks/bench_training.py --shapes 110m --steps 10 --warmup 4)
@@ -107,7 +112,7 @@ if [ "$PART" = 1 ]; then
   done
 fi
 
-if [ "$PART" = 2 ]; then
+if part 2; then
   prepare 2048
   stage "decoding engine (GPU 1) and gpt-1b checkpoint pauses (GPU 0)"
   (
@@ -145,7 +150,7 @@ if [ "$PART" = 2 ]; then
   wait $gen
   grep -E "^\||device|speed" "$OUT/gen.log" | tail -12
 fi
-if [ "$PART" = 3 ]; then
+if part 3; then
   prepare 2048
   prep 4096 "$DATA/stdlib-seq1024/tokenizer.model" >> "$OUT/prepare.log" 2>&1 &
   B=(benchmarks/bench_training.py --shapes 110m --steps 10 --warmup 4 --rows ours-none,ours-deepseek1)
@@ -183,7 +188,7 @@ if [ "$PART" = 3 ]; then
   kill -9 $job 2>/dev/null; sleep 5; pkill -9 -f run-8b-eager; wait $job
   keep "$log" | grep -E "plan|step [0-9]/" | tail -4
 fi
-if [ "$PART" = 4 ]; then
+if part 4; then
   prepare 4096
   IFS=';' read -ra specs <<< "${SPECS:-selective 1 true;none 1 false;full 2 true}"
   for spec in "${specs[@]}"; do
@@ -205,7 +210,7 @@ if [ "$PART" = 4 ]; then
     rm -rf "$WORK/run-$name"
   done
 fi
-if [ "$PART" = 5 ]; then
+if part 5; then
   start=$SECONDS
   stamp() { while IFS= read -r l; do printf '%(%T)T %s\n' -1 "$l"; done; }
   prepare 4096
@@ -256,15 +261,16 @@ steady() {  # mean tokens/s, MFU and the last peak over the logged steps from $2
     END { if (n) printf "steady %.1fk tokens/s, MFU %.1f%%, peak %s GiB (%d steps)\n",
                          tps / n, mfu / n, peak, n; else print "no steady steps logged" }'
 }
-if [ "$PART" = 6 ]; then
+if part 6; then
   prepare 4096
   IFS=';' read -ra specs <<< "${SPECS:-none 1 true 2 1;selective 2 true 2 1;full 1 true 2 1;selective 1 false 1 3}"
   for spec in "${specs[@]}"; do
-    set -- $spec  # recompute micro sp tp zero
-    name=8b-$1-micro$2-sp$3-tp$4-zero$5
+    set -- $spec  # recompute micro sp tp zero [further overrides]
+    name=8b-$1-micro$2-sp$3-tp$4-zero$5; extra=("${@:6}")
+    [ ${#extra[@]} -gt 0 ] && name=$name-$(echo "${extra[*]##*.}" | tr ' =' '-_')
     opts=(--config configs/llama3-8b.yaml model.recompute="$1" train.micro_batch_size="$2"
           train.global_batch_size=$((4 * $2)) parallel.sequence_parallel="$3" parallel.tp="$4"
-          parallel.zero_stage="$5")
+          parallel.zero_stage="$5" "${extra[@]}")
     stage "llama3-8b $name"
     $PY -m pretrain plan "${opts[@]}" --gpus 2 --seq-len 4096 > "$OUT/$name-plan.txt" 2>&1
     timeout 220 "${TRAIN2[@]}" \
@@ -277,7 +283,7 @@ if [ "$PART" = 6 ]; then
     rm -rf "$WORK/run-$name"
   done
 fi
-if [ "$PART" = 7 ]; then
+if part 7; then
   prepare 2048
   G=(--config configs/gpt-1b.yaml data.path="$DATA/stdlib-seq2048" train.micro_batch_size=8
      train.global_batch_size=16 train.steps=12 optim.warmup_steps=2 checkpoint.interval=0
@@ -316,9 +322,9 @@ if [ "$PART" = 7 ]; then
   done
   rm -rf "$WORK"/run-1b-* "$WORK"/run-accum-*
 fi
-if [ "$PART" = 8 ]; then
+if part 8; then
   prepare 4096
-  for layers in 2 4; do
+  for layers in ${LAYERS:-2 4}; do
     name=70b-$layers-layers
     opts=(--config configs/llama3-70b.yaml model.num_layers=$layers parallel.tp=2 parallel.pp=1
           parallel.sequence_parallel=true model.recompute=selective train.micro_batch_size=1
@@ -333,5 +339,13 @@ if [ "$PART" = 8 ]; then
     echo "exit $?"; steady "$OUT/$name.log" 2; cat "$OUT/$name-plan.txt"
     rm -rf "$WORK/run-$name"
   done
+fi
+if part 9; then
+  prepare
+  stage "decoding engine at TP 2 (gpt-110m, both GPUs)"
+  timeout "${GEN_TIMEOUT:-420}" $PY benchmarks/bench_generation.py suite --out "$OUT/gen-tp2" \
+    --work "$WORK/gen-tp2" --shapes 110m --tp2-only --data "$DATA/stdlib-seq1024" \
+    --train-steps 200 --requests 16 > "$OUT/gen-tp2.log" 2>&1
+  echo "exit $?"; grep -E "^\||device|speed|Error" "$OUT/gen-tp2.log" | tail -12
 fi
 stage done
