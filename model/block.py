@@ -61,6 +61,10 @@ class TransformerBlock(nn.Module):
                 return self._compiled_decoding(x, cache)
             return self._forward(x, cache)
         if self._compiled_forward is not None:
+            # The rotary tables are built here, outside the compiled region: building them in a
+            # recomputed (checkpointed) region is a side effect that dynamo cannot keep in the
+            # graph, so the block fell apart into eager pieces (at 8B: −20 % throughput, +4 GiB).
+            self.attn.rotary.tables(x.device)
             return self._compiled_forward(x, mask)
         return self._training_forward(x, mask)
 

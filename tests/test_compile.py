@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from model import MTPLanguageModel, single_process_context
 from model.block import TransformerBlock
@@ -21,12 +22,14 @@ def _pair(dcfg):
     return eager, compiled
 
 
-@pytest.mark.parametrize("kind,depth", [("deepseek", 2), ("parallel", 3), ("blockwise", 3)])
-def test_compiled_blocks_and_loss_kernels_match_eager(kind, depth):
+@pytest.mark.parametrize("kind,depth,recompute", [
+    ("deepseek", 2, "selective"), ("parallel", 3, "full"), ("blockwise", 3, "none")])
+def test_compiled_blocks_and_loss_kernels_match_eager(kind, depth, recompute):
     # Chunks of 7 rows over 2·12·depth rows: a ragged last chunk, i.e. two chunk shapes for the
     # dynamically shaped loss kernels.
-    dcfg = tiny_config(kind, depth, loss_chunk_tokens=7)
+    dcfg = tiny_config(kind, depth, loss_chunk_tokens=7, recompute=recompute)
     eager, compiled = _pair(dcfg)
+    counters.clear()
     # DeepSeek modules and parallel heads are transformer blocks; BPD heads are single FFNs (eager).
     extra_blocks = 0 if kind == "blockwise" else depth
     assert compile_for_training(compiled) == dcfg.model.num_layers + extra_blocks
@@ -40,6 +43,10 @@ def test_compiled_blocks_and_loss_kernels_match_eager(kind, depth):
         out = model(ids, labels, mask, mtp_weight=0.3)
         out.loss.backward()
         outs.append(out)
+    # Each block is one graph, recomputed regions included: a graph break inside a checkpoint
+    # leaves the block to run as eager pieces (slower, and holding more memory than without
+    # recomputation).
+    assert not counters["graph_break"], dict(counters["graph_break"])
     torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[1].depth_loss, outs[0].depth_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[1].depth_accuracy, outs[0].depth_accuracy, rtol=0, atol=0)
