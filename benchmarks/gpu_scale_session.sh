@@ -37,7 +37,8 @@
 #                  micro 1), each beside `mtp plan`; fields after the fifth are further overrides
 #                  (e.g. "selective 1 true 2 1 model.loss_chunk_tokens=1024"). About two minutes
 #                  a row: split SPECS over two calls to stay under ten minutes.
-#   PART=7  GPU 0: gpt-1b on one GPU, MTP off and D=1 (micro 8, global 16);
+#   PART=7  GPU 0: gpt-1b on one GPU, MTP off and D=1 (micro 8, global 16; ONE_GPU="off d1"
+#                  picks the rows, ONE_GPU="" none, leaving GPU 0 free for other work);
 #           GPU 1: the gradient-accumulation A/B: gpt-110m, 200 steps, bf16 vs fp32
 #                  accumulation (train.grad_accum_dtype), same data and seed, loss every 10 steps;
 #           both:  gpt-1b DP 2 with ZeRO-1 and with ZeRO-2 at the same global batch (scaling
@@ -291,8 +292,11 @@ if part 7; then
   stage "gpt-1b MTP off and D=1 (GPU 0); gpt-110m gradient accumulation bf16 vs fp32 (GPU 1)"
   (
     export CUDA_VISIBLE_DEVICES=0
-    train "${G[@]}" run_dir="$WORK/run-1b-off" mtp.kind=none mtp.depth=0 > "$OUT/1b-off.log" 2>&1
-    train "${G[@]}" run_dir="$WORK/run-1b-d1" > "$OUT/1b-d1.log" 2>&1
+    for row in ${ONE_GPU-off d1}; do
+      [ "$row" = off ] && train "${G[@]}" run_dir="$WORK/run-1b-off" mtp.kind=none mtp.depth=0 \
+        > "$OUT/1b-off.log" 2>&1
+      [ "$row" = d1 ] && train "${G[@]}" run_dir="$WORK/run-1b-d1" > "$OUT/1b-d1.log" 2>&1
+    done
   ) &
   one=$!
   (
@@ -307,7 +311,7 @@ if part 7; then
   ) &
   two=$!
   wait $one
-  for f in 1b-off 1b-d1; do echo "--- $f"; steady "$OUT/$f.log" 5; done
+  for f in ${ONE_GPU-off d1}; do echo "--- 1b-$f"; steady "$OUT/1b-$f.log" 5; done
   wait $two
   for dtype in bf16 fp32; do
     echo "--- grad accumulation $dtype"; steady "$OUT/accum-$dtype.log" 50

@@ -227,3 +227,8 @@ def report_host_syncs(enabled: bool) -> None:
     if not is_cpu():
         torch.get_device_module(current_device().type).set_sync_debug_mode(
             "warn" if enabled else "default")
+
+
+def empty_cache() -> None:
+    """Hand cached, unused device memory back (between measurements of different sizes)."""
+    get_accelerator().empty_cache()
