@@ -48,6 +48,10 @@
 #                  (LAYERS="2 4" picks the depths).
 #   PART=9  both:  the decoding engine at TP 2 (bench_generation.py suite --tp2-only, gpt-110m
 #                  trained 200 steps, 16 requests after the first, batch 1 and 8).
+#   PART=10 both:  gradient parity: gpt-110m's first three steps (loss, gradient norm) on the same
+#                  batches at TP 2 with and without sequence parallelism, compiled and eager, and
+#                  at DP 2 with bf16 and fp32 gradient accumulation (SPECS="tp sp compile
+#                  [overrides];..."). Written after the session that found them disagreeing.
 # Parts 6-9 were written after the session that measured parts 1-5.
 # From the repository root, project importable; results in $OUT. PART="6 8" runs parts in turn.
 set -uo pipefail
@@ -351,5 +355,25 @@ if part 9; then
     --work "$WORK/gen-tp2" --shapes 110m --tp2-only --data "$DATA/stdlib-seq1024" \
     --train-steps 200 --requests 16 > "$OUT/gen-tp2.log" 2>&1
   echo "exit $?"; grep -E "^\||device|speed|Error" "$OUT/gen-tp2.log" | tail -12
+fi
+if part 10; then
+  prepare
+  stage "gradient parity: gpt-110m, the same 8 sequences a step under each layout"
+  # The first step's gradient norm must agree across layouts and compile modes (bf16: to ~1 %);
+  # at 8B, compiled sequence-parallel blocks gave 2.17 where eager ones gave 60.1.
+  IFS=';' read -ra specs <<< "${SPECS:-2 true true;2 true false;2 false true;1 false true;1 false false;1 false true train.grad_accum_dtype=fp32 train.micro_batch_size=2;1 false true train.micro_batch_size=2}"
+  for spec in "${specs[@]}"; do
+    set -- $spec  # tp sp compile [further overrides]
+    name=parity-tp$1-sp$2-compile$3; extra=("${@:4}")
+    [ ${#extra[@]} -gt 0 ] && name=$name-$(echo "${extra[*]##*.}" | tr ' =' '-_')
+    timeout 150 "${TRAIN2[@]}" --config configs/gpt-110m.yaml run_dir="$WORK/run-$name" \
+      data.path="$DATA/stdlib-seq1024" parallel.tp="$1" parallel.sequence_parallel="$2" \
+      train.compile="$3" train.micro_batch_size=4 train.global_batch_size=8 "${extra[@]}" \
+      train.steps=3 optim.warmup_steps=2 checkpoint.interval=0 checkpoint.save_at_exit=false \
+      train.eval_interval=0 train.log_interval=1 > "$OUT/$name.log" 2>&1
+    echo "$name (exit $?): $(grep -E "step [1-3]/" "$OUT/$name.log" | grep -v "^\[20" \
+      | awk -F'|' '{gsub(/ /, "", $2); gsub(/ /, "", $7); printf "%s %s  ", $2, $7}')"
+    rm -rf "$WORK/run-$name"
+  done
 fi
 stage done
