@@ -10,7 +10,7 @@ the mean cross-entropy over the target tokens that `loss_mask` keeps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,8 +28,12 @@ TAIL_PREFIX = "tail.objective."
 is the MTP tail, everything else the main model."""
 
 
-@dataclass
-class MTPOutput:
+class MTPOutput(NamedTuple):
+    """What a forward returns. A named tuple, not a dataclass: DeepSpeed finds the loss in the
+    output's tuples, lists and dicts to hook the start of the backward (where its BF16 optimizer
+    clears the previous micro-batch's gradients before accumulating this one in fp32; missed,
+    with a dataclass, it added every earlier micro-batch's gradient again)."""
+
     loss: torch.Tensor
     """Scalar to backpropagate: L_main + λ · mean_k L_k."""
     depth_loss: torch.Tensor
