@@ -64,9 +64,16 @@ def _entry(fn, rank, world_size, port, timeout_s, args, results, stdio) -> None:
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(
+                "gloo", rank=rank, world_size=world_size,
+                timeout=datetime.timedelta(seconds=timeout_s))
+        except dist.DistNetworkError as e:
+            if "EADDRINUSE" not in str(e):
+                raise
+            # Another process took the port between free_port() and rank 0's listen.
+            results.put((rank, PORT_TAKEN, traceback.format_exc()))
+            return
         out = fn(rank, world_size, *args)
         results.put((rank, "ok", out))
         dist.destroy_process_group()
@@ -74,8 +81,29 @@ def _entry(fn, rank, world_size, port, timeout_s, args, results, stdio) -> None:
         results.put((rank, "error", traceback.format_exc()))
 
 
+PORT_TAKEN = "port-taken"
+PORT_ATTEMPTS = 3
+
+
+class _PortTaken(Exception):
+    pass
+
+
 def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 240) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` on a fresh gloo world; return results by rank."""
+    """Run `fn(rank, world_size, *args)` on a fresh gloo world; return results by rank. A world
+    whose rendezvous port was taken by another process before rank 0 could listen on it (nothing
+    of `fn` has run) starts again on a new port, up to PORT_ATTEMPTS times."""
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            return _run_world_once(fn, world_size, args, timeout_s)
+        except _PortTaken as e:
+            if attempt == PORT_ATTEMPTS - 1:
+                raise DistributedTestError(
+                    f"no free rendezvous port in {PORT_ATTEMPTS} attempts:\n{e}") from None
+    raise AssertionError("unreachable")
+
+
+def _run_world_once(fn, world_size: int, args: tuple, timeout_s: float) -> list[Any]:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # no effect once the server runs
     results = ctx.Queue()
@@ -117,6 +145,8 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
                             "without a traceback") from None
                 else:
                     continue
+            if status == PORT_TAKEN:
+                raise _PortTaken(payload)
             if status == "error":
                 raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{payload}")
             outputs[rank] = payload
