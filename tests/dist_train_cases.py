@@ -84,7 +84,7 @@ def _nan_loss_at(trainer, bad_steps):
 
     def hook(_module, _inputs, out):
         if trainer.step in bad_steps:
-            out.loss = out.loss * torch.tensor(float("nan"))
+            return out._replace(loss=out.loss * torch.tensor(float("nan")))
         return out
 
     tail.register_forward_hook(hook)
