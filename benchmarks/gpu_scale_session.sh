@@ -35,7 +35,8 @@
 #                  SPECS="recompute micro sp tp zero;..." (default: SP + none at micro 1, SP +
 #                  selective at micro 2, SP + full at micro 1, and ZeRO-3 DP 2 with selective at
 #                  micro 1), each beside `mtp plan`; fields after the fifth are further overrides
-#                  (e.g. "selective 1 true 2 1 model.loss_chunk_tokens=1024"). About two minutes
+#                  (e.g. "selective 1 true 2 1 model.loss_chunk_tokens=1024"); COMPILE=true
+#                  compiles sequence-parallel rows, which auto runs eager on GPUs. About two minutes
 #                  a row: split SPECS over two calls to stay under ten minutes.
 #   PART=7  GPU 0: gpt-1b on one GPU, MTP off and D=1 (micro 8, global 16; ONE_GPU="off d1"
 #                  picks the rows, ONE_GPU="" none, leaving GPU 0 free for other work);
@@ -52,7 +53,9 @@
 #                  batches at TP 2 with and without sequence parallelism, compiled and eager, and
 #                  at DP 2 with bf16 and fp32 gradient accumulation (SPECS="tp sp compile
 #                  [overrides];..."). Written after the session that found them disagreeing.
-# Parts 6-9 were written after the session that measured parts 1-5.
+# Parts 6-9 were written after the session that measured parts 1-5. Part 10 comes first in the
+# next device session: until it agrees, the compiled sequence-parallel rows of part 6 measure
+# code whose gradients are in question (train.compile=auto runs those layouts eager).
 # From the repository root, project importable; results in $OUT. PART="6 8" runs parts in turn.
 set -uo pipefail
 OUT=${OUT:-bench-out}; PY=${PYTHON:-python}; WORK=${WORK:-/tmp/scale}; OLD=${OLD:-.old}
@@ -275,7 +278,7 @@ if part 6; then
     [ ${#extra[@]} -gt 0 ] && name=$name-$(echo "${extra[*]##*.}" | tr ' =' '-_')
     opts=(--config configs/llama3-8b.yaml model.recompute="$1" train.micro_batch_size="$2"
           train.global_batch_size=$((4 * $2)) parallel.sequence_parallel="$3" parallel.tp="$4"
-          parallel.zero_stage="$5" "${extra[@]}")
+          parallel.zero_stage="$5" train.compile="${COMPILE:-auto}" "${extra[@]}")
     stage "llama3-8b $name"
     $PY -m pretrain plan "${opts[@]}" --gpus 2 --seq-len 4096 > "$OUT/$name-plan.txt" 2>&1
     timeout 220 "${TRAIN2[@]}" \
