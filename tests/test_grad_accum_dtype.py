@@ -78,46 +78,66 @@ def test_fp32_accumulation_is_more_exact_than_bf16():
         assert errors[(zero, "fp32")] < 1e-5, errors
 
 
-def model_grad_norms(rank, world):
-    """World 1: the project's own engine and model (bf16, ZeRO-1) over one global batch of 16
-    sequences, as one micro-batch and as four, with each accumulation dtype: the step's gradient
-    norm must not depend on how the batch is split."""
+VOCAB, SEQ, GLOBAL = 512, 32, 16
+
+
+def _model_step_norm(rank, world, micro, overrides, **policy):
+    """One optimizer step of the project's own engine and model (bf16 on the CPU, fp32 masters)
+    over the same GLOBAL sequences, each rank taking its share in `micro`-sized micro-batches;
+    returns the step's gradient norm."""
     import dataclasses
 
     import torch
 
     from pretrain.config import load_config, validate_layout
-    from pretrain.distributed import build_topology, init_distributed
+    from pretrain.distributed import build_topology
     from pretrain.engine import build_engine
-    from pretrain.launch import detect_launch_env
     from pretrain.runtime import resolve_runtime
     from pretrain.step_runner import WholeModelRunner
 
-    init_distributed(detect_launch_env(), 60)
-    vocab, seq, n = 512, 32, 16
     g = torch.Generator().manual_seed(0)
-    data = [dict(input_ids=torch.randint(0, vocab, (1, seq), generator=g),
-                 labels=torch.randint(0, vocab, (1, 3, seq), generator=g),
-                 loss_mask=torch.ones(1, 3, seq)) for _ in range(n)]
-    out = {}
-    for accum in ("bf16", "fp32"):
-        for micro in (n, n // 4):
-            cfg = load_config("configs/tiny-cpu.yaml", [
-                f"train.micro_batch_size={micro}", f"train.global_batch_size={n}",
-                "model.hidden_size=64", "model.num_layers=2", "model.ffn_hidden_size=128",
-                f"model.vocab_size={vocab}", "mtp.depth=2", "optim.grad_clip=0",
-                "data.mask_cross_document=false"])
-            layout = validate_layout(cfg, 1)
-            policy = dataclasses.replace(resolve_runtime(cfg, layout), precision="bf16",
-                                         grad_accum_dtype=accum)
-            engine = build_engine(cfg, layout, build_topology(layout), policy,
-                                  torch.device("cpu"), seq).engine
-            runner = WholeModelRunner(engine, torch.device("cpu"), layout.grad_accum)
-            batches = ({k: torch.cat([b[k] for b in data[i:i + micro]]) for k in data[0]}
-                       for i in range(0, n, micro))
-            runner.train_step(batches, 0.3, 0)
-            out[(accum, micro)] = float(engine.get_global_grad_norm())
-    return out
+    data = [dict(input_ids=torch.randint(0, VOCAB, (1, SEQ), generator=g),
+                 labels=torch.randint(0, VOCAB, (1, 3, SEQ), generator=g),
+                 loss_mask=torch.ones(1, 3, SEQ)) for _ in range(GLOBAL)]
+    cfg = load_config("configs/tiny-cpu.yaml", [
+        f"train.micro_batch_size={micro}", f"train.global_batch_size={GLOBAL}",
+        "model.hidden_size=64", "model.num_layers=2", "model.ffn_hidden_size=128",
+        f"model.vocab_size={VOCAB}", "mtp.depth=2", "optim.grad_clip=0",
+        "data.mask_cross_document=false", *overrides])
+    layout = validate_layout(cfg, world)
+    engine = build_engine(cfg, layout, build_topology(layout),
+                          dataclasses.replace(resolve_runtime(cfg, layout), precision="bf16",
+                                              **policy),
+                          torch.device("cpu"), SEQ).engine
+    mine = data[rank::world]
+    batches = ({k: torch.cat([b[k] for b in mine[i:i + micro]]) for k in mine[0]}
+               for i in range(0, len(mine), micro))
+    WholeModelRunner(engine, torch.device("cpu"), layout.grad_accum).train_step(batches, 0.3, 0)
+    return float(engine.get_global_grad_norm())
+
+
+def model_grad_norms(rank, world):
+    """World 1: the whole batch as one micro-batch and as four, with each accumulation dtype."""
+    from pretrain.distributed import init_distributed
+    from pretrain.launch import detect_launch_env
+
+    init_distributed(detect_launch_env(), 60)
+    return {(accum, micro): _model_step_norm(rank, world, micro, [], grad_accum_dtype=accum)
+            for accum in ("bf16", "fp32") for micro in (GLOBAL, GLOBAL // 4)}
+
+
+def data_parallel_grad_norms(rank, world):
+    """World 2: two micro-batches a rank, for ZeRO-1/2 × accumulation dtype × overlapped
+    reduction (the GPU default with DP > 1, which no other CPU test runs)."""
+    from pretrain.distributed import init_distributed
+    from pretrain.launch import detect_launch_env
+
+    init_distributed(detect_launch_env(), 60)
+    return {(zero, accum, overlap): _model_step_norm(
+                rank, world, GLOBAL // 4, [f"parallel.zero_stage={zero}",
+                                           f"parallel.overlap_comm={str(overlap).lower()}"],
+                grad_accum_dtype=accum, overlap_comm=overlap)
+            for zero in (1, 2) for accum in ("bf16", "fp32") for overlap in (False, True)}
 
 
 def test_accumulated_gradient_of_the_model_does_not_depend_on_the_split():
@@ -126,5 +146,15 @@ def test_accumulated_gradient_of_the_model_does_not_depend_on_the_split():
     every earlier micro-batch's gradient again (the norm was 2.8x too large at four)."""
     (norms,) = run_world(model_grad_norms, 1, timeout_s=180)
     for accum in ("bf16", "fp32"):
-        whole, split = norms[(accum, 16)], norms[(accum, 4)]
+        whole, split = norms[(accum, GLOBAL)], norms[(accum, GLOBAL // 4)]
         assert whole > 0 and abs(split / whole - 1) < 1e-2, norms
+
+
+def test_data_parallel_gradient_does_not_depend_on_zero_dtype_or_overlap():
+    """The same global batch over two ranks: every ZeRO stage, accumulation dtype and reduction
+    mode gives one gradient (bf16 rounding apart), and it is the one-rank gradient."""
+    (one,) = run_world(model_grad_norms, 1, timeout_s=180)
+    norms = run_world(data_parallel_grad_norms, 2, timeout_s=240)[0]
+    reference = one[("fp32", GLOBAL)]
+    for key, norm in norms.items():
+        assert abs(norm / reference - 1) < 1e-2, (key, norms, reference)
