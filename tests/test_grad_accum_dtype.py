@@ -1,6 +1,8 @@
 """train.grad_accum_dtype = fp32 really accumulates bf16 micro-batch gradients in fp32: through
 the DeepSpeed config the project generates, with ZeRO-1 (DeepSpeed's BF16 optimizer) and ZeRO-2.
-DeepSpeed runs bf16 on the CPU too, which the trainer itself does not offer."""
+DeepSpeed runs bf16 on the CPU too, which the trainer itself does not offer. And through the
+project's own engine and model: a step's gradient does not depend on how its batch is split into
+micro-batches and ranks, nor on the ZeRO stage, accumulation dtype or overlapped reduction."""
 
 from __future__ import annotations
 
