@@ -59,13 +59,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def grads(module, inputs, loss_fn, ctx=contextlib.nullcontext):
+def grads(module, loss_fn, x=None, ctx=contextlib.nullcontext):
+    """The loss and the gradients of `module`'s parameters (and of its input `x`, if given)."""
     module.zero_grad(set_to_none=True)
-    inputs = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    x = None if x is None else x.detach().requires_grad_()
     with ctx():  # the backward too: recomputed regions must run the same kernels again
-        loss = loss_fn(module, *inputs)
+        loss = loss_fn(module) if x is None else loss_fn(module, x)
         loss.backward()
-    out = {"input": inputs[0].grad} if inputs[0].grad is not None else {}
+    out = {} if x is None else {"input": x.grad}
     out.update({n: p.grad.detach().clone() for n, p in module.named_parameters()
                 if p.grad is not None})
     return loss.item(), out
@@ -100,7 +101,7 @@ def block_rows(args, device, ctx):
                 p.add_(0.05 * torch.randn_like(p))
         state = ref_block.state_dict()
         print(f"block, recompute {mode}:", flush=True)
-        ref = grads(ref_block, [x], loss_fn, math_attention)
+        ref = grads(ref_block, loss_fn, x, math_attention)
         for name, compiled, cm in (("eager bf16", False, contextlib.nullcontext),
                                    ("eager bf16, contiguous q/k/v", False, contiguous_attention),
                                    ("compiled bf16", True, contextlib.nullcontext)):
@@ -109,7 +110,7 @@ def block_rows(args, device, ctx):
             block.to(torch.bfloat16)
             if compiled:
                 block.compile_training_forward()
-            row = compare(name, grads(block, [x], loss_fn, cm), ref)
+            row = compare(name, grads(block, loss_fn, x, cm), ref)
             rows.append(dict(part="block", recompute=mode, **row))
             del block
         del ref_block
@@ -124,7 +125,7 @@ def model_rows(args, device, ctx):
     ids = torch.randint(0, 32000, (args.batch, seq), generator=g).to(device)
     labels = torch.randint(0, 32000, (args.batch, 2, seq), generator=g).to(device)
 
-    def loss_fn(model, inp):
+    def loss_fn(model):
         return model(ids, labels, None, mtp_weight=0.3).loss
 
     for mode in ("none", "selective", "full"):
@@ -134,8 +135,7 @@ def model_rows(args, device, ctx):
         ref_model = MTPLanguageModel(dcfg, ctx).to(device)
         state = ref_model.state_dict()
         print(f"model (1024 wide, 4 layers, DeepSeek D=1), recompute {mode}:", flush=True)
-        dummy = torch.zeros(1, device=device)
-        ref = grads(ref_model, [dummy], loss_fn, math_attention)
+        ref = grads(ref_model, loss_fn, ctx=math_attention)
         for name, compiled in (("eager bf16", False), ("compiled bf16", True)):
             model = MTPLanguageModel(dcfg, ctx).to(device)
             model.load_state_dict(state)
@@ -143,7 +143,7 @@ def model_rows(args, device, ctx):
             if compiled:
                 compile_for_training(model)
                 use_loss_kernels(model, "triton" if device.type == "cuda" else "inductor")
-            row = compare(name, grads(model, [dummy], loss_fn), ref)
+            row = compare(name, grads(model, loss_fn), ref)
             rows.append(dict(part="model", recompute=mode, **row))
             del model
     return rows

@@ -78,8 +78,9 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
     # Compiling costs ~30 s per block shape on a CPU and gains little there; ZeRO-3 gathers
     # parameters in module hooks that compiled code would bypass (config validation refuses
     # compile=true with it).
+    sp_on_gpu = _sequence_parallel_on_gpu(cfg, layout, on_gpu)
     compiled = t.compile is True or (t.compile == "auto" and on_gpu and p.zero_stage <= 2
-                                      and not _sequence_parallel_on_gpu(cfg, layout, on_gpu))
+                                      and not sp_on_gpu)
 
     kernels = cfg.model.loss_kernels
     if kernels == "auto":
@@ -104,8 +105,7 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
                                                           and on_gpu),
         document_attention=("off" if cfg.data.mask_cross_document != "attention" else
                             "flex" if accelerator.flex_attention_supported() else "dense"),
-        warnings=(SP_COMPILE_WARNING,) if compiled and _sequence_parallel_on_gpu(
-            cfg, layout, on_gpu) else ())
+        warnings=(SP_COMPILE_WARNING,) if compiled and sp_on_gpu else ())
 
 
 SP_COMPILE_WARNING = (

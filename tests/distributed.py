@@ -93,14 +93,12 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
     """Run `fn(rank, world_size, *args)` on a fresh gloo world; return results by rank. A world
     whose rendezvous port was taken by another process before rank 0 could listen on it (nothing
     of `fn` has run) starts again on a new port, up to PORT_ATTEMPTS times."""
-    for attempt in range(PORT_ATTEMPTS):
+    for _ in range(PORT_ATTEMPTS):
         try:
             return _run_world_once(fn, world_size, args, timeout_s)
         except _PortTaken as e:
-            if attempt == PORT_ATTEMPTS - 1:
-                raise DistributedTestError(
-                    f"no free rendezvous port in {PORT_ATTEMPTS} attempts:\n{e}") from None
-    raise AssertionError("unreachable")
+            taken = e
+    raise DistributedTestError(f"no free rendezvous port in {PORT_ATTEMPTS} attempts:\n{taken}")
 
 
 def _run_world_once(fn, world_size: int, args: tuple, timeout_s: float) -> list[Any]:
