@@ -53,9 +53,9 @@
 #                  batches at TP 2 with and without sequence parallelism, compiled and eager, and
 #                  at DP 2 with bf16 and fp32 gradient accumulation (SPECS="tp sp compile
 #                  [overrides];..."). Written after the session that found them disagreeing.
-# Parts 6-9 were written after the session that measured parts 1-5. Part 10 comes first in the
-# next device session: until it agrees, the compiled sequence-parallel rows of part 6 measure
-# code whose gradients are in question (train.compile=auto runs those layouts eager).
+# Parts 6-9 were written after the session that measured parts 1-5, part 10 after the session
+# whose compiled sequence-parallel rows disagreed with eager ones on the gradient (the cause, traced
+# collectives, was found with benchmarks/check_tp_grads.py; model/tp_regions.py).
 # From the repository root, project importable; results in $OUT. PART="6 8" runs parts in turn.
 set -uo pipefail
 OUT=${OUT:-bench-out}; PY=${PYTHON:-python}; WORK=${WORK:-/tmp/scale}; OLD=${OLD:-.old}
@@ -287,6 +287,7 @@ if part 6; then
       checkpoint.save_at_exit=false train.eval_interval=0 train.log_interval=1 \
       > "$OUT/$name.log" 2>&1
     echo "exit $? ($(grep -m1 -o "out of GPU memory[^.]*" "$OUT/$name.log" || echo ok))"
+    grep -E "step [12]/" "$OUT/$name.log" | grep -v "^\[20" | cut -c1-160  # loss, gradient norm
     steady "$OUT/$name.log" 4; grep -E "^total|^fits" "$OUT/$name-plan.txt"
     rm -rf "$WORK/run-$name"
   done

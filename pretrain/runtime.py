@@ -41,8 +41,6 @@ class RuntimePolicy:
     document_attention: str = "off"
     """data.mask_cross_document = attention: 'flex' (FlexAttention block masks) or 'dense'
     (an SDPA mask); 'off' otherwise."""
-    warnings: tuple[str, ...] = ()
-    """What the trainer prints as warnings beside this policy (choices made against advice)."""
 
     @property
     def bf16(self) -> bool:
@@ -78,9 +76,7 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
     # Compiling costs ~30 s per block shape on a CPU and gains little there; ZeRO-3 gathers
     # parameters in module hooks that compiled code would bypass (config validation refuses
     # compile=true with it).
-    sp_on_gpu = _sequence_parallel_on_gpu(cfg, layout, on_gpu)
-    compiled = t.compile is True or (t.compile == "auto" and on_gpu and p.zero_stage <= 2
-                                      and not sp_on_gpu)
+    compiled = t.compile is True or (t.compile == "auto" and on_gpu and p.zero_stage <= 2)
 
     kernels = cfg.model.loss_kernels
     if kernels == "auto":
@@ -96,31 +92,13 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
     accum = "fp32" if not bf16 or t.grad_accum_dtype == "fp32" else "bf16"
     return RuntimePolicy(
         device=accelerator.device_name(), backend=accelerator.communication_backend(),
-        precision="bf16" if bf16 else "fp32", grad_accum_dtype=accum, compile=compiled, loss_kernels=kernels, fused_adam=on_gpu, pin_memory=on_gpu,
-        overlap_comm=overlap,
+        precision="bf16" if bf16 else "fp32", grad_accum_dtype=accum, compile=compiled,
+        loss_kernels=kernels, fused_adam=on_gpu, pin_memory=on_gpu, overlap_comm=overlap,
         # Captured TP collectives work in the decoding engine but have not been measured inside
         # a training run (TP groups shared with training's collectives): TP = 1 only, for now.
         device_graphs=accelerator.graphs_supported() and layout.tp == 1,
         async_save=cfg.checkpoint.async_save is True or (cfg.checkpoint.async_save == "auto"
                                                           and on_gpu),
         document_attention=("off" if cfg.data.mask_cross_document != "attention" else
-                            "flex" if accelerator.flex_attention_supported() else "dense"),
-        warnings=(SP_COMPILE_WARNING,) if compiled and sp_on_gpu else ())
+                            "flex" if accelerator.flex_attention_supported() else "dense"))
 
-
-SP_COMPILE_WARNING = (
-    "train.compile = true with sequence parallelism on GPUs: on two H200s a compiled run's "
-    "first gradient norm disagreed with the eager run's on the same batch (benchmarks/"
-    "RESULTS.md, \"Scale, third session\"); 'auto' runs such layouts eager until that is "
-    "explained")
-
-
-def _sequence_parallel_on_gpu(cfg: RunConfig, layout: Layout, on_gpu: bool) -> bool:
-    """Sequence parallelism on GPUs, where compiled blocks are not trusted yet: at the 8B shape
-    (TP 2, 2x H200) the first step's gradient norm of compiled runs was 2.17 where the eager run
-    on the same batch gave 60.1, and an eager run of another layout (TP 1, ZeRO-3) gave 60.09;
-    the compiled run's loss also behaved unlike every other run at that warmup. On the CPU
-    (gloo) compiled and eager sequence-parallel runs agree (tests/test_compile_parallel.py),
-    so what differs is on the device; a compiled block inside full recomputation matched eager
-    there (49.65 against 49.66)."""
-    return on_gpu and cfg.parallel.sequence_parallel and layout.tp > 1

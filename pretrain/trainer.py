@@ -166,8 +166,6 @@ class Trainer:
             f"{n_params / 1e6:.2f}M parameters on rank 0's shard; MTP {cfg.mtp.kind} "
             f"D={cfg.mtp.depth}; {self.tokens_per_step} tokens/step\n"
             f"runtime: {self.policy.describe()}")
-        for warning in self.policy.warnings:
-            self.logger.print(f"warning: {warning}")
 
     def _check_memory_plan(self) -> None:
         """On a GPU: the planned peak per GPU (pretrain/memory_plan.py), and a warning before

@@ -109,25 +109,6 @@ def _policy(cfg, layout, on_gpu: bool, monkeypatch):
     return resolve_runtime(cfg, layout)
 
 
-@pytest.mark.parametrize("setting,on_gpu,sp,compiled,warned", [
-    ("auto", True, True, False, False), ("true", True, True, True, True),
-    ("auto", True, False, True, False), ("auto", False, True, False, False)])
-def test_sequence_parallel_runs_eager_on_gpus_unless_asked(monkeypatch, setting, on_gpu, sp,
-                                                          compiled, warned):
-    """Compiled sequence-parallel blocks disagreed with eager ones on GPUs (pretrain/runtime.py):
-    'auto' keeps them eager there, an explicit true compiles them and says why it should not."""
-    from pretrain.config import Layout
-
-    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [
-        "parallel.tp=2", f"parallel.sequence_parallel={str(sp).lower()}",
-        f"train.compile={setting}"])
-    policy = _policy(cfg, Layout(world=2, tp=2, pp=1, dp=1, grad_accum=1), on_gpu, monkeypatch)
-    assert policy.compile is compiled
-    assert bool(policy.warnings) is warned
-    if warned:
-        assert "sequence parallelism" in policy.warnings[0]
-
-
 def test_deepspeed_config_keeps_the_step_free_of_timer_syncs(monkeypatch):
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml")
     layout = validate_layout(cfg, 1)
