@@ -1,9 +1,9 @@
 """Gradient check under tensor parallelism, on the real backend (NCCL on GPUs, gloo on the CPU):
 a small DeepSeek-MTP model at TP = the world size, with and without sequence parallelism, eager
 and compiled (Inductor, and AOT-eager: the same traced graphs without Inductor's code), each
-parameter's gradient against the single-process fp32 model with the same weights. The "-traced"
-variants trace the sequence-parallel collectives instead of keeping them opaque (see
-model/tp_regions.py), to check whether a torch build still gets their gradients wrong.
+parameter's gradient against the single-process fp32 model with the same weights. The "-views"
+variants let the collectives return views of their buffers again (see model/tp_regions.py), to
+check whether a torch build still compiles those wrong.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/check_tp_grads.py \
         [--hidden 1024 --layers 4 --seq 1024 --batch 2 --dtype bf16] [--json F]
@@ -34,38 +34,27 @@ from model.compile import compile_for_training, use_loss_kernels  # noqa: E402
 from model.parallel import ParallelContext, single_process_context  # noqa: E402
 from model.sharding import full_grads, load_full_state_dict  # noqa: E402
 
-# blocks/loss kernels: how the blocks run (eager, or compiled with that backend; "-traced": with
-# the sequence-parallel gathers and reduce-scatters as in-place torch.distributed calls, which the
-# compiler traces, instead of model/tp_regions.py's opaque ops) and the fused loss's kernels
+# blocks/loss kernels: how the blocks run (eager, or compiled with that backend; "-views": with
+# the collectives returning views of their buffers, as before model/tp_regions.py's `_fresh`) and
+# the fused loss's kernels
 VARIANTS = ("eager/eager", "eager/triton", "aot_eager/eager", "inductor/eager", "inductor/triton",
-            "aot_eager-traced/eager", "inductor-traced/triton")
+            "aot_eager-views/eager", "inductor-views/triton")
 
 
 @contextlib.contextmanager
-def traced_collectives():
-    """tp_regions' gathers and reduce-scatters as they were before they became custom ops: with
-    torch 2.11 on two H200s, compiled (AOT-eager or Inductor), their backward gave the
-    sequence-parallel weights gradients with ~99 % relative error."""
+def view_results():
+    """tp_regions' collectives returning views of their buffers where a contiguous result is
+    one (at B = 1 along the sequence, and along rows): with torch 2.11 on two H200s, compiled
+    (AOT-eager or Inductor), that gave the sequence-parallel weights gradients with ~99 %
+    relative error."""
     from model import tp_regions
 
-    def gather(x, dim, group):
-        moved = x.movedim(dim, 0).contiguous()
-        out = moved.new_empty((group.size() * moved.shape[0], *moved.shape[1:]))
-        dist.all_gather_into_tensor(out, moved, group=group)
-        return out.movedim(0, dim).contiguous()
-
-    def scatter(x, dim, group):
-        moved = x.movedim(dim, 0).contiguous()
-        out = moved.new_empty((moved.shape[0] // group.size(), *moved.shape[1:]))
-        dist.reduce_scatter_tensor(out, moved, group=group)
-        return out.movedim(0, dim).contiguous()
-
-    saved = tp_regions.all_gather_dim, tp_regions.reduce_scatter_dim
-    tp_regions.all_gather_dim, tp_regions.reduce_scatter_dim = gather, scatter
+    saved = tp_regions._fresh
+    tp_regions._fresh = lambda x: x.contiguous()
     try:
         yield
     finally:
-        tp_regions.all_gather_dim, tp_regions.reduce_scatter_dim = saved
+        tp_regions._fresh = saved
 
 
 @contextlib.contextmanager
@@ -163,10 +152,10 @@ def main(argv=None):
                 load_full_state_dict(model, full, ctx.tp_group)
                 model.to(device=device, dtype=dtype)
                 if blocks != "eager":
-                    with compile_backend(blocks.removesuffix("-traced")):
+                    with compile_backend(blocks.removesuffix("-views")):
                         compile_for_training(model)
                 use_loss_kernels(model, loss_kernels)
-                with (traced_collectives() if blocks.endswith("-traced")
+                with (view_results() if blocks.endswith("-views")
                       else contextlib.nullcontext()):
                     got = grads_of(model, batch, ctx.tp_group)
                 breaks = sum(torch._dynamo.utils.counters["graph_break"].values())

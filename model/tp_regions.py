@@ -18,14 +18,11 @@ partial sums on the way out. Parameters that are replicated over TP and act on s
 whole. The collectives are torch.distributed's all_gather_into_tensor / reduce_scatter_tensor,
 which NCCL and (since torch 2.x) gloo both implement, so the CPU tests run the GPU code path.
 
-Every collective here runs inside a custom op (`mtp::all_gather_first_dim`,
-`mtp::reduce_scatter_first_dim`, `mtp::all_reduce_sum`) that torch.compile keeps whole instead of tracing the
-torch.distributed call. Traced, the collectives in the backward of the autograd functions below
-gave wrong gradients on GPUs (torch 2.11, two H200s, NCCL: the sequence-parallel weights of a
-compiled block got gradients with 99 % relative error, with AOT-eager as with Inductor), while
-torch 2.13 on gloo traced them correctly; as opaque ops they match eager on both
-(benchmarks/check_tp_grads.py). Compiled code gives up nothing by it: the collectives ran
-in order on the compute stream before as well.
+The autograd functions never return a view of a tensor made inside them (`_fresh`): compiled
+with torch 2.11, a function whose forward returned such a view got zeros for its incoming
+gradient, and the sequence-parallel blocks trained on gradients 99 % wrong while the loss was
+right (two H200s; reproduced with torch 2.11 on the CPU, not with 2.13; benchmarks/
+check_tp_grads.py, docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -42,69 +39,31 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 
 
-# ------------------------------------------------------------------ collectives (opaque ops)
-def _group(name: str) -> dist.ProcessGroup:
-    """The process group registered under `name` (custom ops take strings, not groups; torch's
-    own functional collectives resolve their groups the same way)."""
-    return dist.distributed_c10d._resolve_process_group(name)
-
-
-@torch.library.custom_op("mtp::all_gather_first_dim", mutates_args=())
-def _all_gather_first_dim(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    """[n, ...] on every rank → [size·n, ...], the ranks' rows in rank order."""
-    group = _group(group_name)
-    out = x.new_empty((group.size() * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out
-
-
-@_all_gather_first_dim.register_fake
-def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    return x.new_empty((_group(group_name).size() * x.shape[0], *x.shape[1:]))
-
-
-@torch.library.custom_op("mtp::reduce_scatter_first_dim", mutates_args=())
-def _reduce_scatter_first_dim(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    """[size·n, ...] on every rank → the sum over ranks of this rank's rows [n, ...]."""
-    group = _group(group_name)
-    out = x.new_empty((x.shape[0] // group.size(), *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
-    return out
-
-
-@_reduce_scatter_first_dim.register_fake
-def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    return x.new_empty((x.shape[0] // _group(group_name).size(), *x.shape[1:]))
-
-
-@torch.library.custom_op("mtp::all_reduce_sum", mutates_args=())
-def _all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    """The sum of `x` over the ranks, in a new tensor."""
-    out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, group=_group(group_name))
-    return out
-
-
-@_all_reduce_sum.register_fake
-def _(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 # ------------------------------------------------------------------ collectives along a dim
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    """`x` in contiguous memory of its own, never a view of the collective's buffer: the autograd
+    functions below return these results (see the module docstring). `contiguous()` would copy
+    only along the sequence at B > 1; the extra copies cost ~0.3 % of an 8B step."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def all_gather_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim`, in rank order."""
+    size = group.size()
     moved = x.movedim(dim, 0).contiguous()  # [n, ...]
-    out = _all_gather_first_dim(moved, group.group_name)  # [size·n, ...]
-    # Along dim 0 no copy is made; along the sequence of [B, T, d] only for B > 1.
-    return out.movedim(0, dim).contiguous()
+    out = torch.empty((size * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, moved, group=group)  # [size·n, ...]
+    return _fresh(out.movedim(0, dim))
 
 
 def reduce_scatter_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     """Sum `x` over the ranks and keep this rank's 1/size slice along `dim`."""
+    size = group.size()
     moved = x.movedim(dim, 0).contiguous()  # [size·n, ...]
-    assert moved.shape[0] % group.size() == 0, (tuple(x.shape), dim, group.size())
-    out = _reduce_scatter_first_dim(moved, group.group_name)  # [n, ...]
-    return out.movedim(0, dim).contiguous()
+    assert moved.shape[0] % size == 0, (tuple(x.shape), dim, size)
+    out = torch.empty((moved.shape[0] // size, *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, moved, group=group)
+    return _fresh(out.movedim(0, dim))
 
 
 def split_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -185,7 +144,9 @@ class _SumGradOverTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce_sum(grad, ctx.group.group_name), None
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 # ------------------------------------------------------------------ sequence parallelism
@@ -286,7 +247,8 @@ def gather_last_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(group.size())]
         dist.all_gather(parts, x, group=group)
         return torch.cat(parts, dim=-1)
-    out = _all_gather_first_dim(x.unsqueeze(0), group.group_name)  # [size, ..., n]
+    out = torch.empty((group.size(), *x.shape), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group)
     return out.movedim(0, -2).reshape(*x.shape[:-1], -1)  # [..., size, n] → [..., size·n]
 
 
