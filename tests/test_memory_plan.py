@@ -123,9 +123,8 @@ def test_every_shipped_config_plans_at_its_size(config, gpus, capsys):
 
 def test_plan_shows_what_the_8b_memory_options_buy(tmp_path):
     """TP 2 on two 80 GB cards: ~77 GiB planned without sequence parallelism and recomputation
-    at micro-batch 1, under 72 GiB with the config's (sequence parallelism, full recomputation,
-    micro-batch 2) —
-    the reason the config turns them on (measured: 70.1 GiB, benchmarks/RESULTS.md)."""
+    at micro-batch 1, under 72 GiB with the config's (sequence parallelism, full recomputation)
+    — the reason the config turns them on (measured: 73.0 GiB, benchmarks/RESULTS.md)."""
     import json
 
     from pretrain.cli import main
