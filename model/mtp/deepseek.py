@@ -66,7 +66,8 @@ class DeepSeekModule(nn.Module):
         """h_prev, next_embed [B, T, d] → hᵏ [B, T, d] (before the output norm; [B, T/TP, d]
         sequence shards under sequence parallelism)."""
         mix = self._compiled_mix if cache is None else self._compiled_decoding_mix
-        mix = mix or self._mix
+        if mix is None:  # not `mix or …`: torch 2.11's dynamo breaks the graph on that branch
+            mix = self._mix
         x = mix(h_prev, next_embed)  # [B, T, 2d]
         if self.sp_group is not None:
             # Gather the sequence, keep this rank's input features; the backward's zero-filled
