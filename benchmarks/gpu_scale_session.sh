@@ -23,7 +23,8 @@
 #                  (train.memory_snapshot_steps=2): SP + selective at micro-batch 1, no SP and
 #                  no recomputation at micro-batch 1, SP + full at micro-batch 2; what is live
 #                  at each peak (benchmarks/memory_peak.py) beside `mtp plan` for the same run.
-#                  SPECS="recompute micro sp;..." picks the layouts.
+#                  SPECS="recompute micro sp;..." picks the layouts, COMPILE=true compiles them
+#                  (what a compiled checkpoint keeps: `COMPILE=true SPECS="full 2 true" PART=4`).
 #   PART=5  both:  llama3-8b TP 2 (the shipped layout at 4 micro-batches of 2 a step), compile
 #                  off, a background checkpoint at step 10 (host buffers reserved from start-up):
 #                  the pause, the reservation's time and its effect on the steps, the write time,
@@ -201,14 +202,16 @@ if part 4; then
   IFS=';' read -ra specs <<< "${SPECS:-selective 1 true;none 1 false;full 2 true}"
   for spec in "${specs[@]}"; do
     set -- $spec
-    name=8b-$1-sp$3-micro$2
+    name=8b-$1-sp$3-micro$2-compile${COMPILE:-false}
     opts=(--config configs/llama3-8b.yaml model.recompute="$1" train.micro_batch_size="$2"
           train.global_batch_size=$((4 * $2)) parallel.sequence_parallel="$3")
-    stage "llama3-8b TP 2, recompute $1, sequence parallel $3, micro-batch $2, compile off"
+    stage "llama3-8b TP 2, recompute $1, sequence parallel $3, micro-batch $2," \
+      "compile ${COMPILE:-false}"
     $PY -m pretrain plan "${opts[@]}" --gpus 2 --seq-len 4096 > "$OUT/$name-plan.txt" 2>&1
     timeout 240 "${TRAIN2[@]}" \
       "${opts[@]}" run_dir="$WORK/run-$name" data.path="$DATA/stdlib-seq4096" \
-      data.num_workers=1 train.compile=false train.steps=3 train.memory_snapshot_steps=2 \
+      data.num_workers=1 train.compile="${COMPILE:-false}" train.steps=3 \
+      train.memory_snapshot_steps=2 \
       optim.warmup_steps=2 checkpoint.interval=0 checkpoint.save_at_exit=false \
       train.eval_interval=0 train.log_interval=1 > "$OUT/$name.log" 2>&1
     echo "exit $?"; keep "$OUT/$name.log" | tail -4
