@@ -101,18 +101,23 @@ def block_activation(cfg: ModelConfig, mode: str, tp: int, sp: bool, compiled: b
     * selective: the rotated q, k, the attention output and the SwiGLU product are recomputed;
     * full: the block's input alone (the working set of one block comes back in the backward);
     * eager (no torch.compile) also keeps the attention output's transposed copy, each norm's
-      normalised value before the gain, and silu(gate).
+      normalised value before the gain, and silu(gate);
+    * compiled under sequence parallelism (none, selective), the partitioner merges the
+      column-parallel layers' re-gather in the backward with the forward's gather and keeps
+      gathered, whole-sequence inputs: +d a token (measured on the CPU, TP 2:
+      tests/test_memory_plan.py).
     """
     d, kv, f, heads = cfg.hidden_size, cfg.kv_heads * cfg.head_dim, cfg.ffn_size, cfg.num_heads
     rd = d / tp if sp else d
     if mode == "full":
         return elem * rd
+    gathered = d if compiled and sp and tp > 1 else 0
     if mode == "selective":
-        n = 4 * rd + (d + 2 * kv) / tp + 2 * f / tp
+        n = 4 * rd + (d + 2 * kv) / tp + 2 * f / tp + gathered
         if not compiled:
             n += 3 * d / tp + f / tp
         return elem * n + 4 * 2
-    n = 4 * rd + (d + 2 * kv) / tp + (d + kv) / tp + d / tp + 3 * f / tp
+    n = 4 * rd + (d + 2 * kv) / tp + (d + kv) / tp + d / tp + 3 * f / tp + gathered
     if not compiled:
         n += d / tp + rd + f / tp
     return elem * n + 4 * (2 + heads / tp)

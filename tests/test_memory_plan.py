@@ -63,6 +63,51 @@ def test_activation_itemisation_matches_the_saved_tensors(kind, mode):
     assert abs(planned / measured - 1) < 0.05, (planned, measured)
 
 
+def _sequence_parallel_block_saves(rank, world):
+    """World 2: bytes a TP 2 sequence-parallel block saves for its backward (its input aside),
+    per token and in units of d, eager and compiled, beside the plan's figure."""
+    from model import ModelConfig, ParallelContext
+    from model.block import TransformerBlock
+
+    b, t, d = 1, 128, 128
+    out = {}
+    for mode, compiled in (("none", False), ("none", True), ("selective", True)):
+        torch._dynamo.reset()
+        cfg = ModelConfig(vocab_size=64, hidden_size=d, num_layers=2, num_heads=4,
+                          num_kv_heads=2, ffn_hidden_size=256, max_seq_len=t, recompute=mode)
+        torch.manual_seed(0)
+        block = TransformerBlock(cfg, ParallelContext(torch.distributed.group.WORLD,
+                                                      sequence_parallel=True))
+        if compiled:
+            block.compile_training_forward()
+        x = torch.randn(b, t // world, d, requires_grad=True)
+        skip = {p.untyped_storage().data_ptr() for p in block.parameters()}
+        skip.add(x.untyped_storage().data_ptr())
+        seen: dict[int, int] = {}
+
+        def pack(tensor, skip=skip, seen=seen):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in skip:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            y = block(x)
+        y.square().sum().backward()
+        out[(mode, compiled)] = (sum(seen.values()) / (b * t * 4 * d),
+                                 block_activation(cfg, mode, world, True, compiled, 4) / (4 * d))
+    return out
+
+
+def test_sequence_parallel_activations_match_the_saved_tensors():
+    """Under sequence parallelism the compiled block keeps whole-sequence gathered inputs of its
+    column-parallel layers (+d a token against eager's shards): the plan counts them."""
+    result = run_world(_sequence_parallel_block_saves, 2, timeout_s=180)[0]
+    for key, (measured, planned) in result.items():
+        assert abs(planned / measured - 1) < 0.03, (key, measured, planned)
+    assert result[("none", True)][0] > result[("selective", True)][0]
+
+
 def engine_state_bytes(rank, world):
     """World 2: a tiny model's DeepSpeed engine (fp32, as on the CPU) after a step — the bytes
     of its weights and of the optimizer state on this rank (fp32 master partition and Adam's
