@@ -102,10 +102,10 @@ def block_activation(cfg: ModelConfig, mode: str, tp: int, sp: bool, compiled: b
     * full: the block's input alone (the working set of one block comes back in the backward);
     * eager (no torch.compile) also keeps the attention output's transposed copy, each norm's
       normalised value before the gain, and silu(gate);
-    * compiled under sequence parallelism (none, selective), the partitioner merges the
-      column-parallel layers' re-gather in the backward with the forward's gather and keeps
-      gathered, whole-sequence inputs: +d a token (measured on the CPU, TP 2:
-      tests/test_memory_plan.py).
+    * compiled under sequence parallelism (none, selective), the partitioner computes the
+      column-parallel layers' re-gather (which does not depend on the gradient) in the forward
+      and keeps gathered, whole-sequence inputs: +d a token (measured on the CPU, TP 2:
+      tests/test_memory_plan.py; docs/DESIGN.md, "Memory").
     """
     d, kv, f, heads = cfg.hidden_size, cfg.kv_heads * cfg.head_dim, cfg.ffn_size, cfg.num_heads
     rd = d / tp if sp else d
