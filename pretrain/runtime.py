@@ -101,4 +101,3 @@ def resolve_runtime(cfg: RunConfig, layout: Layout) -> RuntimePolicy:
                                                           and on_gpu),
         document_attention=("off" if cfg.data.mask_cross_document != "attention" else
                             "flex" if accelerator.flex_attention_supported() else "dense"))
-

@@ -14,8 +14,9 @@ from tests.train_fixtures import build_tiny_dataset, loss_scalars, tiny_run
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 RUNS = [("tp2-eager", False, {"tp": 2}, {}), ("tp2-compiled", True, {"tp": 2}, {}),
-        # the compiled sequence-parallel blocks with their checkpointed attention cores: on the
-        # CPU these agree with eager, on GPUs they did not (pretrain/runtime.py)
+        # the compiled sequence-parallel blocks with their checkpointed attention cores (torch
+        # 2.11 compiled them wrong on GPUs until the collectives stopped returning views:
+        # model/tp_regions.py)
         ("tp2-sp-selective-compiled", True, {"tp": 2, "sequence_parallel": True},
          {"recompute": "selective"}),
         ("pp2-compiled", True, {"pp": 2}, {})]
@@ -56,7 +57,6 @@ def test_compiled_training_matches_eager_under_tp_and_pp(tmp_path):
                 # fp32: only reduction order differs (PP vs TP, fused vs eager kernels).
                 assert math.isclose(got[tag][step], want, rel_tol=1e-5), (name, tag, step)
         assert got["loss/main"][4] < got["loss/main"][1]  # it trained
-
 
 
 def _collective_results(rank, world):

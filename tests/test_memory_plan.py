@@ -26,20 +26,26 @@ from tests.model_fixtures import KINDS
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _saved_bytes(model, *batch) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def _saved_bytes(forward, to_loss, skip: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves while `forward()` runs (storages in `skip`
+    — parameters, inputs — aside); `to_loss(output)`, built outside the count, is
+    backpropagated."""
     seen: dict[int, int] = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
+        if storage.data_ptr() not in skip:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(*batch, mtp_weight=0.3)
-    out.loss.backward()
+        out = forward()
+    to_loss(out).backward()
     return sum(seen.values())
+
+
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
 
 
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
@@ -56,7 +62,8 @@ def test_activation_itemisation_matches_the_saved_tensors(kind, mode):
     g = torch.Generator().manual_seed(0)
     batch = (torch.randint(0, v, (b, t), generator=g),
              torch.randint(0, v, (b, depth + 1, t), generator=g))
-    measured = _saved_bytes(model, *batch)
+    measured = _saved_bytes(lambda: model(*batch, mtp_weight=0.3), lambda out: out.loss,
+                            _storages(model.parameters()))
     planned = (2 * block_activation(dcfg.model, mode, 1, False, False, 4) * b * t
                + _tail_activation(dcfg, mode, 1, False, False, 4, b * t)
                + 4 * v * d)  # the loss's fp32 head-weight gradient, kept for the backward
@@ -81,20 +88,9 @@ def _sequence_parallel_block_saves(rank, world):
         if compiled:
             block.compile_training_forward()
         x = torch.randn(b, t // world, d, requires_grad=True)
-        skip = {p.untyped_storage().data_ptr() for p in block.parameters()}
-        skip.add(x.untyped_storage().data_ptr())
-        seen: dict[int, int] = {}
-
-        def pack(tensor, skip=skip, seen=seen):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in skip:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            y = block(x)
-        y.square().sum().backward()
-        out[(mode, compiled)] = (sum(seen.values()) / (b * t * 4 * d),
+        saved = _saved_bytes(lambda block=block, x=x: block(x), lambda y: y.square().sum(),
+                             _storages([*block.parameters(), x]))
+        out[(mode, compiled)] = (saved / (b * t * 4 * d),
                                  block_activation(cfg, mode, world, True, compiled, 4) / (4 * d))
     return out
 
