@@ -53,7 +53,6 @@ class MemoryPlan:
     """Bytes per component."""
     capacity: float | None = None
     """Bytes of the card the plan is checked against (None: not checked)."""
-    caveats: list[str] = field(default_factory=list)
     """Where measurements say this plan runs low (printed under the table)."""
 
     @property
@@ -85,7 +84,6 @@ class MemoryPlan:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"{verdict} in {self.capacity / GIB:.1f} GiB "
                          f"({100 * self.total / self.capacity:.0f} %)")
-        lines += [f"note: {caveat}" for caveat in self.caveats]
         return "\n".join(lines)
 
 
@@ -257,15 +255,7 @@ def plan_memory(cfg: RunConfig, layout: Layout, seq_len: int, bf16: bool, compil
         if best is None or plan.total > best.total:
             best = plan
     assert best is not None
-    if compiled and dcfg.model.recompute == "full":
-        best.caveats.append(COMPILED_FULL_RECOMPUTE)
     return best
-
-
-COMPILED_FULL_RECOMPUTE = (
-    "compiled full recomputation keeps more than the block inputs counted here: at the 8B shape "
-    "(TP 2, SP) the measured peak was 13 % above this plan at micro-batch 1 and 22 % at 2 "
-    "(eager recomputation: 6 %; benchmarks/RESULTS.md, \"Scale, fourth session\")")
 
 
 def _states(local_params: float, elem: int, cfg: RunConfig, dp: int, bf16: bool) -> dict:

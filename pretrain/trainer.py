@@ -177,8 +177,6 @@ class Trainer:
                            self.policy.compile, capacity, self.policy.loss_kernels)
         self.logger.print(f"memory plan: {plan.total / GIB:.1f} GiB per GPU of "
                           f"{capacity / GIB:.1f} GiB (`mtp plan` shows the parts)")
-        for caveat in plan.caveats:
-            self.logger.print(f"memory plan note: {caveat}")
         if not plan.fits:
             self.logger.print(
                 f"WARNING: the memory plan ({plan.total / GIB:.1f} GiB per GPU) exceeds this "

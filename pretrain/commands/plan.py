@@ -80,6 +80,6 @@ def run(args: argparse.Namespace) -> int:
             json.dump({"gpus": gpus, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
                        "seq_len": seq_len, "stage": plan.stage, "in_flight": plan.in_flight,
                        "parts_bytes": plan.parts, "total_bytes": plan.total,
-                       "capacity_bytes": plan.capacity, "fits": plan.fits,
-                       "caveats": plan.caveats}, fh, indent=1)
+                       "capacity_bytes": plan.capacity, "fits": plan.fits},
+                      fh, indent=1)
     return exit_codes.OK
