@@ -98,7 +98,18 @@ def _replay_seconds(engine, n: int) -> float:
     return clock.seconds(start, clock.mark()) / n
 
 
-def _phase_profile(model, prompts, new_tokens, compile_: bool) -> dict:
+def _token_ranking(data: Path):
+    """Token ids of `data`'s training split, most frequent first (its first 20M tokens)."""
+    import torch
+
+    from data_pipeline import load_manifest
+    from data_pipeline.token_counts import count_tokens
+
+    counts = torch.from_numpy(count_tokens(load_manifest(data), 20_000_000))
+    return torch.sort(-counts, stable=True).indices
+
+
+def _phase_profile(model, prompts, new_tokens, compile_: bool, draft_vocab=None) -> dict:
     """What each decoding phase is made of, per call: device kernels (count, µs) on GPUs, leaf
     operators (count, CPU µs) on the CPU — one plain and one speculative request at batch 1,
     run eagerly (graphs off) with the same compiled regions as the measured engine."""
@@ -108,7 +119,7 @@ def _phase_profile(model, prompts, new_tokens, compile_: bool) -> dict:
     from model.generation import DecodingEngine
 
     gpu = not accelerator.is_cpu()
-    engine = DecodingEngine(model, graphs=False, compile=compile_)
+    engine = DecodingEngine(model, graphs=False, compile=compile_, draft_vocab=draft_vocab)
     out = {}
     for name, speculative in (("plain", False), ("speculative", True)):
         engine.generate(prompts, new_tokens, speculative=speculative)  # warm
@@ -157,11 +168,12 @@ def _mode_stats(first, results, replay_s: float) -> dict:
 
 def measure_model(model, prompts: list[list[int]], batch_sizes: list[int], requests: int,
                   new_tokens: int, graphs: bool | None, compile_: bool | None, depth: int,
-                  replays: int, log) -> list[dict]:
-    """Rows (one per batch size) for one model on one engine."""
+                  replays: int, log, draft_vocab=None) -> list[dict]:
+    """Rows (one per batch size) for one model on one engine (drafting over `draft_vocab`'s
+    token ids only, when given)."""
     from model.generation import DecodingEngine, SpeculativeStats
 
-    engine = DecodingEngine(model, graphs=graphs, compile=compile_)
+    engine = DecodingEngine(model, graphs=graphs, compile=compile_, draft_vocab=draft_vocab)
     rows = []
     for bs in batch_sizes:
         need = bs * (requests + 1)
@@ -233,6 +245,8 @@ def measure(args: argparse.Namespace) -> dict:
     if not prompts:
         raise SystemExit(f"bench_generation: no validation window of {args.data} holds "
                          f"--prompt-len {args.prompt_len} tokens")
+    draft_sizes = [int(k) for k in args.draft_vocab.split(",") if k]
+    ranked = _token_ranking(args.data) if draft_sizes else None
     result = dict(label=args.label, device=accelerator.device_name(), tp=args.tp,
                   commit=provenance.commit(),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -245,17 +259,19 @@ def measure(args: argparse.Namespace) -> dict:
         log(f"== {loaded.source}: {model.config.mtp.kind} D={model.config.mtp.depth}, "
             f"{sum(p.numel() for p in model.parameters()) * args.tp / 1e6:.0f}M parameters, "
             f"{model.embedding.output_weight.dtype}, TP={args.tp}")
-        t0 = time.perf_counter()
-        rows = measure_model(model, prompts, batch_sizes, args.requests, args.new_tokens,
-                             graphs, compile_, depth, args.replays, log)
-        entry = dict(source=loaded.source, kind=model.config.mtp.kind, depth=depth,
-                     dtype=str(model.embedding.output_weight.dtype), rows=rows,
-                     seconds=time.perf_counter() - t0)
-        if args.profile and args.tp == 1:
-            entry["profile"] = _phase_profile(model, prompts[:1], args.new_tokens,
-                                              bool(rows[0]["compiled"]))
-            log(json.dumps({"profile": entry["profile"]}))
-        result["models"][f"D={depth}"] = entry
+        for k in [None, *draft_sizes]:
+            t0 = time.perf_counter()
+            ids = None if k is None else ranked[:k].sort().values
+            rows = measure_model(model, prompts, batch_sizes, args.requests, args.new_tokens,
+                                 graphs, compile_, depth, args.replays, log, ids)
+            entry = dict(source=loaded.source, kind=model.config.mtp.kind, depth=depth,
+                         draft_vocab=k, dtype=str(model.embedding.output_weight.dtype),
+                         rows=rows, seconds=time.perf_counter() - t0)
+            if args.profile and args.tp == 1:
+                entry["profile"] = _phase_profile(model, prompts[:1], args.new_tokens,
+                                                  bool(rows[0]["compiled"]), ids)
+                log(json.dumps({"profile": entry["profile"]}))
+            result["models"][f"D={depth}" + ("" if k is None else f" K={k}")] = entry
         del model, loaded
         if rank == 0 and args.json:  # after every model: a run cut short keeps what it measured
             Path(args.json).write_text(json.dumps(result, indent=1))
@@ -353,7 +369,7 @@ def _lane(args: argparse.Namespace, shape: str, data: Path, gpu: int | None) -> 
                "--batch-sizes", args.batch_sizes, "--requests", str(args.requests),
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                "--compile", args.compile, "--replays", str(args.replays), "--label", shape,
-               "--json", str(out)]
+               "--draft-vocab", args.draft_vocab, "--json", str(out)]
          + (["--profile"] if args.profile else []), log, env)
     return out
 
@@ -398,7 +414,7 @@ def suite(args: argparse.Namespace) -> None:
               "--data", str(data), "--tp", "2", "--mtp-depths", "1", "--batch-sizes", "1,8",
               "--requests", str(args.requests), "--prompt-len", str(args.prompt_len),
               "--new-tokens", str(args.new_tokens), "--replays", str(args.replays),
-              "--label", shape, "--json", str(out)],
+              "--label", shape, "--draft-vocab", args.draft_vocab, "--json", str(out)],
              args.out / f"{shape}-tp2.log")
         results[f"{shape} TP=2"] = json.loads(out.read_text())
     summary = dict(commit=provenance.commit(), minutes=(time.perf_counter() - t0) / 60,
@@ -429,6 +445,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="back-to-back replays of the steady step timed for the round cost")
         q.add_argument("--profile", action="store_true",
                        help="kernels and device time of each decoding phase at batch 1")
+        q.add_argument("--draft-vocab", default="", metavar="K,...",
+                       help="also measure speculative decoding with drafts over the K most "
+                            "frequent tokens of the data's training split, for each K")
 
     m = sub.add_parser("measure", help="time one model (an export or a run directory)")
     m.add_argument("model")

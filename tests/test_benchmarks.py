@@ -128,13 +128,15 @@ def test_bench_generation_suite_smoke(tmp_path):
         [sys.executable, "benchmarks/bench_generation.py", "suite", "--out", str(out),
          "--shapes", "tiny", "--data", str(data), "--train-steps", "2", "--batch-sizes", "1,2",
          "--requests", "1", "--prompt-len", "8", "--new-tokens", "6", "--replays", "2",
-         "--profile", "--tp2"],
+         "--profile", "--tp2", "--draft-vocab", "64"],
         capture_output=True, text=True, cwd=REPO, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     suite = json.loads((out / "suite.json").read_text())["results"]
     assert set(suite) == {"tiny", "tiny TP=2"}
     models = suite["tiny"]["models"]
-    assert set(models) == {"D=1", "D=3"} and models["D=3"]["depth"] == 3
+    # each depth also drafting over the 64 most frequent tokens only
+    assert set(models) == {"D=1", "D=3", "D=1 K=64", "D=3 K=64"} and models["D=3"]["depth"] == 3
+    assert models["D=3 K=64"]["draft_vocab"] == 64 and models["D=3"]["draft_vocab"] is None
     for entry in models.values():
         assert [r["batch"] for r in entry["rows"]] == [1, 2]
         for r in entry["rows"]:
@@ -146,10 +148,11 @@ def test_bench_generation_suite_smoke(tmp_path):
         phases = entry["profile"]["speculative"]["phases"]
         assert set(phases) == {"decode.prefill", "decode.main", "decode.commit", "decode.draft"}
         assert all(p["kernels"] > 0 for p in phases.values())
-    assert suite["tiny TP=2"]["tp"] == 2 and suite["tiny TP=2"]["models"]["D=1"]["rows"]
+    assert suite["tiny TP=2"]["tp"] == 2 and suite["tiny TP=2"]["models"]["D=1 K=64"]["rows"]
     table = [ln for ln in res.stdout.splitlines() if ln.startswith("| tiny")]
-    assert [ln.split("|")[1].strip() for ln in table[:6]] == [
-        "tiny D=1", "tiny D=1", "tiny D=3", "tiny D=3", "tiny D=1 TP=2", "tiny D=1 TP=2"]
+    assert [ln.split("|")[1].strip() for ln in table[:12:2]] == [
+        "tiny D=1", "tiny D=1 K=64", "tiny D=3", "tiny D=3 K=64", "tiny D=1 TP=2",
+        "tiny D=1 K=64 TP=2"]
 
 
 def _frame(path: str, line: int, name: str) -> dict:

@@ -191,6 +191,16 @@ def outcome(tmp_path_factory):
                                               r"--topk 3 relaxes the acceptance of speculative "
                                               r"drafts; add --speculative", ()),
         "generate_top_p": ([*gen, "--top-p", "1.5"], r"--top-p 1\.5 is not in \(0, 1\]", ()),
+        "generate_draft_vocab_alone": ([*gen, "--speculative", "--draft-vocab", "8"],
+                                       r"--draft-vocab needs --draft-data DATASET", ()),
+        "generate_draft_vocab_plain": ([*gen, "--draft-vocab", "8", "--draft-data", str(data)],
+                                       r"--draft-vocab 8 restricts speculative drafts; add "
+                                       r"--speculative", ()),
+        "generate_draft_vocab_too_big": ([*gen, "--speculative", "--draft-vocab", "100000",
+                                          "--draft-data", str(data)],
+                                         r"--draft-vocab 100000 exceeds the vocabulary of "
+                                         r"--draft-data \(512\)",
+                                         ()),
         "generate_json_nowhere": ([*gen, "--json", str(missing / "out.json")],
                                   r"--json \S+out\.json: the directory \S+nowhere does not exist",
                                   ()),
@@ -229,6 +239,8 @@ def outcome(tmp_path_factory):
                      "do": "unlink", "file": str(lost_run / "job.lock" / "gen-00000001.json")}},
         {"argv": ["checkpoint", "convert", str(run), "--layout", "tp=2", "--out",
                   str(base / "converted"), "--no-progress"]},
+        {"argv": [*gen, "--compare", "--draft-vocab", "64", "--draft-data", str(data),
+                  "--max-new-tokens", "12"]},
     ]
     readme = [{"argv": argv} for argv in _readme_commands(run, base / "readme-export", data,
                                                           base)]
@@ -394,3 +406,12 @@ def test_a_conversion_killed_mid_write_leaves_the_source_and_is_cleared_by_the_n
     assert not leftover.exists() and (out / "COMPLETE.json").is_file()
     assert not (out / "OWNER.json").exists()
     assert _fingerprint(run) == before
+
+
+def test_drafts_over_a_reduced_vocabulary_keep_the_output(outcome):
+    """`mtp generate --compare --draft-vocab 64 --draft-data DATA`: the 64 most frequent tokens
+    of the training split; greedy outputs identical to plain, and the statistics printed."""
+    code, _, err, _ = outcome["extra"][3]
+    assert code == 0, err[-3000:]
+    assert "speculative vs plain: 1/1 sequences identical" in err, err
+    assert re.search(r"^speculative: \d+ tokens .*draft acceptance by depth", err, re.M), err

@@ -155,3 +155,7 @@ def test_compiled_decoding_regions_are_whole_graphs(monkeypatch):
     assert spec.tokens == want[0] and spec.stats == want[1]
     # Every region compiled (whole: fullgraph), a few shapes each, none fell back to eager.
     assert 6 <= counters["stats"]["unique_graphs"] <= 14, dict(counters["stats"])  # 9 now
+    # Drafting over a reduced vocabulary traces whole too (fullgraph: a break would raise).
+    reduced = DecodingEngine(model, compile=True,
+                             draft_vocab=torch.arange(0, dcfg.model.vocab_size, 2))
+    assert reduced.generate(prompts, 8, speculative=True).tokens == want[0]

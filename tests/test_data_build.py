@@ -194,3 +194,20 @@ def test_manifest_mismatches_are_detected(tmp_path_factory, tmp_path):
     (data / "tokenizer.model").write_bytes(b"replaced")
     with pytest.raises(ValueError, match="does not match the manifest's sha256"):
         load_manifest(data)
+
+
+def test_token_counts_cover_the_first_windows_without_their_overlap(tmp_path_factory):
+    from data_pipeline.token_counts import count_tokens
+
+    data = tiny_dataset(tmp_path_factory)
+    m = load_manifest(data)
+    windows = np.stack(list(read_all_windows(data, "train").values()))  # [n, window_len], stored order
+    stride = m.data["stride"]
+    every = count_tokens(m, 10**9)
+    assert every.shape == (m.vocab_size,) and every.dtype == np.int64
+    assert np.array_equal(every, np.bincount(windows[:, :stride].ravel(), minlength=m.vocab_size))
+    first = count_tokens(m, 3 * stride - 1)  # stops after the window that reaches the budget
+    assert np.array_equal(first, np.bincount(windows[:3, :stride].ravel(),
+                                             minlength=m.vocab_size))
+    with pytest.raises(ValueError, match="max_tokens = 0"):
+        count_tokens(m, 0)

@@ -263,12 +263,64 @@ def decode_tp2_like_tp1(rank, world):
                      engine.generate(prompts, 20, speculative=True).tokens,
                      engine.generate(prompts, 20, speculative=True).stats.to_dict(),
                      engine.generate(prompts, 20, sampled).tokens)
+        # Drafts over a third of the vocabulary: at TP 2 its head rows come from both shards.
+        reduced = DecodingEngine(model, draft_vocab=torch.arange(0, ref.config.model.vocab_size, 3))
+        greedy = reduced.generate(prompts, 20, speculative=True)
+        out[name] += (greedy.tokens, greedy.stats.to_dict(),
+                      reduced.generate(prompts, 20, sampled, speculative=True).tokens)
     return out
 
 
 def test_tp2_decoding_equals_tp1():
     for out in run_world(decode_tp2_like_tp1, 2, timeout_s=180):
-        plain, spec, stats, sampled = out["tp2"]
+        plain, spec, stats, sampled, reduced, reduced_stats, reduced_sampled = out["tp2"]
         assert plain == out["tp1"][0] and spec == plain
         assert stats == out["tp1"][2]
         assert sampled == out["tp1"][3]  # same generator stream on every rank and at TP = 1
+        assert reduced == plain and reduced_stats == out["tp1"][5]
+        assert reduced_sampled == out["tp1"][6]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_reduced_draft_vocabulary_changes_acceptance_not_output(kind):
+    """Drafts over half the vocabulary: greedy output stays plain greedy's, every draft lies
+    in the K tokens, and fewer drafts are accepted than over the whole vocabulary (the chain's
+    next token is outside the K about half the time)."""
+    model = trained_model(kind, 2)
+    ids = torch.arange(0, model.config.model.vocab_size, 2)  # the even ids
+    prompts = prompts_from_chain(5)
+    full = DecodingEngine(model).generate(prompts, 30, speculative=True)
+    engine = DecodingEngine(model, draft_vocab=ids)
+    reduced = engine.generate(prompts, 30, speculative=True)
+    assert reduced.tokens == full.tokens == DecodingEngine(model).generate(prompts, 30).tokens
+    drafts = next(d for d in engine._decoders.values() if isinstance(d, SpeculativeDecoder))
+    assert bool((drafts.drafts % 2 == 0).all()), drafts.drafts
+    assert 0 < reduced.stats.accepted[0] < full.stats.accepted[0]
+    assert reduced.stats.proposed[0] > full.stats.proposed[0]  # more rounds for the same tokens
+
+
+def test_draft_vocabulary_choice_and_bad_ids():
+    from model.generation.draft_vocab import DraftVocabulary, most_frequent
+
+    counts = torch.tensor([5, 9, 0, 9, 1, 7])
+    assert most_frequent(counts, 3).tolist() == [1, 3, 5]  # ascending ids of the top 3
+    assert most_frequent(counts, 4).tolist() == [0, 1, 3, 5]
+    assert most_frequent(torch.tensor([2, 2, 2]), 2).tolist() == [0, 1]  # ties: lower ids
+    with pytest.raises(ValueError, match=r"size 7 must lie in \[1, 6\]"):
+        most_frequent(counts, 7)
+    model = trained_model("deepseek", 1)
+    v = model.config.model.vocab_size
+    with pytest.raises(ValueError, match=rf"must lie in \[0, {v}\)"):
+        DraftVocabulary(model, torch.tensor([0, v]))
+    with pytest.raises(ValueError, match="distinct"):
+        DraftVocabulary(model, torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="at least one"):
+        DraftVocabulary(model, torch.tensor([], dtype=torch.long))
+    vocab = DraftVocabulary(model, torch.tensor([4, 1]))
+    z = torch.randn(3, model.config.model.hidden_size)
+    torch.testing.assert_close(vocab.logits(z), model.embedding.logits(z)[:, [4, 1]],
+                               rtol=1e-6, atol=1e-6)
+    probs = torch.tensor([[0.25, 0.75]])
+    full = vocab.scatter(probs)
+    assert full.shape == (1, v) and full[0, 4] == 0.25 and full[0, 1] == 0.75
+    assert float(full.sum()) == 1.0

@@ -39,7 +39,7 @@ def register_linear_heads() -> None:
     class LinearDrafter(Drafter):
         def catch_up(self, tokens, trunk, normed, m):
             z = normed[torch.arange(normed.shape[0], device=self.device), m - 1]  # [B, d]
-            picks = [self._pick(self.model.embedding.logits(head(z)))
+            picks = [self._pick(head(z))
                      for head in self.model.tail.objective.heads]
             return self._stacked([t for t, _ in picks], [p for _, p in picks])
 

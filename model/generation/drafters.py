@@ -28,6 +28,7 @@ import torch
 from model.kv_cache import KVCache
 
 if TYPE_CHECKING:
+    from model.generation.draft_vocab import DraftVocabulary
     from model.generation.sampling import Sampler
     from model.transformer import MTPLanguageModel
 
@@ -47,7 +48,8 @@ def put_rows(t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> No
 class Drafter:
     """Drafts for a batch of `batch` sequences in a cache of `max_len` positions. Subclasses
     implement `catch_up` (see the module docstring) and read their objective's modules as
-    `self.model.tail.objective`; they choose tokens with `_pick`."""
+    `self.model.tail.objective`; they choose tokens with `_pick` from a module's normed output
+    (never from logits: the head may be the reduced draft vocabulary's)."""
 
     def __init__(self, model: MTPLanguageModel, batch: int, max_len: int):
         self.model = model
@@ -63,16 +65,24 @@ class Drafter:
         self.prompt_width = 0
         """Non-zero on the first catch-up of a request: windows then start at position 0 and
         span this many positions (the prompt's bucket)."""
+        self.vocab: DraftVocabulary | None = None
+        """Draft over these tokens only (model/generation/draft_vocab.py); None: all."""
 
     def _block_caches(self, blocks) -> list[KVCache]:
         """One single-layer KV cache per draft block (an MTP module's or a head's)."""
         return [KVCache(blk.attn, 1, self.batch, self.max_len, self.dtype, self.device)
                 for blk in blocks]
 
-    def _pick(self, logits: torch.Tensor):
-        """[B, V] → (tokens [B], probs [B, V] or None when greedy)."""
+    def _pick(self, hidden: torch.Tensor):
+        """A draft module's normed output [B, d] → (tokens [B], the draft distribution [B, V]
+        or None when greedy), through the output head or the reduced draft vocabulary."""
         assert self.sampler is not None, "the decoder sets the sampler before drafting"
-        return self.sampler.pick(logits)
+        assert hidden.shape[-1] == self.model.config.model.hidden_size, (
+            "Drafter._pick takes a draft module's normed output [B, d], not logits")
+        if self.vocab is None:
+            return self.sampler.pick(self.model.embedding.logits(hidden))
+        picked, probs = self.sampler.pick(self.vocab.logits(hidden))  # over the K tokens
+        return self.vocab.ids[picked], (None if probs is None else self.vocab.scatter(probs))
 
     def _window(self, start: torch.Tensor, m: torch.Tensor, round_width: int):
         """Positions [B, W] from start_b to m_b - 1 and each sequence's last index in it.

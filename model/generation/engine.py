@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from model import accelerator
+from model.generation.draft_vocab import DraftVocabulary
 from model.generation.plain import PlainDecoder
 from model.generation.runner import Slot, finish, positions_needed
 from model.generation.sampling import GREEDY, Sampler, SamplingConfig
@@ -57,10 +58,14 @@ class DecodingEngine:
     `graphs`: capture and replay device graphs (None: where supported, i.e. on GPUs).
     `compile`: torch.compile the decoding regions first (model.compile.compile_for_decoding;
     None: with graphs at TP = 1 — compiled code between TP collectives would be split into
-    pieces, and on the CPU compiling costs more than it saves)."""
+    pieces, and on the CPU compiling costs more than it saves).
+    `draft_vocab`: token ids [K] that speculative drafts are restricted to (the most frequent
+    ones: `draft_vocab.most_frequent`); verification still scores the whole vocabulary, so
+    outputs do not change, only the draft's cost and its acceptance (model/generation/
+    draft_vocab.py). None: drafts over the whole vocabulary."""
 
     def __init__(self, model: MTPLanguageModel, graphs: bool | None = None,
-                 compile: bool | None = None):
+                 compile: bool | None = None, draft_vocab: torch.Tensor | None = None):
         if graphs and not accelerator.graphs_supported():
             raise ValueError("device graphs need a GPU; use graphs=False (or None) on the CPU")
         self.model = model
@@ -72,6 +77,7 @@ class DecodingEngine:
             from model.compile import compile_for_decoding
 
             compile_for_decoding(model)
+        self.draft_vocab = None if draft_vocab is None else DraftVocabulary(model, draft_vocab)
         self.max_seq_len = model.config.model.max_seq_len
         self.generator = torch.Generator(device=self.device)
         """The device random stream of sampling, reseeded by every request."""
@@ -99,8 +105,9 @@ class DecodingEngine:
     def _decoder(self, slot: Slot, speculative: bool):
         key = (slot.batch, slot.max_len, speculative)
         if key not in self._decoders:
-            cls = SpeculativeDecoder if speculative else PlainDecoder
-            self._decoders[key] = cls(self.model, slot, self.compiled)
+            self._decoders[key] = (
+                SpeculativeDecoder(self.model, slot, self.compiled, self.draft_vocab)
+                if speculative else PlainDecoder(self.model, slot, self.compiled))
         return self._decoders[key]
 
     def _sampler(self, slot: Slot, mode: str) -> Sampler:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
+from model.generation.draft_vocab import DraftVocabulary
 from model.generation.drafters import put_rows
 from model.generation.runner import Slot, main_forward
 from model.generation.sampling import Sampler
@@ -70,11 +71,12 @@ class SpeculativeDecoder:
     engine calls (or replays) `prefill` once per request and `round` until no sequence is
     active."""
 
-    def __init__(self, model: MTPLanguageModel, slot: Slot, compiled: bool = False):
+    def __init__(self, model: MTPLanguageModel, slot: Slot, compiled: bool = False,
+                 vocab: DraftVocabulary | None = None):
         """`compiled`: run a round's work besides the main model's blocks — acceptance and
         commit, and the drafter's catch-up — as compiled regions (the blocks inside the
         catch-up are inlined into it). The prefill's catch-up (a prompt-wide window, once per
-        request) stays eager."""
+        request) stays eager. `vocab`: draft over these tokens only (None: all)."""
         kind, depth = model.config.mtp.kind, model.config.mtp.depth
         if kind == NO_MTP:
             raise ValueError("self-speculative decoding needs an MTP tail; this model has "
@@ -86,6 +88,7 @@ class SpeculativeDecoder:
         self.trunk = torch.zeros(b, length, d, dtype=dtype, device=device)
         self.normed = torch.zeros_like(self.trunk)
         self.drafter = objective_class(kind).drafter(model, b, length)
+        self.drafter.vocab = vocab
         self.drafts = torch.zeros(b, depth, dtype=torch.long, device=device)
         self.draft_probs: torch.Tensor | None = None  # [B, D, V] fp32, when sampling
         self.offsets = torch.arange(depth + 1, device=device)

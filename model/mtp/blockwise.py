@@ -27,7 +27,7 @@ class BlockwiseDrafter(Drafter):
         z = normed[self.rows, m - 1]  # [B, d]
         drafts, probs = [], []
         for head in self.model.tail.objective.heads:
-            tok, p = self._pick(self.model.embedding.logits(z + head(z)))
+            tok, p = self._pick(z + head(z))
             drafts.append(tok)
             probs.append(p)
         return self._stacked(drafts, probs)

@@ -109,7 +109,7 @@ class DeepSeekDrafter(Drafter):
                        self.caches[k - 1].layer(0, positions, self.max_len))  # [B, W, d]
             put_rows(self.hidden[k - 1], positions, h)
             h_last = h[self.rows, last]  # [B, d]
-            tok, p = self._pick(self.model.embedding.logits(module.out_norm(h_last)))
+            tok, p = self._pick(module.out_norm(h_last))
             tokens[self.rows, m + k] = tok
             drafts.append(tok)
             probs.append(p)

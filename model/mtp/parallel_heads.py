@@ -30,8 +30,7 @@ class ParallelHeadsDrafter(Drafter):
         drafts, probs = [], []
         for j, head in enumerate(self.model.tail.objective.heads):
             h = head(h_in, self.caches[j].layer_for(0, step))
-            logits = self.model.embedding.logits(self.model.tail.final_norm(h[self.rows, last]))
-            tok, p = self._pick(logits)
+            tok, p = self._pick(self.model.tail.final_norm(h[self.rows, last]))
             drafts.append(tok)
             probs.append(p)
         self.valid.copy_(m)
