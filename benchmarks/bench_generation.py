@@ -4,6 +4,7 @@ prompts, request after request on one engine.
     python benchmarks/bench_generation.py suite --out OUT [--work DIR] [--shapes 110m,350m]
         [--gpus 2] [--tp2] [--profile]
     python benchmarks/bench_generation.py measure MODEL --data DATA [--mtp-depths 1,3] [--json F]
+    python benchmarks/bench_generation.py draft-cost --data DATA [--draft-vocab 1024,4096]
 
 `suite` is the whole GPU measurement with no network and no trained model at hand: shards from
 this interpreter's standard library (`mtp prepare --source stdlib`, 2 % of files held out), one
@@ -327,6 +328,44 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- draft cost
+def draft_cost(args: argparse.Namespace) -> str:
+    """What a reduced draft vocabulary buys, without a GPU: per shape and K, the share of the
+    held-out (validation) tokens among the K most frequent training tokens (the most a draft can
+    be right on: a next token outside the K is never drafted), the weights a DeepSeek draft
+    reads as a share of a plain step's (one module plus K head rows, against the blocks plus
+    the whole head: decoding at batch 1 is bound by reading weights), and the speed-ups that
+    share allows with every draft accepted, 2 / (1 + c) at D=1 and 4 / (1 + 3c) at D=3."""
+    import torch
+
+    from data_pipeline import load_manifest
+    from data_pipeline.token_counts import count_tokens
+    from model.transformer import meta_parameters
+    from pretrain.config import load_config
+
+    manifest = load_manifest(args.data)
+    order = _token_ranking(args.data)
+    held_out = torch.from_numpy(count_tokens(manifest, 20_000_000, split="val"))
+    sizes = [int(k) for k in args.draft_vocab.split(",") if k]
+    lines = ["| shape | draft vocabulary K | held-out tokens among the K | draft / step "
+             "(weights read) | bound D=1 | bound D=3 |", "|---|---|---|---|---|---|"]
+    for shape in args.shapes.split(","):
+        cfg = load_config(SHAPES[shape]["config"], [
+            f"model.vocab_size={manifest.vocab_size}", "mtp.kind=deepseek", "mtp.depth=1",
+            *SHAPES[shape].get("overrides", [])])
+        params = meta_parameters(cfg.decoder)
+        blocks = sum(p.numel() for n, p in params.items() if n.startswith("blocks."))
+        module = sum(p.numel() for n, p in params.items() if n.startswith("tail.objective."))
+        d, vocab = cfg.model.hidden_size, cfg.model.vocab_size
+        for k in [vocab, *sizes]:
+            share = (module + k * d) / (blocks + vocab * d)
+            covered = float(held_out[order[:k]].sum() / held_out.sum())
+            lines.append(f"| {shape} | {k:,}{' (all)' if k == vocab else ''} | "
+                         f"{covered:.3f} | {share:.3f} | {2 / (1 + share):.2f}× | "
+                         f"{4 / (1 + 3 * share):.2f}× |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------- suite
 def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
     """Run a step of the suite, its output into `log`; stop the suite with the log's end if it
@@ -481,9 +520,18 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--tp2-only", action="store_true",
                    help="train and export the first shape, then measure it at TP = 2 only")
     common(s)
+    c = sub.add_parser("draft-cost", help="per draft vocabulary size: held-out coverage, the "
+                                          "draft's share of a step, the speed-up bounds (CPU)")
+    c.add_argument("--data", type=Path, required=True,
+                   help="a prepared dataset: its training split ranks the tokens, its "
+                        "validation split is the held-out text")
+    c.add_argument("--shapes", default="110m,350m")
+    c.add_argument("--draft-vocab", default="1024,2048,4096,8192", metavar="K,...")
     args = p.parse_args(argv)
     if args.cmd == "measure":
         measure(args)
+    elif args.cmd == "draft-cost":
+        print(draft_cost(args))
     else:
         suite(args)
 

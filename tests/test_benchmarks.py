@@ -196,3 +196,21 @@ def test_memory_peak_reads_what_is_live_at_the_peak(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks/memory_peak.py"), str(path),
                           "--device", "1"], capture_output=True, text=True)
     assert bad.returncode == 1 and "no allocation history for device 1" in bad.stderr
+
+
+def test_draft_cost_table_orders_what_a_smaller_draft_vocabulary_trades(tmp_path):
+    """`bench_generation.py draft-cost`: a smaller K covers fewer held-out tokens, makes the
+    draft a smaller share of a step and raises the speed-up bounds."""
+    data = build_tiny_dataset(tmp_path / "fixture", max_depth=4)
+    res = subprocess.run(
+        [sys.executable, "benchmarks/bench_generation.py", "draft-cost", "--data", str(data),
+         "--shapes", "tiny", "--draft-vocab", "128,32"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [[c.strip() for c in ln.split("|")[1:-1]] for ln in res.stdout.splitlines()
+            if ln.startswith("| tiny")]
+    assert [r[1] for r in rows] == ["512 (all)", "128", "32"], rows
+    covered, share, d1, d3 = ([float(r[i].rstrip("×")) for r in rows] for i in (2, 3, 4, 5))
+    assert covered[0] == 1.0 and 0 < covered[2] < covered[1] < 1, covered
+    assert share[2] < share[1] < share[0], share
+    assert d1[0] < d1[1] < d1[2] < 2 and d3[0] < d3[1] < d3[2] < 4, (d1, d3)
