@@ -18,6 +18,9 @@ from pretrain.errors import UsageError
 
 DEFAULT_PROMPT_LEN = 64
 DEFAULT_NEW_TOKENS = 64
+DRAFT_COUNT_TOKENS = 20_000_000
+"""Tokens of a dataset's training split counted to rank the vocabulary for --draft-vocab (a few
+seconds from local shards)."""
 
 
 def load_model(path: str, dtype=None):
@@ -132,3 +135,25 @@ def fit_prompt_and_new_tokens(notes: list[str], prompt_len: int | None, new_toke
                      f"{DEFAULT_NEW_TOKENS}): with {said} positions for decoding they fill "
                      f"model.max_seq_len = {max_seq_len}")
     return prompt, new
+
+
+def draft_vocab_ids(manifest, vocab_size: int, sizes: list[int], flag: str) -> list:
+    """For each K in `sizes`, the ids of the K most frequent tokens of `manifest`'s training
+    split ([K] tensors), for a model of `vocab_size` tokens (which may be padded beyond the
+    dataset's). `flag` names the dataset in errors."""
+    import torch
+
+    from data_pipeline.token_counts import count_tokens
+    from model.generation.draft_vocab import most_frequent
+
+    if manifest.vocab_size > vocab_size:
+        raise UsageError(f"{flag} {manifest.root} has a vocabulary of {manifest.vocab_size} "
+                         f"tokens, more than the model's {vocab_size}: give the dataset the model "
+                         "was trained on (or one prepared with its tokenizer)")
+    for k in sizes:
+        if k > manifest.vocab_size:
+            raise UsageError(f"--draft-vocab {k} exceeds the vocabulary of {flag} "
+                             f"({manifest.vocab_size}); give K < {manifest.vocab_size}")
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    counts[: manifest.vocab_size] = torch.from_numpy(count_tokens(manifest, DRAFT_COUNT_TOKENS))
+    return [most_frequent(counts, k) for k in sizes]

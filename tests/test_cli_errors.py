@@ -223,6 +223,12 @@ def outcome(tmp_path_factory):
         "eval_prompt_longer_than_windows": ([*ev, "--prompt-len", "200"],
                                             r"--prompt-len 200 is longer than the dataset's "
                                             r"windows \(seq_len 128\)", ()),
+        "eval_draft_vocab_zero": ([*ev, "--draft-vocab", "64,0"],
+                                  r"argument --draft-vocab: '64,0': every K must be a positive "
+                                  r"integer", ()),
+        "eval_draft_vocab_too_big": ([*ev, "--draft-vocab", "600"],
+                                     r"--draft-vocab 600 exceeds the vocabulary of --data "
+                                     r"\(512\)", ()),
         "eval_zero_batches": ([*ev, "--batches", "0"],
                               r"argument --batches: 0 is not a positive integer", ()),
         "eval_no_data_flag": (["eval", str(run)],
@@ -241,6 +247,8 @@ def outcome(tmp_path_factory):
                   str(base / "converted"), "--no-progress"]},
         {"argv": [*gen, "--compare", "--draft-vocab", "64", "--draft-data", str(data),
                   "--max-new-tokens", "12"]},
+        {"argv": [*ev, "--new-tokens", "12", "--draft-vocab", "64,512", "--json",
+                  str(base / "eval-draft.json")]},
     ]
     readme = [{"argv": argv} for argv in _readme_commands(run, base / "readme-export", data,
                                                           base)]
@@ -415,3 +423,15 @@ def test_drafts_over_a_reduced_vocabulary_keep_the_output(outcome):
     assert code == 0, err[-3000:]
     assert "speculative vs plain: 1/1 sequences identical" in err, err
     assert re.search(r"^speculative: \d+ tokens .*draft acceptance by depth", err, re.M), err
+
+
+def test_eval_measures_acceptance_for_each_draft_vocabulary(outcome):
+    code, _, err, _ = outcome["extra"][4]
+    assert code == 0, err[-3000:]
+    result = json.loads((outcome["base"] / "eval-draft.json").read_text())
+    full, by_k = result["acceptance"], result["acceptance_by_draft_vocab"]
+    assert set(by_k) == {"64", "512"}
+    assert full["proposed"][0] > 0
+    for st in by_k.values():  # the same prompts and greedy continuations, drafted differently
+        assert st["proposed"][0] > 0 and st["depth"] == full["depth"]
+        assert all(0 <= a <= 1 for a in st["acceptance_rate"])

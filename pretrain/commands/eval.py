@@ -36,11 +36,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "where the model's context needs it)")
     p.add_argument("--acceptance-batch-size", type=positive_int, default=16,
                    help="prompts decoded together per request of the acceptance run (default: 16)")
+    p.add_argument("--draft-vocab", type=_sizes, default=[], metavar="K[,K...]",
+                   help="also measure the acceptance of drafts over only the K most frequent "
+                        "tokens of --data's training split, for each K (what a reduced draft "
+                        "vocabulary costs; `mtp generate --draft-vocab`)")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="skip corrupt or missing shards of the split (counted and reported) "
                         "instead of stopping")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.set_defaults(func=run)
+
+
+def _sizes(text: str) -> list[int]:
+    """--draft-vocab: comma-separated positive integers."""
+    try:
+        sizes = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers "
+                                         "(e.g. 2048,4096)") from None
+    if any(k < 1 for k in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: every K must be a positive integer")
+    return sizes
 
 
 def _shard_error(err) -> UsageError:
@@ -79,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from pretrain.data_loading import make_loader
     from pretrain.inference import (
         check_output_file,
+        draft_vocab_ids,
         fit_prompt_and_new_tokens,
         load_model,
         note,
@@ -95,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model
     depth = model.config.mtp.depth
     _check_data(model.config, manifest, args.split)
+    if args.draft_vocab and depth == 0:
+        raise UsageError(f"{args.model} has no MTP tail to draft with; drop --draft-vocab")
+    draft_vocabs = (draft_vocab_ids(manifest, model.config.model.vocab_size, args.draft_vocab,
+                                    "--data") if args.draft_vocab else [])
     prompt_len, new_tokens, notes = args.prompt_len, args.new_tokens, []
     if depth > 0:
         prompt_len, new_tokens = fit_prompt_and_new_tokens(
@@ -154,6 +175,16 @@ def run(args: argparse.Namespace) -> int:
         result.update(prompt_len=prompt_len, new_tokens=new_tokens, acceptance=st.to_dict())
         print("real acceptance per depth: " + " ".join(f"{x:.3f}" for x in st.acceptance_rate())
               + f"; mean tokens per forward {st.mean_tokens_per_forward():.2f}")
+        by_k = {}
+        for k, ids in zip(args.draft_vocab, draft_vocabs):
+            st = real_acceptance(DecodingEngine(model, draft_vocab=ids), prompts, new_tokens,
+                                 batch_size=args.acceptance_batch_size)
+            by_k[str(k)] = st.to_dict()
+            print(f"  drafts over the {k} most frequent tokens: "
+                  + " ".join(f"{x:.3f}" for x in st.acceptance_rate())
+                  + f"; mean tokens per forward {st.mean_tokens_per_forward():.2f}")
+        if by_k:
+            result["acceptance_by_draft_vocab"] = by_k
     if args.json:
         write_json(args.json, result)
     return 0

@@ -7,10 +7,7 @@ import sys
 
 from pretrain.commands import non_negative_float, positive_float, positive_int
 from pretrain.errors import UsageError
-from pretrain.inference import DEFAULT_NEW_TOKENS
-
-DRAFT_COUNT_TOKENS = 20_000_000
-"""Tokens of --draft-data counted to rank the vocabulary (a few seconds from local shards)."""
+from pretrain.inference import DEFAULT_NEW_TOKENS, DRAFT_COUNT_TOKENS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,28 +100,14 @@ def _draft_vocab(args: argparse.Namespace, vocab_size: int):
     """The ids of the --draft-vocab most frequent tokens of --draft-data, or None."""
     if not args.draft_vocab:
         return None
-    import torch
-
     from data_pipeline import load_manifest
-    from data_pipeline.token_counts import count_tokens
-    from model.generation.draft_vocab import most_frequent
+    from pretrain.inference import draft_vocab_ids
 
     try:
         manifest = load_manifest(args.draft_data)
     except ValueError as err:
         raise UsageError(f"--draft-data {args.draft_data}: {err}") from None
-    # A model's vocabulary may be padded beyond its tokenizer's (model.vocab_size >= it).
-    if manifest.vocab_size > vocab_size:
-        raise UsageError(f"--draft-data {args.draft_data} has a vocabulary of "
-                         f"{manifest.vocab_size} tokens, more than the model's {vocab_size}: give "
-                         "the dataset the model was trained on (or one prepared with its "
-                         "tokenizer)")
-    if args.draft_vocab > manifest.vocab_size:
-        raise UsageError(f"--draft-vocab {args.draft_vocab} exceeds the vocabulary of "
-                         f"--draft-data ({manifest.vocab_size}); give K < {manifest.vocab_size}")
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    counts[: manifest.vocab_size] = torch.from_numpy(count_tokens(manifest, DRAFT_COUNT_TOKENS))
-    return most_frequent(counts, args.draft_vocab)
+    return draft_vocab_ids(manifest, vocab_size, [args.draft_vocab], "--draft-data")[0]
 
 
 def _summary(name: str, results) -> tuple[str, dict]:
