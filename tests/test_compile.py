@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 from model import MTPLanguageModel, single_process_context
 from model.block import TransformerBlock
 from model.compile import compile_for_training, use_loss_kernels
+from model.generation import SamplingConfig
 from model.generation.runner import new_cache
 from tests.model_fixtures import make_batch, randomize_, tiny_config
 
@@ -159,3 +160,11 @@ def test_compiled_decoding_regions_are_whole_graphs(monkeypatch):
     reduced = DecodingEngine(model, compile=True,
                              draft_vocab=torch.arange(0, dcfg.model.vocab_size, 2))
     assert reduced.generate(prompts, 8, speculative=True).tokens == want[0]
+    # So does sampling, plain and speculative, top-p or not: its random numbers are drawn
+    # before the compiled regions and give what the uncompiled engine draws.
+    eager = DecodingEngine(model, compile=False)
+    for sampling in (SamplingConfig(temperature=1.0, seed=3),
+                     SamplingConfig(temperature=0.8, top_p=0.9, seed=4)):
+        for speculative in (False, True):
+            assert (engine.generate(prompts, 8, sampling, speculative=speculative).tokens
+                    == eager.generate(prompts, 8, sampling, speculative=speculative).tokens)

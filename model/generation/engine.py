@@ -113,7 +113,10 @@ class DecodingEngine:
     def _sampler(self, slot: Slot, mode: str) -> Sampler:
         key = (slot.batch, slot.max_len, mode)
         if key not in self._samplers:
-            self._samplers[key] = Sampler(mode, slot.temperature, slot.top_p, self.generator)
+            # A round takes D uniform numbers to accept, one to resample and D to draft.
+            draws = 2 * self.model.config.mtp.depth + 1
+            self._samplers[key] = Sampler(mode, slot.temperature, slot.top_p, self.generator,
+                                          slot.batch, draws)
         return self._samplers[key]
 
     def _run(self, key: tuple, body: Callable[[], None]) -> None:

@@ -35,6 +35,7 @@ class PlainDecoder:
         s = self.slot
         with record_function("decode.prefill"):
             s.start()
+            sampler.draw()
             h = main_forward(self.model, s.cache, s.tokens[:, :width], s.positions[:, :width],
                              width)
             last = h[s.rows, s.m - 1]  # [B, d]: each prompt's last position
@@ -46,6 +47,7 @@ class PlainDecoder:
         """One token for every sequence: feed tokens[m] at position m, write the choice at m+1
         and advance the active sequences."""
         s = self.slot
+        sampler.draw()
         with record_function("decode.main"):  # profiler ranges (benchmarks/bench_generation.py)
             token = s.tokens.gather(1, s.m[:, None])  # [B, 1]
             h = main_forward(self.model, s.cache, token, s.m[:, None], s.max_len)

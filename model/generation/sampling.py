@@ -61,13 +61,12 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return _probabilities(logits, cfg.temperature, cfg.top_p, cfg.top_p < 1)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """[..., V] probabilities (each row's sum may differ from 1) → [...] token ids, exactly
-    distributed as the rows (inverse CDF: one uniform number per row, as torch.multinomial
-    draws one sample, but with no host synchronisation). Zero-probability tokens have empty
-    intervals and are never drawn."""
+def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[..., V] probabilities (each row's sum may differ from 1) and one uniform number in [0, 1)
+    per row ([..., 1]) → [...] token ids, exactly distributed as the rows (inverse CDF: as
+    torch.multinomial draws one sample, but with no host synchronisation). Zero-probability
+    tokens have empty intervals and are never drawn."""
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device)
     u = u * cdf[..., -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
@@ -76,26 +75,53 @@ class Sampler:
     """How decoding chooses tokens, in a form that a captured graph can replay for any request:
     the mode (greedy, sample, top-p) is fixed when the graph is captured; the temperature and
     top-p live in device tensors that each request refills; random numbers come from a device
-    generator that each request reseeds."""
+    generator that each request reseeds.
+
+    The random numbers of a phase (a prefill, a step, a round) are drawn at its start into
+    `noise` [batch, draws] (`draw`), outside the compiled regions — dynamo cannot trace a call
+    that takes a generator, and each such call split a region — and taken in order inside them
+    (`uniform`). Every phase takes them in the same order, so a phase traced or captured once
+    reads the same columns on every replay."""
 
     def __init__(self, mode: str, temperature: torch.Tensor, top_p: torch.Tensor,
-                 generator: torch.Generator):
+                 generator: torch.Generator, batch: int = 1, draws: int = 1):
+        """`batch`: sequences per phase; `draws`: the most uniform numbers per sequence that one
+        phase takes."""
         self.mode, self.temperature, self.top_p, self.generator = mode, temperature, top_p, generator
+        self.noise = torch.zeros(batch, draws, device=temperature.device)
+        self._taken = 0
 
     @property
     def greedy(self) -> bool:
         return self.mode == GREEDY_MODE
+
+    def draw(self) -> None:
+        """Refill `noise` from the request's generator (in place: a replayed graph writes the
+        address it captured) and start taking from its first column. Called eagerly at the start
+        of every phase."""
+        if not self.greedy:
+            self.noise.uniform_(generator=self.generator)
+        self._taken = 0
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """The phase's next `n` uniform numbers per sequence [B, n]."""
+        assert self._taken + n <= self.noise.shape[1], (
+            f"a phase took more than the {self.noise.shape[1]} random numbers it was given")
+        u = self.noise[:, self._taken: self._taken + n]
+        self._taken += n
+        return u
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """As `probabilities`, with this request's values."""
         return _probabilities(logits, self.temperature, self.top_p, self.mode == TOP_P_MODE)
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        return sample(probs, self.generator)
+        """probs [B, V] → token ids [B]."""
+        return sample(probs, self.uniform(1))
 
     def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[..., V] logits → (tokens [...], the probabilities they were drawn from, or None
-        when greedy)."""
+        """[B, V] logits → (tokens [B], the probabilities they were drawn from, or None when
+        greedy)."""
         if self.greedy:
             return logits.argmax(dim=-1), None
         probs = self.probabilities(logits)

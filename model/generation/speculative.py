@@ -53,7 +53,7 @@ def _accept_sampled(main_logits: torch.Tensor, drafts: torch.Tensor, draft_probs
     q = draft_probs  # [B, D, V]
     p_d = p[:, :-1].gather(2, drafts[..., None]).squeeze(2)  # [B, D]
     q_d = q.gather(2, drafts[..., None]).squeeze(2)
-    u = torch.rand(p_d.shape, generator=sampler.generator, device=p_d.device)
+    u = sampler.uniform(p_d.shape[1])  # [B, D]
     ok = u * q_d <= p_d  # u < p/q without dividing by a possibly-zero q
     accepted = ok.long().cumprod(dim=1).sum(dim=1)  # [B]
     at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
@@ -118,6 +118,7 @@ class SpeculativeDecoder:
         s, model = self.slot, self.model
         with record_function("decode.prefill"):
             s.start()
+            sampler.draw()
             h = main_forward(model, s.cache, s.tokens[:, :width], s.positions[:, :width], width)
             z = model.tail.final_norm(h)
             self.trunk[:, :width], self.normed[:, :width] = h, z
@@ -135,6 +136,7 @@ class SpeculativeDecoder:
         """Verify the pending drafts in one main-model forward, commit the accepted prefix and
         the main model's next token, then draft for the next round."""
         s, m = self.slot, self.slot.m
+        sampler.draw()
         with record_function("decode.main"):  # profiler ranges (benchmarks/bench_generation.py)
             block = torch.cat((s.tokens.gather(1, m[:, None]), self.drafts), dim=1)  # [B, D+1]
             positions = m[:, None] + self.offsets  # [B, D+1]
