@@ -99,17 +99,6 @@ def _replay_seconds(engine, n: int) -> float:
     return clock.seconds(start, clock.mark()) / n
 
 
-def _token_ranking(data: Path):
-    """Token ids of `data`'s training split, most frequent first (its first 20M tokens)."""
-    import torch
-
-    from data_pipeline import load_manifest
-    from data_pipeline.token_counts import count_tokens
-
-    counts = torch.from_numpy(count_tokens(load_manifest(data), 20_000_000))
-    return torch.sort(-counts, stable=True).indices
-
-
 def _phase_profile(model, prompts, new_tokens, compile_: bool, draft_vocab=None) -> dict:
     """What each decoding phase is made of, per call: device kernels (count, µs) on GPUs, leaf
     operators (count, CPU µs) on the CPU — one plain and one speculative request at batch 1,
@@ -221,8 +210,10 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
     import torch.distributed as dist
 
+    from data_pipeline import load_manifest
     from model import ParallelContext, accelerator
     from pretrain.export.loading import load_for_inference
+    from pretrain.inference import draft_vocab_ids
 
     ctx, rank = None, 0
     if args.tp > 1:
@@ -247,7 +238,7 @@ def measure(args: argparse.Namespace) -> dict:
         raise SystemExit(f"bench_generation: no validation window of {args.data} holds "
                          f"--prompt-len {args.prompt_len} tokens")
     draft_sizes = [int(k) for k in args.draft_vocab.split(",") if k]
-    ranked = _token_ranking(args.data) if draft_sizes else None
+    draft_ids = None  # [K] ids per K in draft_sizes, ranked once with the first model's vocabulary
     result = dict(label=args.label, device=accelerator.device_name(), tp=args.tp,
                   commit=provenance.commit(),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -260,9 +251,11 @@ def measure(args: argparse.Namespace) -> dict:
         log(f"== {loaded.source}: {model.config.mtp.kind} D={model.config.mtp.depth}, "
             f"{sum(p.numel() for p in model.parameters()) * args.tp / 1e6:.0f}M parameters, "
             f"{model.embedding.output_weight.dtype}, TP={args.tp}")
-        for k in [None, *draft_sizes]:
+        if draft_sizes and draft_ids is None:
+            draft_ids = draft_vocab_ids(load_manifest(args.data), model.config.model.vocab_size,
+                                        draft_sizes, "--data")
+        for k, ids in [(None, None), *zip(draft_sizes, draft_ids or [])]:
             t0 = time.perf_counter()
-            ids = None if k is None else ranked[:k].sort().values
             rows = measure_model(model, prompts, batch_sizes, args.requests, args.new_tokens,
                                  graphs, compile_, depth, args.replays, log, ids)
             entry = dict(source=loaded.source, kind=model.config.mtp.kind, depth=depth,
@@ -340,12 +333,14 @@ def draft_cost(args: argparse.Namespace) -> str:
 
     from data_pipeline import load_manifest
     from data_pipeline.token_counts import count_tokens
+    from model.generation.draft_vocab import ranking
     from model.transformer import meta_parameters
     from pretrain.config import load_config
+    from pretrain.inference import DRAFT_COUNT_TOKENS
 
     manifest = load_manifest(args.data)
-    order = _token_ranking(args.data)
-    held_out = torch.from_numpy(count_tokens(manifest, 20_000_000, split="val"))
+    order = ranking(torch.from_numpy(count_tokens(manifest, DRAFT_COUNT_TOKENS)))
+    held_out = torch.from_numpy(count_tokens(manifest, DRAFT_COUNT_TOKENS, split="val"))
     sizes = [int(k) for k in args.draft_vocab.split(",") if k]
     lines = ["| shape | draft vocabulary K | held-out tokens among the K | draft / step "
              "(weights read) | bound D=1 | bound D=3 |", "|---|---|---|---|---|---|"]

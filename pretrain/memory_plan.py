@@ -53,7 +53,6 @@ class MemoryPlan:
     """Bytes per component."""
     capacity: float | None = None
     """Bytes of the card the plan is checked against (None: not checked)."""
-    """Where measurements say this plan runs low (printed under the table)."""
 
     @property
     def total(self) -> float:

@@ -51,9 +51,6 @@ class DraftVocabulary:
                 dist.all_reduce(weight, group=group)
         self.weight = weight
 
-    def __len__(self) -> int:
-        return self.ids.numel()
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] → logits over the K tokens [..., K]."""
         return hidden @ self.weight.t()
@@ -66,12 +63,16 @@ class DraftVocabulary:
         return full
 
 
+def ranking(counts: torch.Tensor) -> torch.Tensor:
+    """Token ids [V], the most frequent first given occurrences per id [V] (ties: the lower id
+    first: a stable sort of -counts)."""
+    return torch.sort(-torch.as_tensor(counts, dtype=torch.long), stable=True).indices
+
+
 def most_frequent(counts: torch.Tensor, k: int) -> torch.Tensor:
     """The ids of the `k` most frequent tokens given occurrences per id [V] (ties: the lower id
     first), in ascending id order."""
     if not 1 <= k <= counts.numel():
         raise ValueError(f"draft vocabulary size {k} must lie in [1, {counts.numel()}] (the "
                          f"vocabulary's size)")
-    # A stable sort of -counts keeps the lower id first among equal counts.
-    order = torch.sort(-torch.as_tensor(counts, dtype=torch.long), stable=True).indices
-    return order[:k].sort().values
+    return ranking(counts)[:k].sort().values
