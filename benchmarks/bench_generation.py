@@ -7,14 +7,16 @@ prompts, request after request on one engine.
     python benchmarks/bench_generation.py draft-cost --data DATA [--draft-vocab 1024,4096]
 
 `suite` is the whole GPU measurement with no network and no trained model at hand: shards from
-this interpreter's standard library (`mtp prepare --source stdlib`, 2 % of files held out), one
-DeepSeek D=3 model per shape trained briefly on them (`--train-steps`, `mtp train` with the
-shape's config), exported with its tail, then `measure`d as D=3 and as D=1 — the same main
-model with only the first MTP module (a DeepSeek module k reads module k-1's output, so module 1
-alone is a complete D=1 drafter; it was trained with weight λ/3 instead of λ, so its acceptance
-is somewhat below a D=1-trained model's). The models are real, trained on real code, and the
-prompts are held-out files: acceptance and speed-ups are genuine, for models trained far less
-than the study's (their acceptance is lower; the round cost below does not depend on it).
+this interpreter's standard library (`mtp prepare --source stdlib`, 2 % of files held out; or
+`--source DIR`, or a prepared `--data`), one DeepSeek model per shape and trained depth
+(`--train-depths`, default 3; `--train-steps` steps of `--global-batch` windows, `mtp train`
+with the shape's config and the MTP study's λ schedule), exported with its tail, then
+`measure`d at its depth — and a D=3 model also as D=1 where no D=1 model is trained: the same
+main model with only the first MTP module (a DeepSeek module k reads module k-1's output, so
+module 1 alone is a complete D=1 drafter; it was trained with weight λ/3 instead of λ, so its
+acceptance is somewhat below a D=1-trained model's). The models are real, trained on real code,
+and the prompts are held-out files: acceptance and speed-ups are genuine. The study's models
+(600 steps of 64 windows of the pinned code corpus): benchmarks/gpu_decoding_session.sh.
 `--gpus 2` runs the shapes side by side, one per GPU; `--tp2` adds a TP = 2 row (both GPUs),
 `--tp2-only` trains the first shape and measures only that row. Only results and logs go to
 --out (at most 8 files); data, runs and exports go to --work.
@@ -29,7 +31,9 @@ replayed 200 times back to back after the requests): speculative decoding's stea
 tokens per round ÷ round cost whatever the acceptance, so rows also give the speed-up that the
 study models' acceptance would give (τ = 1.91 for D=1, 3.68 for D=3, docs/STUDY.md), labelled
 as projected. `--profile` adds, at batch 1, the device kernels of each phase of a step and a
-round (counts and µs; one eager request per mode under torch.profiler).
+round (counts and µs; one eager request per mode under torch.profiler) and the device timeline
+of 20 replayed steps and rounds: operations, busy µs and span µs per replay (span − busy is
+the device waiting between kernels: launch gaps inside the graph).
 """
 
 from __future__ import annotations
@@ -54,10 +58,10 @@ held-out prompts; docs/STUDY.md): what the projected speed-ups assume."""
 
 SHAPES = {
     # Training of the suite's model: micro × accumulation = global batch of seq-1024 windows.
-    "110m": dict(config="configs/gpt-110m.yaml", micro=32, global_batch=32),
-    "350m": dict(config="configs/gpt-350m.yaml", micro=16, global_batch=32),
+    "110m": dict(config="configs/gpt-110m.yaml", micro=32, global_batch=32, seq=1024),
+    "350m": dict(config="configs/gpt-350m.yaml", micro=16, global_batch=32, seq=1024),
     # The CPU smoke test of this script only.
-    "tiny": dict(config="configs/tiny-cpu.yaml", micro=4, global_batch=4,
+    "tiny": dict(config="configs/tiny-cpu.yaml", micro=4, global_batch=4, seq=64,
                  overrides=["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2",
                             "model.num_heads=4", "model.num_kv_heads=2",
                             "model.ffn_hidden_size=64", "model.max_seq_len=64",
@@ -97,6 +101,52 @@ def _replay_seconds(engine, n: int) -> float:
     for _ in range(n):
         engine.last_step()
     return clock.seconds(start, clock.mark()) / n
+
+
+DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def replay_timeline(events: list[dict], replays: int, top: int = 8) -> dict:
+    """What the device did during `replays` back-to-back replays, from a profiler trace's
+    device events (chrome-trace dicts with cat, name, ts and dur in µs): per replay, the device
+    operations, the µs they kept the device busy and the span from the first start to the last
+    end (span − busy: the device idle between them, launch gaps), and the `top` operations by
+    busy µs per replay."""
+    ops = [e for e in events if e.get("cat") in DEVICE_EVENTS and "dur" in e]
+    if not ops:
+        return {}
+    busy = sum(e["dur"] for e in ops)
+    span = max(e["ts"] + e["dur"] for e in ops) - min(e["ts"] for e in ops)
+    by_name: dict[str, float] = {}
+    for e in ops:
+        by_name[e["name"][:80]] = by_name.get(e["name"][:80], 0.0) + e["dur"]
+    heaviest = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return dict(ops=len(ops) / replays, busy_us=busy / replays, span_us=span / replays,
+                top=[(name, us / replays) for name, us in heaviest])
+
+
+def _replay_profile(engine, n: int) -> dict:
+    """`replay_timeline` of the engine's last steady-state step replayed `n` times (GPUs; {} on
+    the CPU, which has no device events)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from model import accelerator
+
+    if accelerator.is_cpu():
+        return {}
+    engine.last_step()  # warm
+    accelerator.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            engine.last_step()
+        accelerator.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+    return replay_timeline(events, n)
 
 
 def _phase_profile(model, prompts, new_tokens, compile_: bool, draft_vocab=None) -> dict:
@@ -158,9 +208,9 @@ def _mode_stats(first, results, replay_s: float) -> dict:
 
 def measure_model(model, prompts: list[list[int]], batch_sizes: list[int], requests: int,
                   new_tokens: int, graphs: bool | None, compile_: bool | None, depth: int,
-                  replays: int, log, draft_vocab=None) -> list[dict]:
+                  replays: int, log, draft_vocab=None, profile: bool = False) -> list[dict]:
     """Rows (one per batch size) for one model on one engine (drafting over `draft_vocab`'s
-    token ids only, when given)."""
+    token ids only, when given); `profile`: the replay timeline of batch 1's steps too."""
     from model.generation import DecodingEngine, SpeculativeStats
 
     engine = DecodingEngine(model, graphs=graphs, compile=compile_, draft_vocab=draft_vocab)
@@ -177,6 +227,8 @@ def measure_model(model, prompts: list[list[int]], batch_sizes: list[int], reque
             results = [engine.generate(b, new_tokens, speculative=speculative)
                        for b in batches[1:]]
             row[mode] = _mode_stats(first, results, _replay_seconds(engine, replays))
+            if profile and bs == 1:
+                row[mode]["replay_timeline"] = _replay_profile(engine, 20)
             outs[mode] = [t for r in results for t in r.tokens]
             if speculative:
                 st = SpeculativeStats(depth)
@@ -257,7 +309,8 @@ def measure(args: argparse.Namespace) -> dict:
         for k, ids in [(None, None), *zip(draft_sizes, draft_ids or [])]:
             t0 = time.perf_counter()
             rows = measure_model(model, prompts, batch_sizes, args.requests, args.new_tokens,
-                                 graphs, compile_, depth, args.replays, log, ids)
+                                 graphs, compile_, depth, args.replays, log, ids,
+                                 args.profile and args.tp == 1)
             entry = dict(source=loaded.source, kind=model.config.mtp.kind, depth=depth,
                          draft_vocab=k, dtype=str(model.embedding.output_weight.dtype),
                          rows=rows, seconds=time.perf_counter() - t0)
@@ -318,6 +371,17 @@ def table(results: list[dict]) -> str:
                         ph = pm["phases"][phase]
                         lines.append(f"| {label} {name} | {mode} | {phase} | "
                                      f"{ph['kernels']:.0f} | {ph['device_us']:.0f} |")
+    timelines = [(res["label"], name, mode, r[mode]["replay_timeline"])
+                 for res in results for name, e in res["models"].items() for r in e["rows"]
+                 for mode in ("plain", "speculative") if r[mode].get("replay_timeline")]
+    if timelines:
+        lines += ["", "| model | batch 1, replayed | device ops | busy µs | span µs | idle "
+                  "| heaviest ops (µs per replay) |", "|---|---|---|---|---|---|---|"]
+        for label, name, mode, t in timelines:
+            heavy = "; ".join(f"{n[:40]} {us:.0f}" for n, us in t["top"][:3])
+            lines.append(f"| {label} {name} | {mode} | {t['ops']:.0f} | {t['busy_us']:.0f} | "
+                         f"{t['span_us']:.0f} | {1 - t['busy_us'] / t['span_us']:.0%} | "
+                         f"{heavy} |")
     return "\n".join(lines)
 
 
@@ -375,36 +439,63 @@ def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
                          + "\n".join(tail))
 
 
+def _export(args: argparse.Namespace, shape: str, depth: int) -> Path:
+    """Where the suite keeps the export of `shape` trained with MTP depth `depth`."""
+    return args.work / f"export-{shape}-d{depth}"
+
+
 def _lane(args: argparse.Namespace, shape: str, data: Path, gpu: int | None) -> Path | None:
-    """Train, export and measure one shape (on GPU `gpu`); returns its result file (None with
-    --tp2-only: the export is all the TP = 2 row needs)."""
+    """Train, export and measure one shape (on GPU `gpu`): one model per trained depth, each
+    measured at its own depth, and as D=1 where no D=1 model is trained. Exports already in
+    --work are reused (a second call on the same machine measures without training again).
+    Returns the shape's result file (None with --tp2-only: the exports are all the TP = 2 row
+    needs)."""
     spec = SHAPES[shape]
     env = {} if gpu is None else {"CUDA_VISIBLE_DEVICES": str(gpu)}
     log = args.out / f"{shape}.log"
-    run, export = args.work / f"run-{shape}", args.work / f"export-{shape}"
     py = [sys.executable]
-    if not (export / "mtp_config.json").is_file():
-        steps = args.train_steps
+    steps = args.train_steps
+    global_batch = args.global_batch or spec["global_batch"]
+    for depth in args.depths:
+        run, export = args.work / f"run-{shape}-d{depth}", _export(args, shape, depth)
+        if (export / "mtp_config.json").is_file():
+            print(f"=== {shape} D={depth}: reusing {export}", flush=True)
+            continue
         _run(py + ["-m", "pretrain", "train", "--config", spec["config"], f"data.path={data}",
-                   f"run_dir={run}", "mtp.kind=deepseek", f"mtp.depth={args.train_depth}",
+                   f"run_dir={run}", "mtp.kind=deepseek", f"mtp.depth={depth}",
                    f"train.steps={steps}", f"train.micro_batch_size={spec['micro']}",
-                   f"train.global_batch_size={spec['global_batch']}", "train.eval_interval=0",
+                   f"train.global_batch_size={global_batch}", "train.eval_interval=0",
                    f"train.log_interval={max(1, steps // 10)}", "checkpoint.interval=0",
-                   f"optim.warmup_steps={max(1, steps // 10)}", *spec.get("overrides", [])],
+                   f"optim.warmup_steps={max(1, steps // 10)}",
+                   # the MTP study's schedule: λ 0.3 for 70 % of the tokens, then 0.1
+                   "mtp_weight.values=[0.3,0.1]",
+                   f"mtp_weight.boundaries_tokens=[{int(0.7 * steps * global_batch * spec['seq'])}]",
+                   *spec.get("overrides", [])],
              log, env)
         _run(py + ["-m", "pretrain", "export", str(run), "--out", str(export), "--with-mtp",
                    "--overwrite"], log, env)
     if args.tp2_only:
         return None
     out = args.out / f"generation-{shape}.json"
-    depths = ",".join(str(d) for d in range(1, args.train_depth + 1)
-                      if d in (1, args.train_depth))
-    _run(py + [__file__, "measure", str(export), "--data", str(data), "--mtp-depths", depths,
-               "--batch-sizes", args.batch_sizes, "--requests", str(args.requests),
-               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--compile", args.compile, "--replays", str(args.replays), "--label", shape,
-               "--draft-vocab", args.draft_vocab, "--json", str(out)]
-         + (["--profile"] if args.profile else []), log, env)
+    merged = None
+    for depth in args.depths:
+        prefix = depth > 1 and 1 not in args.depths and not args.own_depth_only
+        measured = [depth] + ([1] if prefix else [])
+        part = args.work / f"generation-{shape}-d{depth}.json"
+        _run(py + [__file__, "measure", str(_export(args, shape, depth)), "--data", str(data),
+                   "--mtp-depths", ",".join(map(str, sorted(measured))),
+                   "--batch-sizes", args.batch_sizes, "--requests", str(args.requests),
+                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                   "--compile", args.compile, "--replays", str(args.replays), "--label",
+                   shape, "--draft-vocab", args.draft_vocab, "--json", str(part)]
+             + (["--profile"] if args.profile else []), log, env)
+        res = json.loads(part.read_text())
+        if merged is None:
+            merged = res
+        else:  # one file per shape; names differ: each depth is measured from one model only
+            assert not set(res["models"]) & set(merged["models"]), res["models"].keys()
+            merged["models"].update(res["models"])
+        out.write_text(json.dumps(merged, indent=1))
     return out
 
 
@@ -422,7 +513,7 @@ def suite(args: argparse.Namespace) -> None:
     data = args.data
     if data is None:
         data = args.work / "data"
-        _run([sys.executable, "-m", "pretrain", "prepare", "--source", "stdlib", "--out",
+        _run([sys.executable, "-m", "pretrain", "prepare", "--source", args.source, "--out",
               str(data), "--vocab-size", "32000", "--seq-len", "1024", "--max-depth", "4",
               "--val-fraction", "0.02", "--tokenizer-sample-mb", "8", "--no-progress"],
              args.out / "prepare.log")
@@ -444,7 +535,7 @@ def suite(args: argparse.Namespace) -> None:
         shape = shapes[0]
         out = args.out / f"generation-{shape}-tp2.json"
         _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-              "--nproc-per-node", "2", __file__, "measure", str(args.work / f"export-{shape}"),
+              "--nproc-per-node", "2", __file__, "measure", str(_export(args, shape, args.depths[0])),
               "--data", str(data), "--tp", "2", "--mtp-depths", "1", "--batch-sizes", "1,8",
               "--requests", str(args.requests), "--prompt-len", str(args.prompt_len),
               "--new-tokens", str(args.new_tokens), "--replays", str(args.replays),
@@ -452,7 +543,8 @@ def suite(args: argparse.Namespace) -> None:
              args.out / f"{shape}-tp2.log")
         results[f"{shape} TP=2"] = json.loads(out.read_text())
     summary = dict(commit=provenance.commit(), minutes=(time.perf_counter() - t0) / 60,
-                   train_steps=args.train_steps, results=results)
+                   train_steps=args.train_steps, global_batch=args.global_batch,
+                   train_depths=args.depths, results=results)
     (args.out / "suite.json").write_text(json.dumps(summary, indent=1))
     first = next(iter(results.values()))
     print(f"\n{first['device']}, commit {first['commit']}, {first['date']}; "
@@ -506,9 +598,19 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--data", type=Path, default=None,
                    help="a dataset of seq-1024 windows and vocabulary 32000 (default: stdlib "
                         "shards built into OUT/data)")
+    s.add_argument("--source", default="stdlib",
+                   help="corpus of the shards built when --data is not given: 'stdlib' or a "
+                        "directory of .py files (e.g. the unpacked study pack)")
     s.add_argument("--train-steps", type=int, default=300)
-    s.add_argument("--train-depth", type=int, default=3,
-                   help="MTP depth trained; measured as itself and as D=1")
+    s.add_argument("--global-batch", type=int, default=None,
+                   help="training windows per step (default: the shape's, 32); the MTP "
+                        "study's recipe is --train-steps 600 --global-batch 64")
+    s.add_argument("--train-depths", default="3", metavar="D,...",
+                   help="MTP depths to train, one DeepSeek model each, each measured at its "
+                        "own depth (a model deeper than 1 also as D=1 when no D=1 model is "
+                        "trained: its first module alone)")
+    s.add_argument("--own-depth-only", action="store_true",
+                   help="measure each trained model at its own depth only")
     s.add_argument("--gpus", type=int, default=1, help="shapes run side by side, one per GPU")
     s.add_argument("--tp2", action="store_true",
                    help="also measure the first shape at TP = 2 (D=1, batch 1 and 8; 2 GPUs)")
@@ -523,6 +625,13 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--shapes", default="110m,350m")
     c.add_argument("--draft-vocab", default="1024,2048,4096,8192", metavar="K,...")
     args = p.parse_args(argv)
+    if args.cmd == "suite":
+        try:
+            args.depths = sorted({int(d) for d in args.train_depths.split(",") if d})
+        except ValueError:
+            args.depths = []
+        if not args.depths or min(args.depths) < 1:
+            p.error(f"--train-depths {args.train_depths!r}: give MTP depths >= 1, e.g. 1,3")
     if args.cmd == "measure":
         measure(args)
     elif args.cmd == "draft-cost":

@@ -119,16 +119,16 @@ def test_bench_mixture_http_smoke(tmp_path):
 
 
 def test_bench_generation_suite_smoke(tmp_path):
-    """The decoding benchmark's whole GPU suite on CPU with the toy shape: training a D=3 model,
-    its export, `measure` as D=3 and as D=1 (engine requests, replayed steps, the phase
-    profile), the TP = 2 row under torchrun (gloo) and the table."""
+    """The decoding benchmark's whole GPU suite on CPU with the toy shape: training a D=1 and a
+    D=3 model, their exports, `measure` of each at its depth (engine requests, replayed steps,
+    the phase profile), the TP = 2 row under torchrun (gloo) and the table."""
     data = build_tiny_dataset(tmp_path / "fixture", max_depth=4)
     out = tmp_path / "out"
     res = subprocess.run(
         [sys.executable, "benchmarks/bench_generation.py", "suite", "--out", str(out),
          "--shapes", "tiny", "--data", str(data), "--train-steps", "2", "--batch-sizes", "1,2",
          "--requests", "1", "--prompt-len", "8", "--new-tokens", "6", "--replays", "2",
-         "--profile", "--tp2", "--draft-vocab", "64"],
+         "--profile", "--tp2", "--draft-vocab", "64", "--train-depths", "3,1"],
         capture_output=True, text=True, cwd=REPO, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     suite = json.loads((out / "suite.json").read_text())["results"]
@@ -137,6 +137,10 @@ def test_bench_generation_suite_smoke(tmp_path):
     # each depth also drafting over the 64 most frequent tokens only
     assert set(models) == {"D=1", "D=3", "D=1 K=64", "D=3 K=64"} and models["D=3"]["depth"] == 3
     assert models["D=3 K=64"]["draft_vocab"] == 64 and models["D=3"]["draft_vocab"] is None
+    # each depth measured from the model trained at it (the TP = 2 row: the D=1 model's)
+    assert [models[f"D={d}"]["source"].endswith(f"export-tiny-d{d}") for d in (1, 3)] == [1, 1]
+    assert suite["tiny TP=2"]["models"]["D=1"]["source"].endswith("export-tiny-d1")
+    assert json.loads((out / "suite.json").read_text())["train_depths"] == [1, 3]
     for entry in models.values():
         assert [r["batch"] for r in entry["rows"]] == [1, 2]
         for r in entry["rows"]:
@@ -153,6 +157,24 @@ def test_bench_generation_suite_smoke(tmp_path):
     assert [ln.split("|")[1].strip() for ln in table[:12:2]] == [
         "tiny D=1", "tiny D=1 K=64", "tiny D=3", "tiny D=3 K=64", "tiny D=1 TP=2",
         "tiny D=1 K=64 TP=2"]
+
+
+def test_replay_timeline_counts_device_busy_and_idle_time(monkeypatch):
+    """Two replays of a three-kernel step with launch gaps between the kernels; host events and
+    events without a duration are not the device's."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the script imports its neighbours
+    bench = _load_script("bench_generation")
+    events = [{"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500},
+              {"cat": "ac2g", "name": "flow", "ts": 1}]
+    for start in (100, 200):  # replay k: gemv 10 µs, norm 5 µs, memcpy 5 µs, gaps of 10 µs
+        events += [{"cat": "kernel", "name": "gemv", "ts": start, "dur": 10},
+                   {"cat": "kernel", "name": "norm", "ts": start + 20, "dur": 5},
+                   {"cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": start + 35, "dur": 5}]
+    t = bench.replay_timeline(events, replays=2, top=2)
+    assert t["ops"] == 3 and t["busy_us"] == 20
+    assert t["span_us"] == (240 - 100) / 2  # first start to last end, per replay
+    assert t["top"] == [("gemv", 10), ("norm", 5)]  # heaviest first, cut at `top`
+    assert bench.replay_timeline(events[:2], replays=2) == {}
 
 
 def _frame(path: str, line: int, name: str) -> dict:
