@@ -5,7 +5,8 @@
 #   PART=1  gpt-110m DeepSeek D=3: train, export, measure (its D=3 rows);
 #   PART=2  gpt-110m DeepSeek D=1: train, export, measure (its D=1 rows);
 #   PART=3  gpt-350m DeepSeek D=3 trained STEPS_350 steps of 32 windows (default 300),
-#           measured as D=3 and as D=1 (its first module alone).
+#           measured as D=3 and as D=1 (its first module alone; SUITE_ARGS=--own-depth-only:
+#           as D=3 only).
 # Every part measures with the whole vocabulary and with drafts over the K most frequent
 # tokens for each K in DRAFT_VOCAB (default 2048,4096): batch 1, 8 and 32, 16 requests after
 # the first, 128-token held-out prompts, 256 new tokens, greedy, with the phase profile and the
@@ -16,7 +17,7 @@
 set -euo pipefail
 PY=${PYTHON:-python}; OUT=${OUT:-decoding-out}; WORK=${WORK:-runs/decoding}
 PACK=${PACK:-study-pack}; DRAFT_VOCAB=${DRAFT_VOCAB:-2048,4096}; STEPS_350=${STEPS_350:-300}
-BATCHES=${BATCHES:-1,8,32}
+BATCHES=${BATCHES:-1,8,32}; SUITE_ARGS=${SUITE_ARGS:-}
 mkdir -p "$OUT" "$WORK"
 stage() { echo "=== $(date -u +%T) $*"; }
 
@@ -39,7 +40,7 @@ for part in ${PART:-1}; do
   case $part in
     1) suite 110m 3 600 64 --own-depth-only ;;
     2) suite 110m 1 600 64 ;;
-    3) suite 350m 3 "$STEPS_350" 32 ;;
+    3) suite 350m 3 "$STEPS_350" 32 $SUITE_ARGS ;;
     *) echo "unknown PART $part (1, 2 or 3)"; exit 2 ;;
   esac
 done
