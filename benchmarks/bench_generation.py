@@ -255,6 +255,28 @@ def measure_model(model, prompts: list[list[int]], batch_sizes: list[int], reque
     return rows
 
 
+ATTENTION_KERNELS = ("auto", "cudnn", "efficient", "flash", "math")
+"""--attention choices: torch's own choice, or one scaled-dot-product-attention kernel only."""
+
+
+def _attention_kernels(name: str, fresh: bool):
+    """A context in which attention runs the kernel `name` (torch.nn.attention.sdpa_kernel;
+    "auto": torch's choice). `fresh`: forget compiled regions first, which baked in the kernel
+    chosen when they were traced."""
+    import contextlib
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if fresh:
+        torch._dynamo.reset()
+    if name == "auto":
+        return contextlib.nullcontext()
+    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[name])
+
+
 def measure(args: argparse.Namespace) -> dict:
     import warnings
 
@@ -290,6 +312,11 @@ def measure(args: argparse.Namespace) -> dict:
         raise SystemExit(f"bench_generation: no validation window of {args.data} holds "
                          f"--prompt-len {args.prompt_len} tokens")
     draft_sizes = [int(k) for k in args.draft_vocab.split(",") if k]
+    attention = [a for a in args.attention.split(",") if a]
+    unknown = [a for a in attention if a not in ATTENTION_KERNELS]
+    if unknown or not attention:
+        raise SystemExit(f"bench_generation: --attention {args.attention!r}: choose from "
+                         f"{', '.join(ATTENTION_KERNELS)}")
     draft_ids = None  # [K] ids per K in draft_sizes, ranked once with the first model's vocabulary
     result = dict(label=args.label, device=accelerator.device_name(), tp=args.tp,
                   commit=provenance.commit(),
@@ -306,22 +333,28 @@ def measure(args: argparse.Namespace) -> dict:
         if draft_sizes and draft_ids is None:
             draft_ids = draft_vocab_ids(load_manifest(args.data), model.config.model.vocab_size,
                                         draft_sizes, "--data")
-        for k, ids in [(None, None), *zip(draft_sizes, draft_ids or [])]:
+        variants = [(k, ids, a) for a in attention
+                    for k, ids in [(None, None), *zip(draft_sizes, draft_ids or [])]]
+        for k, ids, attn in variants:
             t0 = time.perf_counter()
-            rows = measure_model(model, prompts, batch_sizes, args.requests, args.new_tokens,
-                                 graphs, compile_, depth, args.replays, log, ids,
-                                 args.profile and args.tp == 1)
-            entry = dict(source=loaded.source, kind=model.config.mtp.kind, depth=depth,
-                         draft_vocab=k, dtype=str(model.embedding.output_weight.dtype),
-                         rows=rows, seconds=time.perf_counter() - t0)
-            if args.profile and args.tp == 1:
-                entry["profile"] = _phase_profile(model, prompts[:1], args.new_tokens,
-                                                  bool(rows[0]["compiled"]), ids)
-                log(json.dumps({"profile": entry["profile"]}))
-            result["models"][f"D={depth}" + ("" if k is None else f" K={k}")] = entry
+            with _attention_kernels(attn, fresh=len(attention) > 1):
+                rows = measure_model(model, prompts, batch_sizes, args.requests,
+                                     args.new_tokens, graphs, compile_, depth, args.replays,
+                                     log, ids, args.profile and args.tp == 1)
+                entry = dict(source=loaded.source, kind=model.config.mtp.kind, depth=depth,
+                             draft_vocab=k, attention=attn,
+                             dtype=str(model.embedding.output_weight.dtype), rows=rows,
+                             seconds=time.perf_counter() - t0)
+                if args.profile and args.tp == 1:
+                    entry["profile"] = _phase_profile(model, prompts[:1], args.new_tokens,
+                                                      bool(rows[0]["compiled"]), ids)
+                    log(json.dumps({"profile": entry["profile"]}))
+            name = (f"D={depth}" + ("" if k is None else f" K={k}")
+                    + ("" if attn == "auto" else f" attention={attn}"))
+            result["models"][name] = entry
+            if rank == 0 and args.json:  # after every entry: a run cut short keeps them
+                Path(args.json).write_text(json.dumps(result, indent=1))
         del model, loaded
-        if rank == 0 and args.json:  # after every model: a run cut short keeps what it measured
-            Path(args.json).write_text(json.dumps(result, indent=1))
     if rank == 0:
         print(table([result]), flush=True)
     if args.tp > 1:
@@ -587,6 +620,10 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel size (run under torchrun with as many processes)")
     m.add_argument("--label", default="model", help="the model's name in the table")
+    m.add_argument("--attention", default="auto", metavar="KERNEL,...",
+                   help="measure each model once per attention kernel: auto (torch's choice), "
+                        "cudnn, efficient, flash or math (a kernel that cannot serve a call "
+                        "fails it)")
     m.add_argument("--json", help="write the results here")
     common(m)
     s = sub.add_parser("suite", help="prepare data, train, export and measure each shape")
