@@ -39,6 +39,7 @@ the device waiting between kernels: launch gaps inside the graph).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -259,22 +260,27 @@ ATTENTION_KERNELS = ("auto", "cudnn", "efficient", "flash", "math")
 """--attention choices: torch's own choice, or one scaled-dot-product-attention kernel only."""
 
 
-def _attention_kernels(name: str, fresh: bool):
+@contextlib.contextmanager
+def attention_kernels(name: str, fresh: bool):
     """A context in which attention runs the kernel `name` (torch.nn.attention.sdpa_kernel;
-    "auto": torch's choice). `fresh`: forget compiled regions first, which baked in the kernel
-    chosen when they were traced."""
-    import contextlib
-
+    "auto": torch's choice). Compiled regions bake in the kernel chosen when they were traced,
+    so `fresh` forgets them first and keeps Inductor's and AOTAutograd's on-disk caches out of
+    the context (a cached graph would bring back another variant's kernel)."""
     import torch
+    from torch._functorch import config as aot_config
+    from torch._inductor import config as inductor_config
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if fresh:
-        torch._dynamo.reset()
-    if name == "auto":
-        return contextlib.nullcontext()
-    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION,
-                        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                        "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[name])
+    with contextlib.ExitStack() as stack:
+        if fresh:
+            torch._dynamo.reset()
+            stack.enter_context(inductor_config.patch(fx_graph_cache=False))
+            stack.enter_context(aot_config.patch(enable_autograd_cache=False))
+        if name != "auto":
+            stack.enter_context(sdpa_kernel({
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[name]))
+        yield
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -337,7 +343,7 @@ def measure(args: argparse.Namespace) -> dict:
                     for k, ids in [(None, None), *zip(draft_sizes, draft_ids or [])]]
         for k, ids, attn in variants:
             t0 = time.perf_counter()
-            with _attention_kernels(attn, fresh=len(attention) > 1):
+            with attention_kernels(attn, fresh=len(attention) > 1):
                 rows = measure_model(model, prompts, batch_sizes, args.requests,
                                      args.new_tokens, graphs, compile_, depth, args.replays,
                                      log, ids, args.profile and args.tp == 1)

@@ -177,6 +177,31 @@ def test_replay_timeline_counts_device_busy_and_idle_time(monkeypatch):
     assert bench.replay_timeline(events[:2], replays=2) == {}
 
 
+def test_attention_kernels_reach_compiled_regions(monkeypatch):
+    """`measure --attention`: each variant's compiled region runs the variant's kernel, not
+    the one an earlier variant's cached graph chose (Inductor, CPU: flash, then math)."""
+    import torch
+    import torch.nn.functional as F
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    bench = _load_script("bench_generation")
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    mask = torch.zeros(1, 1, 3, 16)
+    ran = {}
+    for name in ("flash", "math", "flash"):
+        with bench.attention_kernels(name, fresh=True):
+            attend = torch.compile(lambda q, k, v, m: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=m))
+            attend(q, k, v, mask)  # compiled here
+            with torch.profiler.profile() as prof:
+                attend(q, k, v, mask)
+        ran[name] = {e.name for e in prof.events()} & {
+            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm"}
+    # math: Inductor decomposes it into two batched matmuls around its own softmax
+    assert ran == {"flash": {"aten::_scaled_dot_product_flash_attention_for_cpu"},
+                   "math": {"aten::bmm"}}
+
+
 def _frame(path: str, line: int, name: str) -> dict:
     return {"filename": path, "line": line, "name": name}
 
