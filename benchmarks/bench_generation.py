@@ -343,7 +343,9 @@ def measure(args: argparse.Namespace) -> dict:
                     for k, ids in [(None, None), *zip(draft_sizes, draft_ids or [])]]
         for k, ids, attn in variants:
             t0 = time.perf_counter()
-            with attention_kernels(attn, fresh=len(attention) > 1):
+            # Any forced kernel compiles afresh: a cached graph (even another process's) may
+            # hold another kernel.
+            with attention_kernels(attn, fresh=attention != ["auto"]):
                 rows = measure_model(model, prompts, batch_sizes, args.requests,
                                      args.new_tokens, graphs, compile_, depth, args.replays,
                                      log, ids, args.profile and args.tp == 1)
