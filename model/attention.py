@@ -73,6 +73,7 @@ class Attention(nn.Module):
         super().__init__()
         tp = ctx.tp_size
         self.sequence_parallel = ctx.sp_group is not None
+        self.regather = ctx.sequence_parallel_regather
         self.recompute_core = recompute_core
         self.head_dim = cfg.head_dim
         self.groups = cfg.kv_heads // tp  # kv heads on this rank
@@ -98,7 +99,7 @@ class Attention(nn.Module):
         if cache is not None:
             assert not sp, "decoding runs without sequence parallelism"
             return self._cached(x, cache)
-        qkv = column_parallel(self.qkv, x, sp)  # [B, T, groups·(q_per_group+2)·hd]
+        qkv = column_parallel(self.qkv, x, sp, self.regather)  # [B, T, groups·(q_per_group+2)·hd]
         if self.recompute_core and torch.is_grad_enabled():
             out = recompute(self._core, qkv, mask)
         else:

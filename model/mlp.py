@@ -30,6 +30,7 @@ class SwiGLU(nn.Module):
         silu(gate)·up again there (selective recomputation: saves ffn/TP values a token)."""
         super().__init__()
         self.sequence_parallel = ctx.sp_group is not None
+        self.regather = ctx.sequence_parallel_regather
         self.recompute_activation = recompute_activation
         mp = ctx.megatron_config()
         self.gate_up = ColumnParallelLinear(
@@ -42,7 +43,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d] ([B, T/TP, d] under sequence parallelism) → the same shape."""
         sp = self.sequence_parallel
-        gu = column_parallel(self.gate_up, x, sp)  # [B, T, 2·ffn/TP]
+        gu = column_parallel(self.gate_up, x, sp, self.regather)  # [B, T, 2·ffn/TP]
         if self.recompute_activation and torch.is_grad_enabled():
             act = recompute(_swiglu, gu)
         else:

@@ -17,6 +17,9 @@ class ParallelContext:
     tp_group: dist.ProcessGroup
     params_dtype: torch.dtype = torch.float32
     sequence_parallel: bool = False
+    sequence_parallel_regather: bool = False
+    """Sequence-parallel column layers gather their input again in the backward, compiled too
+    (model/tp_regions.py, `column_parallel`)."""
 
     @property
     def sp_group(self) -> dist.ProcessGroup | None:

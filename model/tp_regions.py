@@ -113,13 +113,29 @@ class _SplitSequence(torch.autograd.Function):
         return all_gather_dim(grad, ctx.dim, ctx.group), None, None
 
 
+@torch.library.custom_op("mtp::after_gradient", mutates_args=())
+def _after_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` that a compiled backward cannot compute before `grad` exists (an opaque op
+    that takes it as an input)."""
+    return x.clone()
+
+
+@_after_gradient.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 class _GatherLinear(torch.autograd.Function):
     """y = all_gather(x) @ wᵀ, keeping only the local x for the backward (which gathers it
-    again): saving the gathered input would give back what sequence parallelism saves."""
+    again): saving the gathered input would give back what sequence parallelism saves.
+
+    `regather`: make the backward's gather wait for the incoming gradient. Compiled, the
+    partitioner otherwise moves that gather (it reads saved values only) into the forward and
+    keeps its whole-sequence output — d values a token a layer pair more than the shards."""
 
     @staticmethod
-    def forward(ctx, x, weight, group):
-        ctx.group = group
+    def forward(ctx, x, weight, group, regather=False):
+        ctx.group, ctx.regather = group, regather
         ctx.save_for_backward(x, weight)
         return F.linear(all_gather_dim(x, 1, group), weight)  # [B, T, out/TP]
 
@@ -128,11 +144,12 @@ class _GatherLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[1]:  # not for a frozen trunk
-            x_full = all_gather_dim(x, 1, ctx.group)  # [B, T, in]
+            local = _after_gradient(x, grad) if ctx.regather else x
+            x_full = all_gather_dim(local, 1, ctx.group)  # [B, T, in]
             grad_weight = (grad.reshape(-1, grad.shape[-1]).t()
                            @ x_full.reshape(-1, x.shape[-1])).to(weight.dtype)  # [out/TP, in]
         grad_x = reduce_scatter_dim(grad @ weight, 1, ctx.group)  # [B, T/TP, in]
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, None, None
 
 
 class _SumGradOverTP(torch.autograd.Function):
@@ -213,15 +230,17 @@ def check_sequence_parallel_params(module: nn.Module) -> None:
 
 # ------------------------------------------------------------------ parallel linear layers
 def column_parallel(layer: ColumnParallelLinear, x: torch.Tensor,
-                    sequence_parallel: bool = False) -> torch.Tensor:
+                    sequence_parallel: bool = False, regather: bool = False) -> torch.Tensor:
     """x [B, T, in] replicated over TP (or, with `sequence_parallel`, this rank's [B, T/TP, in])
-    → [B, T, out/TP]. The backward all-reduces dx over TP (reduce-scatters it, with SP)."""
+    → [B, T, out/TP]. The backward all-reduces dx over TP (reduce-scatters it, with SP).
+    `regather` (with SP): compiled too, the backward gathers x again rather than the forward
+    keeping it gathered (`_GatherLinear`)."""
     assert layer.bias is None and not layer.gather_output and not layer.sequence_parallel
     group = layer.tp_group  # None when built without torch.distributed (meta device): TP 1
     if group is None or group.size() == 1:
         return F.linear(x, layer.weight)
     if sequence_parallel:
-        return _GatherLinear.apply(x, layer.weight, group)
+        return _GatherLinear.apply(x, layer.weight, group, regather)
     return F.linear(copy_to_tensor_model_parallel_region(x, group=group), layer.weight)
 
 

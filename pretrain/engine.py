@@ -110,7 +110,8 @@ def build_engine(cfg: RunConfig, layout: Layout, topo: Topology, policy: Runtime
     """`eos_id`: the dataset's end-of-document token, for document-masked attention."""
     dcfg = cfg.decoder
     ctx = ParallelContext(topo.tp_group, params_dtype=torch.float32,
-                          sequence_parallel=cfg.parallel.sequence_parallel)
+                          sequence_parallel=cfg.parallel.sequence_parallel,
+                          sequence_parallel_regather=cfg.parallel.sequence_parallel_regather)
     if layout.pp == 1:
         module, loss_fn, mpu = MTPLanguageModel(dcfg, ctx, cfg.train.seed), None, MegatronMPU(topo)
     else:

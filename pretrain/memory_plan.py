@@ -87,7 +87,7 @@ class MemoryPlan:
 
 
 def block_activation(cfg: ModelConfig, mode: str, tp: int, sp: bool, compiled: bool,
-                     elem: int) -> float:
+                     elem: int, regather: bool = False) -> float:
     """Bytes a block saves for its backward, per token of the micro-batch.
 
     Per token, with d = width, kv = key/value width, f = SwiGLU width; tensors split over TP are
@@ -102,13 +102,14 @@ def block_activation(cfg: ModelConfig, mode: str, tp: int, sp: bool, compiled: b
     * compiled under sequence parallelism (none, selective), the partitioner computes the
       column-parallel layers' re-gather (which does not depend on the gradient) in the forward
       and keeps gathered, whole-sequence inputs: +d a token (measured on the CPU, TP 2:
-      tests/test_memory_plan.py; docs/DESIGN.md, "Memory").
+      tests/test_memory_plan.py; docs/DESIGN.md, "Memory"), unless `regather`
+      (parallel.sequence_parallel_regather) keeps that gather in the backward.
     """
     d, kv, f, heads = cfg.hidden_size, cfg.kv_heads * cfg.head_dim, cfg.ffn_size, cfg.num_heads
     rd = d / tp if sp else d
     if mode == "full":
         return elem * rd
-    gathered = d if compiled and sp and tp > 1 else 0
+    gathered = d if compiled and sp and tp > 1 and not regather else 0
     if mode == "selective":
         n = 4 * rd + (d + 2 * kv) / tp + 2 * f / tp + gathered
         if not compiled:
@@ -180,7 +181,7 @@ def _objective_saved(model_fields: tuple, kind: str, depth: int, options: tuple)
 
 
 def _tail_activation(dcfg: DecoderConfig, mode: str, tp: int, sp: bool, compiled: bool,
-                     elem: int, tokens: int) -> float:
+                     elem: int, tokens: int, regather: bool = False) -> float:
     """The output tail per micro-batch: the final norm, the loss's row gradients, and the MTP
     objective's depths (its blocks as `block_activation`, the rest counted on the meta
     device)."""
@@ -195,7 +196,7 @@ def _tail_activation(dcfg: DecoderConfig, mode: str, tp: int, sp: bool, compiled
                                         tuple(sorted(mtp.options.items())))
         # Blocks were counted with full recomputation (their input alone): swap in the mode's.
         per_token += elem * glue / (tp if sp else 1)
-        per_token += blocks * (block_activation(cfg, mode, tp, sp, compiled, elem)
+        per_token += blocks * (block_activation(cfg, mode, tp, sp, compiled, elem, regather)
                                - block_activation(cfg, "full", tp, sp, compiled, elem))
     return per_token * tokens
 
@@ -211,7 +212,7 @@ def plan_memory(cfg: RunConfig, layout: Layout, seq_len: int, bf16: bool, compil
     """The memory of the rank that holds the most, for `cfg` laid out as `layout`."""
     dcfg, p = cfg.decoder, cfg.parallel
     tp, pp, dp = layout.tp, layout.pp, layout.dp
-    sp = p.sequence_parallel
+    sp, regather = p.sequence_parallel, p.sequence_parallel_regather
     elem = 2 if bf16 else 4
     micro, grad_accum = cfg.train.micro_batch_size, layout.grad_accum
     tokens = micro * seq_len  # per-token terms already count a shard under sequence parallelism
@@ -231,9 +232,10 @@ def plan_memory(cfg: RunConfig, layout: Layout, seq_len: int, bf16: bool, compil
         plan = MemoryPlan(stage, in_flight, capacity=capacity_bytes)
         plan.parts.update(_states(local, elem, cfg, dp, bf16))
         act = n_blocks * block_activation(dcfg.model, dcfg.model.recompute, tp, sp, compiled,
-                                          elem) * tokens
+                                          elem, regather) * tokens
         if last:
-            act += _tail_activation(dcfg, dcfg.model.recompute, tp, sp, compiled, elem, tokens)
+            act += _tail_activation(dcfg, dcfg.model.recompute, tp, sp, compiled, elem, tokens,
+                                    regather)
         plan.parts["activations"] = act * in_flight
         if last:
             v_local = dcfg.model.vocab_size / tp
@@ -244,7 +246,8 @@ def plan_memory(cfg: RunConfig, layout: Layout, seq_len: int, bf16: bool, compil
                                   + chunk * v_local * (elem + SOFTMAX_WORK_BYTES[loss_kernels])
                                   + loss_rows * dcfg.model.hidden_size * elem)
         # The backward of the last block holds about one block's worth of gradients of its
-        # intermediates on top (with full recomputation, its recomputed activations as well).
+        # intermediates on top (with full recomputation, its recomputed activations as well;
+        # with the re-gather, the gathered inputs it brings back: counted without `regather`).
         working = 2 if dcfg.model.recompute == "full" else 1
         plan.parts["activations"] += working * block_activation(
             dcfg.model, "none", tp, sp, compiled, elem) * tokens

@@ -157,7 +157,9 @@ class Trainer:
 
     def _print_header(self, n_params: int) -> None:
         lay, cfg = self.layout, self.cfg
-        memory = ["sequence-parallel" if cfg.parallel.sequence_parallel else "",
+        sp = cfg.parallel.sequence_parallel
+        memory = [("sequence-parallel" + (" (re-gather)" if cfg.parallel.sequence_parallel_regather
+                                          else "")) if sp else "",
                   f"recompute {cfg.model.recompute}" if cfg.model.recompute != "none" else ""]
         self.logger.print(
             f"mtp train: world {lay.world} = TP {lay.tp} × PP {lay.pp} × DP {lay.dp}, ZeRO "

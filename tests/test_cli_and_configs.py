@@ -59,6 +59,8 @@ def test_help(command, capsys):
          "initialising from a model is supported with pp = 1 only"),
         (["--config", "configs/tiny-cpu.yaml", "train.compile=maybe"],
          "train.compile: 'maybe' is not a bool or 'auto'"),
+        (["--config", "configs/tiny-cpu.yaml", "parallel.sequence_parallel_regather=true"],
+         "parallel.sequence_parallel_regather = true without sequence parallelism"),
     ],
 )
 def test_bad_config_is_refused_before_any_work(args, message, capsys):

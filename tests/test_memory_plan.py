@@ -72,38 +72,54 @@ def test_activation_itemisation_matches_the_saved_tensors(kind, mode):
 
 def _sequence_parallel_block_saves(rank, world):
     """World 2: bytes a TP 2 sequence-parallel block saves for its backward (its input aside),
-    per token and in units of d, eager and compiled, beside the plan's figure."""
+    per token and in units of d, eager and compiled (and compiled with the re-gather, its
+    gradients beside those of the same block without it), beside the plan's figure."""
     from model import ModelConfig, ParallelContext
     from model.block import TransformerBlock
 
     b, t, d = 1, 128, 128
-    out = {}
-    for mode, compiled in (("none", False), ("none", True), ("selective", True), ("full", True)):
+    out, grads = {}, {}
+    for mode, compiled, regather in (("none", False, False), ("none", True, False),
+                                     ("selective", True, False), ("selective", True, True),
+                                     ("full", True, False)):
         torch._dynamo.reset()
         cfg = ModelConfig(vocab_size=64, hidden_size=d, num_layers=2, num_heads=4,
                           num_kv_heads=2, ffn_hidden_size=256, max_seq_len=t, recompute=mode)
         torch.manual_seed(0)
         block = TransformerBlock(cfg, ParallelContext(torch.distributed.group.WORLD,
-                                                      sequence_parallel=True))
+                                                      sequence_parallel=True,
+                                                      sequence_parallel_regather=regather))
         if compiled:
             block.compile_training_forward()
+        torch.manual_seed(1 + rank)
         x = torch.randn(b, t // world, d, requires_grad=True)
         saved = _saved_bytes(lambda block=block, x=x: block(x), lambda y: y.square().sum(),
                              _storages([*block.parameters(), x]))
-        out[(mode, compiled)] = (saved / (b * t * 4 * d),
-                                 block_activation(cfg, mode, world, True, compiled, 4) / (4 * d))
+        key = (mode, compiled, regather) if regather else (mode, compiled)
+        out[key] = (saved / (b * t * 4 * d), block_activation(
+            cfg, mode, world, True, compiled, 4, regather) / (4 * d))
+        if mode == "selective":
+            grads[regather] = [x.grad, *(p.grad for p in block.parameters())]
+    # the re-gather changes where the gather runs, not what the backward computes
+    out["gradient difference"] = max(float((a - b).abs().max())
+                                     for a, b in zip(grads[False], grads[True]))
     return out
 
 
 def test_sequence_parallel_activations_match_the_saved_tensors():
     """Under sequence parallelism the compiled block keeps whole-sequence gathered inputs of its
-    column-parallel layers (+d a token against eager's shards): the plan counts them. A compiled
-    block under full recomputation keeps next to nothing beside its input."""
-    result = run_world(_sequence_parallel_block_saves, 2, timeout_s=180)[0]
+    column-parallel layers (+d a token against eager's shards): the plan counts them, and
+    parallel.sequence_parallel_regather takes them back (same gradients). A compiled block under
+    full recomputation keeps next to nothing beside its input."""
+    result = run_world(_sequence_parallel_block_saves, 2, timeout_s=240)[0]
+    assert result.pop("gradient difference") < 1e-5
     full = result.pop(("full", True))[0]
     for key, (measured, planned) in result.items():
         assert abs(planned / measured - 1) < 0.03, (key, measured, planned)
     assert result[("none", True)][0] > result[("selective", True)][0]
+    # the re-gather keeps d values a token less: the shards instead of the gathered inputs
+    regathered = result[("selective", True, True)][0]
+    assert abs(result[("selective", True)][0] - regathered - 1) < 0.05, result
     # Compiled full recomputation keeps its input (not counted here) and the rotary tables
     # (0.5 d a token at this size); with torch 2.11 it kept what selective keeps (6 d) until its
     # collectives were marked for recomputation (model/recompute.py).
