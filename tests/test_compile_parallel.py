@@ -19,6 +19,9 @@ RUNS = [("tp2-eager", False, {"tp": 2}, {}), ("tp2-compiled", True, {"tp": 2}, {
         # model/tp_regions.py)
         ("tp2-sp-selective-compiled", True, {"tp": 2, "sequence_parallel": True},
          {"recompute": "selective"}),
+        # ... and gathering the column layers' inputs again in the backward
+        ("tp2-sp-regather-compiled", True,
+         {"tp": 2, "sequence_parallel": True, "sequence_parallel_regather": True}, {}),
         ("pp2-compiled", True, {"pp": 2}, {})]
 
 
@@ -41,6 +44,8 @@ def _train_all(rank, world, data, tmp, runs):
         cfg["checkpoint"].update(interval=0, save_at_exit=False)
         trainer = Trainer(config_from_dict(cfg))
         assert trainer.policy.compile is compile_, name  # train.compile=true is honoured on CPU
+        regather = [m.regather for m in trainer.engine.module.modules() if hasattr(m, "regather")]
+        assert regather and set(regather) == {parallel.get("sequence_parallel_regather", False)}
         assert trainer.train().exit_code == 0, name
 
 
