@@ -283,6 +283,24 @@ def attention_kernels(name: str, fresh: bool):
         yield
 
 
+def _measure_entry(args, model, source, prompts, batch_sizes, graphs, compile_, depth, log,
+                   k, ids, attn) -> dict:
+    """One model entry of `measure`: its rows on a fresh engine drafting over `ids` (K = `k`;
+    None: the whole vocabulary), and with --profile the phase profile."""
+    t0 = time.perf_counter()
+    profile = args.profile and args.tp == 1
+    rows = measure_model(model, prompts, batch_sizes, args.requests, args.new_tokens, graphs,
+                         compile_, depth, args.replays, log, ids, profile)
+    entry = dict(source=source, kind=model.config.mtp.kind, depth=depth, draft_vocab=k,
+                 attention=attn, dtype=str(model.embedding.output_weight.dtype), rows=rows,
+                 seconds=time.perf_counter() - t0)
+    if profile:
+        entry["profile"] = _phase_profile(model, prompts[:1], args.new_tokens,
+                                          bool(rows[0]["compiled"]), ids)
+        log(json.dumps({"profile": entry["profile"]}))
+    return entry
+
+
 def measure(args: argparse.Namespace) -> dict:
     import warnings
 
@@ -339,29 +357,19 @@ def measure(args: argparse.Namespace) -> dict:
         if draft_sizes and draft_ids is None:
             draft_ids = draft_vocab_ids(load_manifest(args.data), model.config.model.vocab_size,
                                         draft_sizes, "--data")
-        variants = [(k, ids, a) for a in attention
-                    for k, ids in [(None, None), *zip(draft_sizes, draft_ids or [])]]
-        for k, ids, attn in variants:
-            t0 = time.perf_counter()
-            # Any forced kernel compiles afresh: a cached graph (even another process's) may
-            # hold another kernel.
+        vocabularies = [(None, None), *zip(draft_sizes, draft_ids or [])]
+        for attn in attention:
+            # A forced kernel compiles afresh (a cached graph, even another process's, may hold
+            # another kernel), once per kernel: the vocabularies then share its compilations.
             with attention_kernels(attn, fresh=attention != ["auto"]):
-                rows = measure_model(model, prompts, batch_sizes, args.requests,
-                                     args.new_tokens, graphs, compile_, depth, args.replays,
-                                     log, ids, args.profile and args.tp == 1)
-                entry = dict(source=loaded.source, kind=model.config.mtp.kind, depth=depth,
-                             draft_vocab=k, attention=attn,
-                             dtype=str(model.embedding.output_weight.dtype), rows=rows,
-                             seconds=time.perf_counter() - t0)
-                if args.profile and args.tp == 1:
-                    entry["profile"] = _phase_profile(model, prompts[:1], args.new_tokens,
-                                                      bool(rows[0]["compiled"]), ids)
-                    log(json.dumps({"profile": entry["profile"]}))
-            name = (f"D={depth}" + ("" if k is None else f" K={k}")
-                    + ("" if attn == "auto" else f" attention={attn}"))
-            result["models"][name] = entry
-            if rank == 0 and args.json:  # after every entry: a run cut short keeps them
-                Path(args.json).write_text(json.dumps(result, indent=1))
+                for k, ids in vocabularies:
+                    entry = _measure_entry(args, model, loaded.source, prompts, batch_sizes,
+                                           graphs, compile_, depth, log, k, ids, attn)
+                    name = (f"D={depth}" + ("" if k is None else f" K={k}")
+                            + ("" if attn == "auto" else f" attention={attn}"))
+                    result["models"][name] = entry
+                    if rank == 0 and args.json:  # after every entry: a run cut short keeps them
+                        Path(args.json).write_text(json.dumps(result, indent=1))
         del model, loaded
     if rank == 0:
         print(table([result]), flush=True)

@@ -144,7 +144,9 @@ class _GatherLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[1]:  # not for a frozen trunk
-            local = _after_gradient(x, grad) if ctx.regather else x
+            # Eager, the backward runs in order anyway: no copy needed.
+            after = ctx.regather and torch.compiler.is_compiling()
+            local = _after_gradient(x, grad) if after else x
             x_full = all_gather_dim(local, 1, ctx.group)  # [B, T, in]
             grad_weight = (grad.reshape(-1, grad.shape[-1]).t()
                            @ x_full.reshape(-1, x.shape[-1])).to(weight.dtype)  # [out/TP, in]
