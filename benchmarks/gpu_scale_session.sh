@@ -36,13 +36,15 @@
 #                  SPECS="recompute micro sp tp zero;..." (default: SP + none at micro 1, SP +
 #                  selective at micro 2, SP + full at micro 1, and ZeRO-3 DP 2 with selective at
 #                  micro 1), each beside `mtp plan`; fields after the fifth are further overrides
-#                  (e.g. "selective 1 true 2 1 model.loss_chunk_tokens=1024"); COMPILE=true
+#                  (e.g. "selective 1 true 2 1 model.loss_chunk_tokens=1024"; the global batch
+#                  is 4 micro-batches unless one sets train.global_batch_size); COMPILE=true
 #                  compiles sequence-parallel rows, which auto runs eager on GPUs. About two minutes
 #                  a row: split SPECS over two calls to stay under ten minutes.
-#   PART=7  GPU 0: gpt-1b on one GPU, MTP off and D=1 (micro 8, global 16; ONE_GPU="off d1"
-#                  picks the rows, ONE_GPU="" none, leaving GPU 0 free for other work);
+#   PART=7  GPU 0: gpt-1b on one GPU, MTP off and D=1 (micro 8, global GLOBAL_1B=16; ONE_GPU=
+#                  "off d1" picks the rows, ONE_GPU="" none, leaving GPU 0 free for other work);
 #           GPU 1: the gradient-accumulation A/B: gpt-110m, 200 steps, bf16 vs fp32
-#                  accumulation (train.grad_accum_dtype), same data and seed, loss every 10 steps;
+#                  accumulation (train.grad_accum_dtype), same data and seed, loss every 10 steps
+#                  (ACCUM_AB=0 skips it);
 #           both:  gpt-1b DP 2 with ZeRO-1 and with ZeRO-2 at the same global batch (scaling
 #                  against the one-GPU D=1 row).
 #   PART=8  both:  llama3-70b truncated to 2 and to 4 layers (TP 2, SP, selective, micro 1,
@@ -298,7 +300,7 @@ fi
 if part 7; then
   prepare 2048
   G=(--config configs/gpt-1b.yaml data.path="$DATA/stdlib-seq2048" train.micro_batch_size=8
-     train.global_batch_size=16 train.steps=12 optim.warmup_steps=2 checkpoint.interval=0
+     train.global_batch_size=${GLOBAL_1B:-16} train.steps=12 optim.warmup_steps=2 checkpoint.interval=0
      checkpoint.save_at_exit=false train.eval_interval=0 train.log_interval=1)
   stage "gpt-1b MTP off and D=1 (GPU 0); gpt-110m gradient accumulation bf16 vs fp32 (GPU 1)"
   (
@@ -310,7 +312,7 @@ if part 7; then
     done
   ) &
   one=$!
-  (
+  [ "${ACCUM_AB:-1}" = 1 ] && (
     export CUDA_VISIBLE_DEVICES=1
     for dtype in bf16 fp32; do
       $PY -m pretrain train --config configs/gpt-110m.yaml run_dir="$WORK/run-accum-$dtype" \
@@ -323,14 +325,13 @@ if part 7; then
   two=$!
   wait $one
   for f in ${ONE_GPU-off d1}; do echo "--- 1b-$f"; steady "$OUT/1b-$f.log" 5; done
-  wait $two
-  for dtype in bf16 fp32; do
+  [ "${ACCUM_AB:-1}" = 1 ] && wait $two && for dtype in bf16 fp32; do
     echo "--- grad accumulation $dtype"; steady "$OUT/accum-$dtype.log" 50
     grep -E "step [0-9]+/" "$OUT/accum-$dtype.log" | grep -v "^\[20" | awk '{print $2, $5}' \
       | tr '\n' ' '; echo
   done
   for zero in 1 2; do
-    stage "gpt-1b DP 2, ZeRO-$zero, global batch 16"
+    stage "gpt-1b DP 2, ZeRO-$zero, global batch ${GLOBAL_1B:-16}"
     "${TRAIN2[@]}" "${G[@]}" \
       run_dir="$WORK/run-1b-dp2-z$zero" parallel.zero_stage=$zero > "$OUT/1b-dp2-z$zero.log" 2>&1
     echo "exit $?"; steady "$OUT/1b-dp2-z$zero.log" 5

@@ -35,12 +35,11 @@ from model.config import DecoderConfig, ModelConfig
 from model.mtp.objective import NO_MTP
 from model.transformer import meta_parameters
 from pretrain.config import Layout, RunConfig
+from pretrain.deepspeed_config import BUCKET_ELEMENTS
 from pretrain.engine import OPTIMIZER_GROUP_ELEMENTS
 from pretrain.model_builder import stage_parts
 
 GIB = 2**30
-BUCKET_ELEMENTS = 50_000_000
-"""DeepSpeed's reduce and all-gather bucket size, set by pretrain/deepspeed_config.py."""
 
 
 @dataclass
@@ -251,7 +250,11 @@ def plan_memory(cfg: RunConfig, layout: Layout, seq_len: int, bf16: bool, compil
         working = 2 if dcfg.model.recompute == "full" else 1
         plan.parts["activations"] += working * block_activation(
             dcfg.model, "none", tp, sp, compiled, elem) * tokens
-        plan.parts["buffers"] = 2 * BUCKET_ELEMENTS * elem if dp > 1 or p.zero_stage > 1 else 0
+        # ZeRO-1/2 keep one reduction bucket, a second when the reduction overlaps the
+        # backward (pretrain/runtime.py: on GPUs from DP 2 unless set); ZeRO-3 its own two.
+        overlap = p.overlap_comm is True or (p.overlap_comm == "auto" and dp > 1)
+        plan.parts["buffers"] = (0 if p.zero_stage == 0 else 2 if p.zero_stage == 3 or overlap
+                                 else 1) * BUCKET_ELEMENTS * elem
         group = min(OPTIMIZER_GROUP_ELEMENTS, local) / (dp if p.zero_stage > 0 else 1)
         plan.parts["optimizer step"] = group * (elem + 4)
         if best is None or plan.total > best.total:

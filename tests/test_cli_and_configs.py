@@ -12,7 +12,7 @@ import pytest
 
 from pretrain.cli import main
 from pretrain.config import ConfigError, load_config, validate_layout
-from pretrain.deepspeed_config import deepspeed_config
+from pretrain.deepspeed_config import BUCKET_ELEMENTS, deepspeed_config
 from tests import dist_train_cases as cases
 from tests.distributed import run_world
 from tests.train_fixtures import build_tiny_dataset
@@ -96,6 +96,8 @@ def test_deepspeed_config_overlaps_the_reduction_only_where_there_is_one(
     zero = zero["zero_optimization"]
     assert zero.get("overlap_comm", False) is overlap
     assert zero.get("contiguous_gradients", False) is overlap
+    # DeepSpeed allocates a reduction bucket even with nothing to reduce: ours, not its 500M
+    assert zero["reduce_bucket_size"] == BUCKET_ELEMENTS == zero["allgather_bucket_size"]
 
 
 def _policy(cfg, layout, on_gpu: bool, monkeypatch):

@@ -128,8 +128,8 @@ def test_sequence_parallel_activations_match_the_saved_tensors():
 
 def engine_state_bytes(rank, world):
     """World 2: a tiny model's DeepSpeed engine (fp32, as on the CPU) after a step — the bytes
-    of its weights and of the optimizer state on this rank (fp32 master partition and Adam's
-    moments) — beside the plan's figures. (Gradients live inside DeepSpeed's reduction during
+    of its weights, of the optimizer state on this rank (fp32 master partition and Adam's
+    moments) and of its gradient-reduction bucket — beside the plan's figures. (Gradients live inside DeepSpeed's reduction during
     the backward; their peak is left to the GPU measurements.)"""
     from pretrain.config import load_config, validate_layout
     from pretrain.distributed import build_topology, init_distributed
@@ -143,16 +143,25 @@ def engine_state_bytes(rank, world):
     for zero in (1, 2):
         cfg = load_config("configs/tiny-cpu.yaml", [
             f"parallel.zero_stage={zero}", "train.micro_batch_size=1",
-            "train.global_batch_size=2", "model.hidden_size=64", "model.num_layers=2",
-            "model.ffn_hidden_size=128", "model.vocab_size=512", "mtp.depth=2"])
+            "train.global_batch_size=4", "model.hidden_size=64", "model.num_layers=2",
+            "model.ffn_hidden_size=128", "model.vocab_size=512", "mtp.depth=2",
+            "parallel.overlap_comm=false"])
         layout = validate_layout(cfg, world)
         topo = build_topology(layout)
         engine = build_engine(cfg, layout, topo, resolve_runtime(cfg, layout),
                               torch.device("cpu"), 16).engine
-        loss = engine(torch.randint(0, 512, (1, 16)), torch.randint(0, 512, (1, 3, 16)), None,
-                      mtp_weight=0.3).loss
-        engine.backward(loss)
-        engine.step()
+        for micro in range(layout.grad_accum):
+            loss = engine(torch.randint(0, 512, (1, 16)), torch.randint(0, 512, (1, 3, 16)),
+                          None, mtp_weight=0.3).loss
+            engine.backward(loss)
+            if micro == 0:
+                # DeepSpeed's reduction bucket, allocated whole however small the model: under
+                # ZeRO-1 it lives from the first backward to the step's reduction (0.93 GiB at
+                # the 8B shape with its 500M default); ZeRO-2 frees it at each backward's end.
+                buffers = sum(b.numel() * b.element_size()
+                              for bucket in engine.optimizer.ipg_buckets.values()
+                              for b in bucket.buffer)
+            engine.step()
         weights = sum(p.numel() * 4 for p in engine.module.parameters())
         opt = engine.optimizer
         state = sum(t.numel() * t.element_size() for t in opt.single_partition_of_fp32_groups)
@@ -160,7 +169,8 @@ def engine_state_bytes(rank, world):
                      for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
         plan = plan_memory(cfg, layout, 16, bf16=False, compiled=False)
         out[zero] = {"weights": (weights, plan.parts["parameters"]),
-                     "optimizer": (state, plan.parts["optimizer states"])}
+                     "optimizer": (state, plan.parts["optimizer states"]),
+                     **({"buffers": (buffers, plan.parts["buffers"])} if zero == 1 else {})}
     return out
 
 
