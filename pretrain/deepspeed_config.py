@@ -10,14 +10,15 @@ BUCKET_ELEMENTS = 50_000_000
 
 
 def deepspeed_config(cfg: RunConfig, layout: Layout, policy: RuntimePolicy) -> dict:
-    # Buckets of 50M elements, not DeepSpeed's 500M: ZeRO-1/2 allocate a reduction bucket even
-    # with one replica and no overlap (0.93 GiB of bf16 at the 8B shape, measured live at its
-    # peak), and 100 MB reductions already run at the links' bandwidth.
+    # Buckets of 50M elements, not DeepSpeed's 500M: 100 MB reductions already run at the
+    # links' bandwidth. The contiguous bucket only where the reduction overlaps the backward
+    # (it stages the gradients the overlapped reduction sends): DeepSpeed's default keeps one
+    # from the first backward to the step even with one replica (0.93 GiB of bf16 at the 8B
+    # shape, measured live at its peak); without it a reduction flattens each bucket in turn.
     zero: dict = {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS,
-                  "allgather_bucket_size": BUCKET_ELEMENTS}
-    if policy.overlap_comm:
-        # Overlap the gradient reduction with the backward pass.
-        zero.update(overlap_comm=True, contiguous_gradients=True)
+                  "allgather_bucket_size": BUCKET_ELEMENTS,
+                  "overlap_comm": policy.overlap_comm,
+                  "contiguous_gradients": policy.overlap_comm}
     return {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,

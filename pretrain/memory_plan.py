@@ -250,11 +250,12 @@ def plan_memory(cfg: RunConfig, layout: Layout, seq_len: int, bf16: bool, compil
         working = 2 if dcfg.model.recompute == "full" else 1
         plan.parts["activations"] += working * block_activation(
             dcfg.model, "none", tp, sp, compiled, elem) * tokens
-        # ZeRO-1/2 keep one reduction bucket, a second when the reduction overlaps the
-        # backward (pretrain/runtime.py: on GPUs from DP 2 unless set); ZeRO-3 its own two.
+        # ZeRO-1/2 keep two reduction buckets where the reduction overlaps the backward
+        # (pretrain/runtime.py: on GPUs from DP 2 unless set) and none otherwise
+        # (pretrain/deepspeed_config.py); ZeRO-3 its own two.
         overlap = p.overlap_comm is True or (p.overlap_comm == "auto" and dp > 1)
-        plan.parts["buffers"] = (0 if p.zero_stage == 0 else 2 if p.zero_stage == 3 or overlap
-                                 else 1) * BUCKET_ELEMENTS * elem
+        plan.parts["buffers"] = (2 if p.zero_stage == 3 or (p.zero_stage and overlap)
+                                 else 0) * BUCKET_ELEMENTS * elem
         group = min(OPTIMIZER_GROUP_ELEMENTS, local) / (dp if p.zero_stage > 0 else 1)
         plan.parts["optimizer step"] = group * (elem + 4)
         if best is None or plan.total > best.total:

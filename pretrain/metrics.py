@@ -63,7 +63,7 @@ def format_line(step: int, total: int, m: dict[str, float]) -> str:
     if m.get("perf/mfu") is not None:
         parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
     if m.get("memory/peak_gib") is not None:
-        parts.append(f"mem {m['memory/peak_gib']:.1f} GiB")
+        parts.append(f"mem {m['memory/peak_gib']:.2f} GiB")
     if m.get("optim/skipped_steps"):
         parts.append(f"skipped {int(m['optim/skipped_steps'])}")
     return " | ".join(parts)

@@ -129,8 +129,9 @@ def test_sequence_parallel_activations_match_the_saved_tensors():
 def engine_state_bytes(rank, world):
     """World 2: a tiny model's DeepSpeed engine (fp32, as on the CPU) after a step — the bytes
     of its weights, of the optimizer state on this rank (fp32 master partition and Adam's
-    moments) and of its gradient-reduction bucket — beside the plan's figures. (Gradients live inside DeepSpeed's reduction during
-    the backward; their peak is left to the GPU measurements.)"""
+    moments) and of its gradient-reduction buckets — beside the plan's figures. (Gradients live
+    inside DeepSpeed's reduction during the backward; their peak is left to the GPU
+    measurements.)"""
     from pretrain.config import load_config, validate_layout
     from pretrain.distributed import build_topology, init_distributed
     from pretrain.engine import build_engine
@@ -140,12 +141,12 @@ def engine_state_bytes(rank, world):
 
     init_distributed(detect_launch_env(), 60)
     out = {}
-    for zero in (1, 2):
+    for zero, overlap in ((1, False), (1, True), (2, False)):
         cfg = load_config("configs/tiny-cpu.yaml", [
             f"parallel.zero_stage={zero}", "train.micro_batch_size=1",
             "train.global_batch_size=4", "model.hidden_size=64", "model.num_layers=2",
             "model.ffn_hidden_size=128", "model.vocab_size=512", "mtp.depth=2",
-            "parallel.overlap_comm=false"])
+            f"parallel.overlap_comm={str(overlap).lower()}"])
         layout = validate_layout(cfg, world)
         topo = build_topology(layout)
         engine = build_engine(cfg, layout, topo, resolve_runtime(cfg, layout),
@@ -155,9 +156,9 @@ def engine_state_bytes(rank, world):
                           None, mtp_weight=0.3).loss
             engine.backward(loss)
             if micro == 0:
-                # DeepSpeed's reduction bucket, allocated whole however small the model: under
-                # ZeRO-1 it lives from the first backward to the step's reduction (0.93 GiB at
-                # the 8B shape with its 500M default); ZeRO-2 frees it at each backward's end.
+                # DeepSpeed's reduction buckets, allocated whole however small the model: under
+                # ZeRO-1 they live from the first backward to the step's reduction (0.93 GiB at
+                # the 8B shape with its defaults); ZeRO-2 frees them at each backward's end.
                 buffers = sum(b.numel() * b.element_size()
                               for bucket in engine.optimizer.ipg_buckets.values()
                               for b in bucket.buffer)
@@ -168,19 +169,24 @@ def engine_state_bytes(rank, world):
         state += sum(t.numel() * t.element_size() for s in opt.optimizer.state.values()
                      for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
         plan = plan_memory(cfg, layout, 16, bf16=False, compiled=False)
-        out[zero] = {"weights": (weights, plan.parts["parameters"]),
-                     "optimizer": (state, plan.parts["optimizer states"]),
-                     **({"buffers": (buffers, plan.parts["buffers"])} if zero == 1 else {})}
+        out[f"ZeRO-{zero}{' overlapped' if overlap else ''}"] = {
+            "weights": (weights, plan.parts["parameters"]),
+            "optimizer": (state, plan.parts["optimizer states"]),
+            **({"buffers": (buffers, plan.parts["buffers"])} if zero == 1 else {})}
     return out
 
 
 @pytest.mark.distributed
 def test_states_match_a_real_deepspeed_engine():
     for rank_result in run_world(engine_state_bytes, 2, timeout_s=120):
+        # no bucket without the overlap; two (50M elements each) with it
+        assert rank_result["ZeRO-1"]["buffers"] == (0, 0), rank_result["ZeRO-1"]
+        assert rank_result["ZeRO-1 overlapped"]["buffers"][0] == 2 * 50_000_000 * 4
         for zero, parts in rank_result.items():
             for part, (real, planned) in parts.items():
                 # DeepSpeed pads each flat group partition to an alignment of a few elements.
-                assert real > 0 and abs(planned / real - 1) < 0.02, (zero, part, real, planned)
+                assert real == planned or abs(planned / real - 1) < 0.02, (
+                    zero, part, real, planned)
 
 
 @pytest.mark.parametrize("config,gpus", [("tiny-cpu", 1), ("gpt-110m", 1), ("gpt-350m", 1),
