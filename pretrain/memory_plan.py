@@ -38,6 +38,7 @@ from pretrain.config import Layout, RunConfig
 from pretrain.deepspeed_config import BUCKET_ELEMENTS
 from pretrain.engine import OPTIMIZER_GROUP_ELEMENTS
 from pretrain.model_builder import stage_parts
+from pretrain.runtime import overlaps_reduction
 
 GIB = 2**30
 
@@ -250,12 +251,10 @@ def plan_memory(cfg: RunConfig, layout: Layout, seq_len: int, bf16: bool, compil
         working = 2 if dcfg.model.recompute == "full" else 1
         plan.parts["activations"] += working * block_activation(
             dcfg.model, "none", tp, sp, compiled, elem) * tokens
-        # ZeRO-1/2 keep two reduction buckets where the reduction overlaps the backward
-        # (pretrain/runtime.py: on GPUs from DP 2 unless set) and none otherwise
-        # (pretrain/deepspeed_config.py); ZeRO-3 its own two.
-        overlap = p.overlap_comm is True or (p.overlap_comm == "auto" and dp > 1)
-        plan.parts["buffers"] = (2 if p.zero_stage == 3 or (p.zero_stage and overlap)
-                                 else 0) * BUCKET_ELEMENTS * elem
+        # ZeRO-1/2 keep two reduction buckets where the reduction overlaps the backward and
+        # none otherwise (pretrain/deepspeed_config.py); ZeRO-3 its own two.
+        overlap = overlaps_reduction(p, dp, on_gpu=True)
+        plan.parts["buffers"] = (2 if p.zero_stage == 3 or overlap else 0) * BUCKET_ELEMENTS * elem
         group = min(OPTIMIZER_GROUP_ELEMENTS, local) / (dp if p.zero_stage > 0 else 1)
         plan.parts["optimizer step"] = group * (elem + 4)
         if best is None or plan.total > best.total:

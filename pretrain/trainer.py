@@ -157,9 +157,9 @@ class Trainer:
 
     def _print_header(self, n_params: int) -> None:
         lay, cfg = self.layout, self.cfg
-        sp = cfg.parallel.sequence_parallel
-        memory = [("sequence-parallel" + (" (re-gather)" if cfg.parallel.sequence_parallel_regather
-                                          else "")) if sp else "",
+        p = cfg.parallel
+        sp = " (re-gather)" if p.sequence_parallel_regather else ""
+        memory = [f"sequence-parallel{sp}" if p.sequence_parallel else "",
                   f"recompute {cfg.model.recompute}" if cfg.model.recompute != "none" else ""]
         self.logger.print(
             f"mtp train: world {lay.world} = TP {lay.tp} × PP {lay.pp} × DP {lay.dp}, ZeRO "
