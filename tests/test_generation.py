@@ -150,13 +150,14 @@ def test_eos_stops_each_sequence():
     assert spec.stats.main_forwards < engine.generate(prompts, 30, speculative=True).stats.main_forwards
 
 
-@pytest.mark.parametrize("kind", ["deepseek", "parallel"])
-def test_rolled_back_caches_equal_a_fresh_prefill(kind):
+@pytest.mark.parametrize("kind, drafts", [("deepseek", None), ("parallel", None), ("deepseek", 5)])
+def test_rolled_back_caches_equal_a_fresh_prefill(kind, drafts):
     """After rounds with rejections, every cache holds what a fresh prefill of the final tokens
-    computes — also when the slot served a longer request before."""
+    computes — also when the slot served a longer request before, and when the last module's
+    chained drafts (`drafts` 5 > depth 3) wrote entries past the final tokens."""
     model = trained_model(kind, 3)
     slot = Slot(model, 4, 64)
-    dec = SpeculativeDecoder(model, slot)
+    dec = SpeculativeDecoder(model, slot, draft_tokens=drafts)
     sampler = Sampler(GREEDY_MODE, slot.temperature, slot.top_p, torch.Generator())
 
     def run(prompts, new, rounds):
@@ -190,6 +191,101 @@ def test_rolled_back_caches_equal_a_fresh_prefill(kind):
                                        rtol=1e-4, atol=1e-5)
 
 
+# (kind, depth, drafts a round): more than the depth (the last DeepSeek module chained, with D=1
+# and D=2) and fewer (DeepSeek and parallel heads).
+DRAFT_COUNTS = [("deepseek", 1, 3), ("deepseek", 2, 4), ("deepseek", 3, 2), ("parallel", 3, 2)]
+
+
+@pytest.mark.parametrize("kind, depth, drafts", DRAFT_COUNTS)
+def test_drafts_a_round_other_than_the_depth(kind, depth, drafts):
+    """N drafts a round instead of D: greedy output stays plain greedy's, in one engine that
+    serves other requests too, and every draft position is accepted at times and rejected at
+    times (the chained drafts are real drafts, not padding)."""
+    model = trained_model(kind, depth)
+    engine = DecodingEngine(model, draft_tokens=drafts)
+    assert engine.draft_tokens == drafts
+    for prompts in (prompts_from_chain(5), prompts_from_chain(1, seed=3), prompts_from_chain(5)):
+        plain = engine.generate(prompts, 30)
+        spec = engine.generate(prompts, 30, speculative=True)
+        assert spec.tokens == plain.tokens
+    st = spec.stats
+    assert len(st.proposed) == len(st.accepted) == drafts
+    assert all(0 < a < p for a, p in zip(st.accepted, st.proposed)), st.to_dict()
+    assert st.mean_tokens_per_forward() > 1 + st.accepted[0] / st.proposed[0]
+    # Per sequence: the prefill's token, then rounds of 1..N+1 tokens up to (or past) 30.
+    assert 5 * 29 <= st.tokens <= 5 * (29 + drafts)
+
+
+def _reference_draft_states(model, tokens: torch.Tensor, drafts: list[int]) -> list:
+    """The normed hidden state behind each draft of a DeepSeek tail, recomputed without a cache
+    by the modules' training forward from the final tokens [1, m + 1] and the drafts: module k
+    over positions < m, then the last module reapplied at positions m, m + 1, … to its own
+    output at the position before and to the previous draft."""
+    m, emb = tokens.shape[1] - 1, model.embedding.embed
+    ahead = torch.cat([tokens, torch.tensor([drafts])], 1)  # t_0..t_m, then the drafts
+
+    def future(k, n):  # Emb(t_{i+k}) at positions i < n
+        return emb(ahead[:, k: k + n])
+
+    layers, normed = model.tail.objective.layers, []
+    h = model.tail.final_norm(model.trunk(tokens[:, :m]))  # h⁰ at positions < m [1, m, d]
+    for k, module in enumerate(layers, start=1):
+        h_in, h = h, module(h, future(k, m))  # hᵏ at positions < m
+        normed.append(module.out_norm(h[0, -1]))
+    for _ in range(len(drafts) - len(layers)):
+        h = layers[-1](torch.cat([h_in, h[:, m - 1:]], 1), future(len(layers), h.shape[1] + 1))
+        normed.append(layers[-1].out_norm(h[0, -1]))
+    return normed
+
+
+@torch.no_grad()
+def test_chained_drafts_are_the_last_module_reapplied():
+    """After a prefill and after rounds, each draft's normed hidden state (what `_pick` reads)
+    is the cache-free recomputation's, chained drafts included (D = 2, N = 4, random model)."""
+    torch.manual_seed(0)
+    model = MTPLanguageModel(tiny_config("deepseek", 2, max_seq_len=96), single_process_context(),
+                             seed=3)
+    randomize_(model)
+    model.eval()
+    slot = Slot(model, 2, 64)
+    dec = SpeculativeDecoder(model, slot, draft_tokens=4)
+    picked = []  # the normed hidden state [B, d] behind every draft, in order
+    pick = dec.drafter._pick
+    dec.drafter._pick = lambda hidden: (picked.append(hidden.clone()), pick(hidden))[1]
+    sampler = Sampler(GREEDY_MODE, slot.temperature, slot.top_p, torch.Generator())
+    slot.load([[5, 6, 7, 8, 9], [1, 2, 3]], 30, None, 0, 8, 0.0, 1.0)
+    dec.prefill(8, sampler, False)
+    for rounds in range(4):
+        if rounds:
+            picked.clear()
+            dec.round(sampler, False)
+        for b in range(2):
+            m, drafts = int(slot.m[b]), dec.drafts[b].tolist()
+            normed = _reference_draft_states(model, slot.tokens[b, : m + 1][None], drafts)
+            assert len(picked) == len(normed) == 4
+            for j, (mine, ref) in enumerate(zip(picked, normed), start=1):
+                torch.testing.assert_close(mine[b], ref, rtol=1e-4, atol=1e-4,
+                                           msg=f"round {rounds}, row {b}, draft {j}")
+            assert drafts == [int(model.embedding.logits(z).argmax()) for z in normed]
+
+
+def test_draft_counts_a_tail_cannot_draft_are_refused():
+    for kind, depth, drafts, match in (
+            ("parallel", 2, 3, r"draft_tokens = 3 exceeds this tail's depth 2.*at most 2"),
+            ("blockwise", 1, 2, r"draft_tokens = 2 exceeds this tail's depth 1"),
+            ("deepseek", 1, 0, r"draft_tokens = 0 must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            DecodingEngine(trained_model(kind, depth), draft_tokens=drafts)
+    none = MTPLanguageModel(tiny_config("none"), single_process_context())
+    with pytest.raises(ValueError, match="draft_tokens = 2 needs an MTP tail"):
+        DecodingEngine(none, draft_tokens=2)
+    # The context must hold 2·N + 2 positions past prompt and new tokens.
+    engine = DecodingEngine(trained_model("deepseek", 1), draft_tokens=4)
+    with pytest.raises(ValueError, match=r"\+ 2·drafts \+ 2 \(10\) = 120 exceeds"):
+        engine.generate([[1] * 80], 30, speculative=True)
+    assert len(engine.generate([[1] * 80], 6, speculative=True).tokens[0]) == 6  # 80 + 6 + 10
+
+
 def test_topk_relaxation_accepts_more_and_all_with_k_equal_vocab():
     model = trained_model("blockwise", 3)
     engine = DecodingEngine(model)
@@ -215,7 +311,7 @@ def test_bad_requests_are_refused():
     engine = DecodingEngine(model)
     with pytest.raises(ValueError, match="temperature = -1"):
         engine.generate([[1]], 5, SamplingConfig(temperature=-1))
-    with pytest.raises(ValueError, match=r"\(80\) \+ max_new_tokens \(30\) \+ 2·depth \+ 2 \(4\) "
+    with pytest.raises(ValueError, match=r"\(80\) \+ max_new_tokens \(30\) \+ 2·drafts \+ 2 \(4\) "
                                          r"= 114 exceeds model.max_seq_len = 96"):
         engine.generate([[1] * 80], 30, speculative=True)
     with pytest.raises(ValueError, match=r"\+ 1 = 97 exceeds"):
@@ -268,17 +364,23 @@ def decode_tp2_like_tp1(rank, world):
         greedy = reduced.generate(prompts, 20, speculative=True)
         out[name] += (greedy.tokens, greedy.stats.to_dict(),
                       reduced.generate(prompts, 20, sampled, speculative=True).tokens)
+        # Four drafts a round from a tail of depth 2: the last module chained twice.
+        chained = DecodingEngine(model, draft_tokens=4).generate(prompts, 20, speculative=True)
+        out[name] += (chained.tokens, chained.stats.to_dict())
     return out
 
 
 def test_tp2_decoding_equals_tp1():
     for out in run_world(decode_tp2_like_tp1, 2, timeout_s=180):
-        plain, spec, stats, sampled, reduced, reduced_stats, reduced_sampled = out["tp2"]
+        (plain, spec, stats, sampled, reduced, reduced_stats, reduced_sampled, chained,
+         chained_stats) = out["tp2"]
         assert plain == out["tp1"][0] and spec == plain
         assert stats == out["tp1"][2]
         assert sampled == out["tp1"][3]  # same generator stream on every rank and at TP = 1
         assert reduced == plain and reduced_stats == out["tp1"][5]
         assert reduced_sampled == out["tp1"][6]
+        assert chained == plain and chained_stats == out["tp1"][8]
+        assert chained_stats["depth"] == 4
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -25,9 +25,9 @@ PROMPT = [3, 1, 4]
 SAMPLING = SamplingConfig(temperature=1.3, top_p=0.9, seed=5)
 
 
-def _model(kind):
+def _model(kind, depth=2):
     torch.manual_seed(0)
-    m = MTPLanguageModel(tiny_config(kind, 2, vocab_size=8, max_seq_len=32), single_process_context(), seed=2)
+    m = MTPLanguageModel(tiny_config(kind, depth, vocab_size=8, max_seq_len=32), single_process_context(), seed=2)
     randomize_(m, seed=4)
     with torch.no_grad():  # sharpen the tiny model so the distributions are far from uniform
         m.embedding.head_weight.mul_(8.0)
@@ -101,3 +101,18 @@ def test_speculative_sampling_with_a_reduced_draft_vocabulary_matches_too():
     chi2, df = _chi_square(out.tokens, exact)
     assert df > 30 and chi2 < _critical(df), f"chi2 {chi2:.1f} with {df} degrees of freedom"
     assert 0 < out.stats.accepted[0] < out.stats.proposed[0]
+
+
+@pytest.mark.slow
+def test_speculative_sampling_with_chained_drafts_matches_too():
+    """D = 1 drafting 3 tokens a round: the second generated token is the module's draft, the
+    third the module chained once (its own distribution q); still the main distribution."""
+    from model.generation import DecodingEngine
+
+    model = _model("deepseek", depth=1)
+    exact = _exact(model)
+    engine = DecodingEngine(model, compile=False, draft_tokens=3)
+    out = engine.generate([PROMPT] * N, 3, SAMPLING, speculative=True)
+    chi2, df = _chi_square(out.tokens, exact)
+    assert df > 30 and chi2 < _critical(df), f"chi2 {chi2:.1f} with {df} degrees of freedom"
+    assert 0 < out.stats.accepted[1] < out.stats.proposed[1]  # the chained draft: kept at times

@@ -17,14 +17,9 @@ def real_acceptance(engine: DecodingEngine, prompts: list[list[int]], new_tokens
     model = engine.model
     was_training = model.training
     model.eval()
-    total = SpeculativeStats(model.config.mtp.depth)
     try:
-        for i in range(0, len(prompts), batch_size):
-            st = engine.generate(prompts[i : i + batch_size], new_tokens, speculative=True).stats
-            total.main_forwards += st.main_forwards
-            total.tokens += st.tokens
-            total.proposed = [a + b for a, b in zip(total.proposed, st.proposed)]
-            total.accepted = [a + b for a, b in zip(total.accepted, st.accepted)]
+        parts = [engine.generate(prompts[i: i + batch_size], new_tokens, speculative=True).stats
+                 for i in range(0, len(prompts), batch_size)]
     finally:
         model.train(was_training)
-    return total
+    return SpeculativeStats.total(parts)

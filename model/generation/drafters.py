@@ -7,7 +7,10 @@ State shared with the verifier (`speculative.py`), per sequence b:
 * `trunk[b, i]` / `normed[b, i]`: the main model's last-block output and its final-norm output at
   position i (true for i < m_b).
 `catch_up(m)` brings the drafter's own caches up to date for positions < m and returns the drafts
-for tokens m+1..m+D ([B, D]) plus, when sampling, the draft distributions ([B, D, V]).
+for tokens m+1..m+N ([B, N]) plus, when sampling, the draft distributions ([B, N, V]). N, the
+drafts a round verifies, is the objective's depth D unless the decoder asks for another count:
+fewer (any objective) or more (a drafter that `chains`: it reapplies its last depth to its own
+output, as DeepSeek's modules allow).
 
 Shapes are static, so that a decoding round is captured once as a device graph and replayed for
 every later round and request: every window has a fixed width (`_window`: the most that one
@@ -45,15 +48,36 @@ def put_rows(t: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> No
     t[torch.arange(t.shape[0], device=t.device)[:, None], positions] = rows
 
 
+def check_drafts(drafter: type[Drafter], depth: int, drafts: int | None) -> int:
+    """The number of drafts per round that `drafter` will make for a tail of `depth` when asked
+    for `drafts` (None: the depth); ValueError for a count it cannot draft."""
+    if drafts is None:
+        return depth
+    if drafts < 1:
+        raise ValueError(f"draft_tokens = {drafts} must be >= 1")
+    if drafts > depth and not drafter.chains:
+        raise ValueError(
+            f"draft_tokens = {drafts} exceeds this tail's depth {depth}, and its drafts cannot "
+            "be chained (only DeepSeek modules reapply their last depth); use at most "
+            f"{depth}")
+    return drafts
+
+
 class Drafter:
     """Drafts for a batch of `batch` sequences in a cache of `max_len` positions. Subclasses
     implement `catch_up` (see the module docstring) and read their objective's modules as
     `self.model.tail.objective`; they choose tokens with `_pick` from a module's normed output
     (never from logits: the head may be the reduced draft vocabulary's)."""
 
-    def __init__(self, model: MTPLanguageModel, batch: int, max_len: int):
+    chains = False
+    """Whether it can draft more tokens than its depth (by reapplying the last depth)."""
+
+    def __init__(self, model: MTPLanguageModel, batch: int, max_len: int,
+                 drafts: int | None = None):
         self.model = model
         self.depth = model.config.mtp.depth
+        self.drafts = check_drafts(type(self), self.depth, drafts)
+        """N: tokens drafted per round (a round moves m by at most N + 1)."""
         self.max_len = max_len
         self.device = model.embedding.output_weight.device
         self.batch = batch
@@ -106,5 +130,5 @@ class Drafter:
 
     @staticmethod
     def _stacked(drafts: list[torch.Tensor], probs: list[torch.Tensor | None]):
-        """Per-depth picks → (drafts [B, D], draft probabilities [B, D, V] or None)."""
+        """Per-draft picks → (drafts [B, N], draft probabilities [B, N, V] or None)."""
         return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs[0] is not None else None)

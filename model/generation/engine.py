@@ -31,12 +31,13 @@ import torch
 
 from model import accelerator
 from model.generation.draft_vocab import DraftVocabulary
+from model.generation.drafters import check_drafts
 from model.generation.plain import PlainDecoder
 from model.generation.runner import Slot, finish, positions_needed
 from model.generation.sampling import GREEDY, Sampler, SamplingConfig
 from model.generation.speculative import SpeculativeDecoder
 from model.generation.stats import GenerationResult
-from model.mtp.objective import NO_MTP
+from model.mtp.objective import NO_MTP, objective_class
 from model.transformer import MTPLanguageModel
 
 MIN_CACHE_BUCKET = 16
@@ -62,13 +63,25 @@ class DecodingEngine:
     `draft_vocab`: token ids [K] that speculative drafts are restricted to (the most frequent
     ones: `draft_vocab.most_frequent`); verification still scores the whole vocabulary, so
     outputs do not change, only the draft's cost and its acceptance (model/generation/
-    draft_vocab.py). None: drafts over the whole vocabulary."""
+    draft_vocab.py). None: drafts over the whole vocabulary.
+    `draft_tokens`: drafts per speculative round, N (None: the MTP tail's depth D). Fewer than
+    D leaves the deepest depths idle; more than D chains the last DeepSeek module (model/mtp/
+    deepseek.py). A round then verifies N + 1 positions: more tokens a round when the deeper
+    drafts are accepted often enough to pay for their module and the wider verification."""
 
     def __init__(self, model: MTPLanguageModel, graphs: bool | None = None,
-                 compile: bool | None = None, draft_vocab: torch.Tensor | None = None):
+                 compile: bool | None = None, draft_vocab: torch.Tensor | None = None,
+                 draft_tokens: int | None = None):
         if graphs and not accelerator.graphs_supported():
             raise ValueError("device graphs need a GPU; use graphs=False (or None) on the CPU")
         self.model = model
+        kind = model.config.mtp.kind
+        if kind == NO_MTP and draft_tokens is not None:
+            raise ValueError(f"draft_tokens = {draft_tokens} needs an MTP tail to draft with; "
+                             "this model has mtp.kind 'none' (drop draft_tokens)")
+        self.draft_tokens = None if kind == NO_MTP else check_drafts(
+            objective_class(kind).drafter, model.config.mtp.depth, draft_tokens)
+        """N, the drafts a speculative round verifies (None: no MTP tail)."""
         self.device = model.embedding.output_weight.device
         self.tp = model.embedding.tp_group.size()
         self.graphs = accelerator.graphs_supported() if graphs is None else graphs
@@ -106,15 +119,16 @@ class DecodingEngine:
         key = (slot.batch, slot.max_len, speculative)
         if key not in self._decoders:
             self._decoders[key] = (
-                SpeculativeDecoder(self.model, slot, self.compiled, self.draft_vocab)
+                SpeculativeDecoder(self.model, slot, self.compiled, self.draft_vocab,
+                                   self.draft_tokens)
                 if speculative else PlainDecoder(self.model, slot, self.compiled))
         return self._decoders[key]
 
     def _sampler(self, slot: Slot, mode: str) -> Sampler:
         key = (slot.batch, slot.max_len, mode)
         if key not in self._samplers:
-            # A round takes D uniform numbers to accept, one to resample and D to draft.
-            draws = 2 * self.model.config.mtp.depth + 1
+            # A round takes N uniform numbers to accept, one to resample and N to draft.
+            draws = 2 * (self.draft_tokens or 0) + 1
             self._samplers[key] = Sampler(mode, slot.temperature, slot.top_p, self.generator,
                                           slot.batch, draws)
         return self._samplers[key]
@@ -144,7 +158,7 @@ class DecodingEngine:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens = {max_new_tokens} must be >= 1")
         width = max(len(p) for p in prompts)
-        depth = None
+        drafts = None
         if speculative:
             if self.model.config.mtp.kind == NO_MTP:
                 raise ValueError("self-speculative decoding needs an MTP tail; this model has "
@@ -152,10 +166,10 @@ class DecodingEngine:
             if topk < 1 or (topk > 1 and not sampling.greedy):
                 raise ValueError(f"topk = {topk}: the top-k acceptance relaxation applies to "
                                  "greedy decoding only, with k >= 1")
-            depth = self.model.config.mtp.depth
-        need = positions_needed(width, max_new_tokens, depth)
+            drafts = self.draft_tokens
+        need = positions_needed(width, max_new_tokens, drafts)
         if need > self.max_seq_len:
-            extra = "1" if depth is None else f"2·depth + 2 ({2 * depth + 2})"
+            extra = "1" if drafts is None else f"2·drafts + 2 ({2 * drafts + 2})"
             raise ValueError(
                 f"prompt ({width}) + max_new_tokens ({max_new_tokens}) + {extra} = {need} "
                 f"exceeds model.max_seq_len = {self.max_seq_len}; shorten the prompt or "
@@ -217,7 +231,7 @@ class DecodingEngine:
         self.last_step = self._phases.get(step_key, step)
 
         # One read: the tokens up to the furthest any sequence can reach, m, the statistics.
-        end = min(slot.max_len, width + max_new_tokens + self.model.config.mtp.depth + 1)
+        end = min(slot.max_len, width + max_new_tokens + (self.draft_tokens or 0) + 1)
         parts = [slot.tokens[:b, :end], slot.m[:b, None]]
         if speculative:
             parts.append(decoder.rounds_by_accepted[:b])

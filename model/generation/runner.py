@@ -24,12 +24,12 @@ def main_forward(model: MTPLanguageModel, cache: KVCache, tokens: torch.Tensor,
     return h
 
 
-def positions_needed(prompt_len: int, new_tokens: int, draft_depth: int | None = None) -> int:
+def positions_needed(prompt_len: int, new_tokens: int, drafts: int | None = None) -> int:
     """Positions (cache slots, rotary angles) that decoding `new_tokens` after a prompt of
     `prompt_len` tokens uses: one beyond them for plain decoding (`draft_depth` None: the slot of
-    the last sampled token); 2·depth + 2 beyond them for self-speculative decoding with drafts of
-    `draft_depth` tokens (the last round verifies a full draft past the final kept token)."""
-    extra = 1 if draft_depth is None else 2 * draft_depth + 2
+    the last sampled token); 2·drafts + 2 beyond them for self-speculative decoding with
+    `drafts` drafts a round (the last round verifies a full draft past the final kept token)."""
+    extra = 1 if drafts is None else 2 * drafts + 2
     return prompt_len + new_tokens + extra
 
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 @dataclass
 class SpeculativeStats:
     depth: int
+    """Draft positions a round: the drafts it verifies, N (the MTP depth D unless the decoding
+    engine was asked for another count)."""
     proposed: list[int] = field(default_factory=list)
-    """Drafts proposed at each depth j = 1..D (one per active sequence and round)."""
+    """Drafts proposed at each position j = 1..N (one per active sequence and round)."""
     accepted: list[int] = field(default_factory=list)
     """Drafts accepted at each depth (a draft counts only if all before it were accepted)."""
     main_forwards: int = 0
@@ -20,6 +22,18 @@ class SpeculativeStats:
     def __post_init__(self):
         self.proposed = self.proposed or [0] * self.depth
         self.accepted = self.accepted or [0] * self.depth
+
+    @classmethod
+    def total(cls, parts: list[SpeculativeStats]) -> SpeculativeStats:
+        """The statistics of several requests decoded with the same number of drafts."""
+        out = cls(parts[0].depth)
+        for st in parts:
+            assert st.depth == out.depth, (st.depth, out.depth)
+            out.main_forwards += st.main_forwards
+            out.tokens += st.tokens
+            out.proposed = [a + b for a, b in zip(out.proposed, st.proposed)]
+            out.accepted = [a + b for a, b in zip(out.accepted, st.accepted)]
+        return out
 
     def acceptance_rate(self) -> list[float]:
         """P(draft j accepted), over all rounds (the first entry is DeepSeek's 'second token')."""

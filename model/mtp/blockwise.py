@@ -26,7 +26,7 @@ class BlockwiseDrafter(Drafter):
     def catch_up(self, tokens, trunk, normed, m):
         z = normed[self.rows, m - 1]  # [B, d]
         drafts, probs = [], []
-        for head in self.model.tail.objective.heads:
+        for head in self.model.tail.objective.heads[: self.drafts]:
             tok, p = self._pick(z + head(z))
             drafts.append(tok)
             probs.append(p)

@@ -85,7 +85,15 @@ class DeepSeekModule(nn.Module):
 class DeepSeekDrafter(Drafter):
     """Chains the D modules: module k at position i reads hᵏ⁻¹ᵢ and Emb(t_{i+k}). Entries whose
     t_{i+k} is final are kept; the last k-1 entries of module k used drafts and are redone on the
-    next round (its cache length stops before them: that is the rollback)."""
+    next round (its cache length stops before them: that is the rollback).
+
+    Drafts past the depth (N > D) reapply module D one position further on each time, reading
+    its own output in place of hᴰ⁻¹ there: hᴰᵢ and hᴰ⁻¹ᵢ₊₁ both predict t_{i+D+1}, so the
+    module reads what it was trained on, up to the error of its own prediction (the feature
+    recurrence of EAGLE; the DeepSeek-V3 report suggests reusing the modules to draft). Those
+    entries of module D's cache lie at positions ≥ m and are redone like the others."""
+
+    chains = True
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -97,12 +105,13 @@ class DeepSeekDrafter(Drafter):
         self.valid = [torch.zeros(self.batch, dtype=torch.long, device=self.device) for _ in mods]
 
     def catch_up(self, tokens, trunk, normed, m):
+        mods = self.model.tail.objective.layers
         drafts, probs = [], []
         prev_hidden = normed  # h⁰: the final-norm output
-        for k, module in enumerate(self.model.tail.objective.layers, start=1):
+        for k, module in enumerate(mods[: self.drafts], start=1):
             # Module k's cache stops k - 1 positions before the previous m, and a round moves m
-            # by at most D + 1: the window is at most D + k wide.
-            positions, last = self._window(self.valid[k - 1], m, self.depth + k)
+            # by at most N + 1: the window is at most N + k wide.
+            positions, last = self._window(self.valid[k - 1], m, self.drafts + k)
             h_in = rows_at(prev_hidden, positions)  # [B, W, d]
             future = tokens.gather(1, (positions + k).clamp(max=tokens.shape[1] - 1))  # t_{i+k}
             h = module(h_in, self.model.embedding.embed(future),
@@ -115,6 +124,19 @@ class DeepSeekDrafter(Drafter):
             probs.append(p)
             self.valid[k - 1].copy_((m - k + 1).clamp(min=0))
             prev_hidden = self.hidden[k - 1]
+        last_module, cache = mods[-1], self.caches[-1]
+        for j in range(self.depth + 1, self.drafts + 1):
+            # Draft j: module D at position i = m - 1 + j - D reads Emb(t_{i+D}) = Emb(draft
+            # j - 1) and, for hᴰ⁻¹ᵢ, its own output at i - 1.
+            position = (m - 1 + j - self.depth).clamp(max=self.max_len - 1)[:, None]  # [B, 1]
+            future = tokens[self.rows, m + j - 1][:, None]  # [B, 1]
+            h = last_module(h_last[:, None], self.model.embedding.embed(future),
+                            cache.layer(0, position, self.max_len))  # [B, 1, d]
+            h_last = h[:, 0]
+            tok, p = self._pick(last_module.out_norm(h_last))
+            tokens[self.rows, m + j] = tok
+            drafts.append(tok)
+            probs.append(p)
         return self._stacked(drafts, probs)
 
 

@@ -24,11 +24,11 @@ class ParallelHeadsDrafter(Drafter):
         self.valid = torch.zeros(self.batch, dtype=torch.long, device=self.device)
 
     def catch_up(self, tokens, trunk, normed, m):
-        positions, last = self._window(self.valid, m, self.depth + 1)
+        positions, last = self._window(self.valid, m, self.drafts + 1)
         h_in = rows_at(trunk, positions)
         step = self.caches[0].step(positions, self.max_len)  # the heads share positions
         drafts, probs = [], []
-        for j, head in enumerate(self.model.tail.objective.heads):
+        for j, head in enumerate(self.model.tail.objective.heads[: self.drafts]):
             h = head(h_in, self.caches[j].layer_for(0, step))
             tok, p = self._pick(self.model.tail.final_norm(h[self.rows, last]))
             drafts.append(tok)
