@@ -1,8 +1,8 @@
 """What `mtp generate` and `mtp eval` share: loading a model with its problems reported in the
 commands' terms, writing their --json files, and fitting decoding lengths to the model's context.
 
-Lengths: a decode needs prompt + new tokens + 1 positions (plain) or + 2·depth + 2 (self-
-speculative; model/generation/runner.py, `positions_needed`), all within model.max_seq_len. A
+Lengths: a decode needs prompt + new tokens + 1 positions (plain) or + 2·drafts + 2 (self-
+speculative with that many drafts a round; model/generation/runner.py, `positions_needed`), all within model.max_seq_len. A
 length the user gave is honoured or refused; a default is clipped to what fits, and the clip is
 printed (as a note, once the command's checks have passed).
 """
@@ -58,22 +58,22 @@ def note(command: str, text: str) -> None:
     print(f"mtp {command}: note: {text}", file=sys.stderr, flush=True)
 
 
-def _positions(depth: int | None) -> tuple[int, str]:
+def _positions(drafts: int | None) -> tuple[int, str]:
     """Positions a decode needs beyond prompt + new tokens, and how to say it."""
     from model.generation.runner import positions_needed
 
-    extra = positions_needed(0, 0, depth)
-    return extra, ("1" if depth is None else f"2·depth + 2 ({extra})")
+    extra = positions_needed(0, 0, drafts)
+    return extra, ("1" if drafts is None else f"2·drafts + 2 ({extra})")
 
 
 def fit_new_tokens(notes: list[str], prompt_len: int, new_tokens: int | None, max_seq_len: int,
-                   depth: int | None, flag: str = "--max-new-tokens",
+                   drafts: int | None, flag: str = "--max-new-tokens",
                    prompt: str | None = None, shorten: str | None = None) -> int:
-    """New tokens to decode after prompts of up to `prompt_len` tokens (`depth`: the draft depth
-    of self-speculative decoding, None for plain). `new_tokens` None: the default, clipped, and
+    """New tokens to decode after prompts of up to `prompt_len` tokens (`drafts`: the drafts a
+    self-speculative round verifies, None for plain). `new_tokens` None: the default, clipped, and
     the clip appended to `notes` (the command prints them once all its checks have passed).
     `prompt`, `shorten`: how the messages name the prompt and the way to shorten it."""
-    extra, said = _positions(depth)
+    extra, said = _positions(drafts)
     room = max_seq_len - prompt_len - extra
     prompt = prompt or f"the longest prompt ({prompt_len} token{'' if prompt_len == 1 else 's'})"
     if room < 1:
@@ -94,11 +94,11 @@ def fit_new_tokens(notes: list[str], prompt_len: int, new_tokens: int | None, ma
 
 
 def fit_prompt_and_new_tokens(notes: list[str], prompt_len: int | None, new_tokens: int | None,
-                              max_seq_len: int, depth: int, data_seq_len: int) -> tuple[int, int]:
+                              max_seq_len: int, drafts: int, data_seq_len: int) -> tuple[int, int]:
     """`mtp eval`'s held-out prompts (cut from windows of `data_seq_len` tokens) and the tokens
-    decoded after them, self-speculatively with drafts of `depth`. None: the default, clipped
+    decoded after them, self-speculatively with `drafts` drafts a round. None: the default, clipped
     (the room is shared evenly when both are defaults)."""
-    extra, said = _positions(depth)
+    extra, said = _positions(drafts)
     budget = max_seq_len - extra  # prompt + new tokens
     if budget < 2:
         raise UsageError(f"model.max_seq_len = {max_seq_len} leaves no room for a prompt and a "
@@ -116,7 +116,7 @@ def fit_prompt_and_new_tokens(notes: list[str], prompt_len: int | None, new_toke
         return prompt_len, new_tokens
     if prompt_len is not None:
         return prompt_len, fit_new_tokens(
-            notes, prompt_len, None, max_seq_len, depth, "--new-tokens",
+            notes, prompt_len, None, max_seq_len, drafts, "--new-tokens",
             prompt=f"--prompt-len {prompt_len}", shorten=f"use --prompt-len {budget - 1} or less")
     if new_tokens is not None:
         if new_tokens > budget - 1:

@@ -173,7 +173,7 @@ def outcome(tmp_path_factory):
             [("copytree", export, no_config), ("unlink", no_config / "config.json")]),
         "generate_too_many_tokens": ([*gen, "--speculative", "--max-new-tokens", "200"],
                                      r"--max-new-tokens 200 does not fit: the longest prompt "
-                                     r"\(\d+ tokens\) \+ 200 \+ 2·depth \+ 2 \(6\) = \d+ > "
+                                     r"\(\d+ tokens\) \+ 200 \+ 2·drafts \+ 2 \(6\) = \d+ > "
                                      r"model\.max_seq_len = 128; use --max-new-tokens \d+ or less",
                                      ()),
         "generate_prompt_too_long": (["generate", str(export), "--prompt", "x = 1\n" * 200],
@@ -201,12 +201,15 @@ def outcome(tmp_path_factory):
                                          r"--draft-vocab 100000 exceeds the vocabulary of "
                                          r"--draft-data \(512\)",
                                          ()),
+        "generate_draft_tokens_plain": ([*gen, "--draft-tokens", "3"],
+                                        r"--draft-tokens 3 sets the drafts of speculative "
+                                        r"rounds; add --speculative", ()),
         "generate_json_nowhere": ([*gen, "--json", str(missing / "out.json")],
                                   r"--json \S+out\.json: the directory \S+nowhere does not exist",
                                   ()),
         # eval
         "eval_no_room": ([*ev, "--prompt-len", "120", "--new-tokens", "64"],
-                         r"--prompt-len 120 \+ --new-tokens 64 \+ 2·depth \+ 2 \(6\) = 190 > "
+                         r"--prompt-len 120 \+ --new-tokens 64 \+ 2·drafts \+ 2 \(6\) = 190 > "
                          r"model\.max_seq_len = 128; make the two add up to 122 or less", ()),
         "eval_nowhere": (["eval", str(missing), "--data", str(data)],
                          r"\S+nowhere does not exist; give an export directory", ()),
@@ -224,11 +227,14 @@ def outcome(tmp_path_factory):
                                             r"--prompt-len 200 is longer than the dataset's "
                                             r"windows \(seq_len 128\)", ()),
         "eval_draft_vocab_zero": ([*ev, "--draft-vocab", "64,0"],
-                                  r"argument --draft-vocab: '64,0': every K must be a positive "
+                                  r"argument --draft-vocab: '64,0': every value must be a positive "
                                   r"integer", ()),
         "eval_draft_vocab_too_big": ([*ev, "--draft-vocab", "600"],
                                      r"--draft-vocab 600 exceeds the vocabulary of --data "
                                      r"\(512\)", ()),
+        "eval_draft_tokens_zero": ([*ev, "--draft-tokens", "0"],
+                                   r"argument --draft-tokens: '0': every value must be a "
+                                   r"positive integer", ()),
         "eval_zero_batches": ([*ev, "--batches", "0"],
                               r"argument --batches: 0 is not a positive integer", ()),
         "eval_no_data_flag": (["eval", str(run)],
@@ -246,8 +252,10 @@ def outcome(tmp_path_factory):
         {"argv": ["checkpoint", "convert", str(run), "--layout", "tp=2", "--out",
                   str(base / "converted"), "--no-progress"]},
         {"argv": [*gen, "--compare", "--draft-vocab", "64", "--draft-data", str(data),
-                  "--max-new-tokens", "12"]},
-        {"argv": [*ev, "--new-tokens", "12", "--draft-vocab", "64,512", "--json",
+                  "--max-new-tokens", "12", "--draft-tokens", "4", "--json",
+                  str(base / "generate-draft.json")]},
+        {"argv": [*ev, "--new-tokens", "12", "--draft-vocab", "64,512", "--draft-tokens", "1,4",
+                  "--json",
                   str(base / "eval-draft.json")]},
     ]
     readme = [{"argv": argv} for argv in _readme_commands(run, base / "readme-export", data,
@@ -417,16 +425,20 @@ def test_a_conversion_killed_mid_write_leaves_the_source_and_is_cleared_by_the_n
 
 
 def test_drafts_over_a_reduced_vocabulary_keep_the_output(outcome):
-    """`mtp generate --compare --draft-vocab 64 --draft-data DATA`: the 64 most frequent tokens
-    of the training split; greedy outputs identical to plain, and the statistics printed."""
+    """`mtp generate --compare --draft-vocab 64 --draft-data DATA --draft-tokens 4`: drafts over
+    the 64 most frequent tokens of the training split, 4 a round from a D=2 tail (its last
+    module chained); greedy outputs identical to plain, and the statistics printed."""
     code, _, err, _ = outcome["extra"][3]
     assert code == 0, err[-3000:]
     assert "speculative vs plain: 1/1 sequences identical" in err, err
-    assert re.search(r"^speculative: \d+ tokens .*draft acceptance by depth", err, re.M), err
+    assert re.search(r"^speculative: \d+ tokens .*draft acceptance by depth( [\d.]+){4}$", err,
+                     re.M), err
+    spec = json.loads((outcome["base"] / "generate-draft.json").read_text())["speculative"]
+    assert spec["depth"] == 4 and len(spec["proposed"]) == 4
 
 
 def test_eval_measures_acceptance_for_each_draft_vocabulary(outcome):
-    code, _, err, _ = outcome["extra"][4]
+    code, out, err, _ = outcome["extra"][4]
     assert code == 0, err[-3000:]
     result = json.loads((outcome["base"] / "eval-draft.json").read_text())
     full, by_k = result["acceptance"], result["acceptance_by_draft_vocab"]
@@ -435,3 +447,7 @@ def test_eval_measures_acceptance_for_each_draft_vocabulary(outcome):
     for st in by_k.values():  # the same prompts and greedy continuations, drafted differently
         assert st["proposed"][0] > 0 and st["depth"] == full["depth"]
         assert all(0 <= a <= 1 for a in st["acceptance_rate"])
+    by_n = result["acceptance_by_draft_tokens"]  # fewer drafts than the depth 2, and chained
+    assert {n: st["depth"] for n, st in by_n.items()} == {"1": 1, "4": 4}
+    assert all(st["proposed"][0] > 0 for st in by_n.values())
+    assert "  4 drafts a round: " in out, out

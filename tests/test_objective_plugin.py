@@ -102,7 +102,7 @@ def reference_export_and_decode(rank, world, data, tmp):
     weight_diff = max((got[n] - want[n]).abs().max().item() for n in want)
 
     loaded = load_for_inference(out, torch.float32)
-    prompts = [[5, 17, 9], [7, 8]]  # within the tiny context: prompt + new + 2·depth + 2 ≤ 16
+    prompts = [[5, 17, 9], [7, 8]]  # within the tiny context: prompt + new + 2·drafts + 2 ≤ 16
     plain = generate(loaded.model, prompts, 5, graphs=False)
     spec = generate_speculative(loaded.model, prompts, 5, graphs=False)
     return {"reference": cases._curve(ref), "tail_kind": (dcfg.mtp.kind, dcfg.mtp.depth),

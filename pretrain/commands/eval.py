@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also measure the acceptance of drafts over only the K most frequent "
                         "tokens of --data's training split, for each K (what a reduced draft "
                         "vocabulary costs; `mtp generate --draft-vocab`)")
+    p.add_argument("--draft-tokens", type=_sizes, default=[], metavar="N[,N...]",
+                   help="also measure the acceptance with N drafts a round, for each N (more "
+                        "than the depth chains the last DeepSeek module; `mtp generate "
+                        "--draft-tokens`)")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="skip corrupt or missing shards of the split (counted and reported) "
                         "instead of stopping")
@@ -48,14 +52,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sizes(text: str) -> list[int]:
-    """--draft-vocab: comma-separated positive integers."""
+    """--draft-vocab, --draft-tokens: comma-separated positive integers."""
     try:
         sizes = [int(k) for k in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers "
                                          "(e.g. 2048,4096)") from None
     if any(k < 1 for k in sizes):
-        raise argparse.ArgumentTypeError(f"{text!r}: every K must be a positive integer")
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive integer")
     return sizes
 
 
@@ -91,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline import ShardError, load_manifest
     from model.generation import DecodingEngine
     from model.generation.acceptance import real_acceptance
+    from model.generation.drafters import check_drafts
+    from model.mtp.objective import objective_class
     from pretrain.config import DataConfig
     from pretrain.data_loading import make_loader
     from pretrain.inference import (
@@ -112,15 +118,21 @@ def run(args: argparse.Namespace) -> int:
     model = loaded.model
     depth = model.config.mtp.depth
     _check_data(model.config, manifest, args.split)
-    if args.draft_vocab and depth == 0:
-        raise UsageError(f"{args.model} has no MTP tail to draft with; drop --draft-vocab")
+    for flag, given in (("--draft-vocab", args.draft_vocab), ("--draft-tokens", args.draft_tokens)):
+        if given and depth == 0:
+            raise UsageError(f"{args.model} has no MTP tail to draft with; drop {flag}")
+    for n in args.draft_tokens:
+        try:
+            check_drafts(objective_class(model.config.mtp.kind).drafter, depth, n)
+        except ValueError as err:
+            raise UsageError(f"--draft-tokens {n}: {err}") from None
     draft_vocabs = (draft_vocab_ids(manifest, model.config.model.vocab_size, args.draft_vocab,
                                     "--data") if args.draft_vocab else [])
     prompt_len, new_tokens, notes = args.prompt_len, args.new_tokens, []
     if depth > 0:
         prompt_len, new_tokens = fit_prompt_and_new_tokens(
-            notes, prompt_len, new_tokens, model.config.model.max_seq_len, depth,
-            manifest.seq_len)
+            notes, prompt_len, new_tokens, model.config.model.max_seq_len,
+            max([depth, *args.draft_tokens]), manifest.seq_len)
     try:
         loader = make_loader(DataConfig(path=args.data, skip_corrupt=args.skip_corrupt),
                              "validation", dp_rank=0, dp_size=1, batch_size=args.batch_size,
@@ -185,6 +197,16 @@ def run(args: argparse.Namespace) -> int:
                   + f"; mean tokens per forward {st.mean_tokens_per_forward():.2f}")
         if by_k:
             result["acceptance_by_draft_vocab"] = by_k
+        by_n = {}
+        for n_drafts in args.draft_tokens:
+            st = real_acceptance(DecodingEngine(model, draft_tokens=n_drafts), prompts,
+                                 new_tokens, batch_size=args.acceptance_batch_size)
+            by_n[str(n_drafts)] = st.to_dict()
+            print(f"  {n_drafts} drafts a round: "
+                  + " ".join(f"{x:.3f}" for x in st.acceptance_rate())
+                  + f"; mean tokens per forward {st.mean_tokens_per_forward():.2f}")
+        if by_n:
+            result["acceptance_by_draft_tokens"] = by_n
     if args.json:
         write_json(args.json, result)
     return 0

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate", help="generate text (plain or self-speculative decoding)",
         description="Generate continuations of prompts with a KV cache. --speculative drafts "
-                    "D tokens with the model's MTP tail and verifies them in one forward of the "
+                    "tokens with the model's MTP tail and verifies them in one forward of the "
                     "main model: greedy output is identical to plain greedy decoding, sampled "
                     "output follows the main model's distribution exactly.",
         epilog="examples:\n  mtp generate runs/tiny-cpu/export --prompt 'def main(' --speculative\n"
@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=positive_int, default=1,
                    help="greedy speculative only: accept a draft within the main model's top k "
                         "(BPD's relaxation; k > 1 no longer reproduces greedy exactly)")
+    p.add_argument("--draft-tokens", type=positive_int, metavar="N",
+                   help="speculative only: drafts per round (default: the MTP depth D). Fewer "
+                        "leaves deep modules idle; more than D reapplies the last DeepSeek "
+                        "module to its own output (outputs are unchanged; `mtp eval "
+                        "--draft-tokens` measures what each N is accepted at)")
     p.add_argument("--draft-vocab", type=positive_int, metavar="K",
                    help="speculative only: draft over the K most frequent tokens of "
                         "--draft-data instead of the whole vocabulary (a cheaper draft head; "
@@ -68,6 +73,9 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.topk > 1 and not (args.speculative or args.compare):
         raise UsageError(f"--topk {args.topk} relaxes the acceptance of speculative drafts; add "
                          "--speculative or drop --topk")
+    if args.draft_tokens and not (args.speculative or args.compare):
+        raise UsageError(f"--draft-tokens {args.draft_tokens} sets the drafts of speculative "
+                         "rounds; add --speculative (or --compare) or drop --draft-tokens")
     if args.draft_vocab and not (args.speculative or args.compare):
         raise UsageError(f"--draft-vocab {args.draft_vocab} restricts speculative drafts; add "
                          "--speculative (or --compare) or drop --draft-vocab")
@@ -122,12 +130,7 @@ def _summary(name: str, results) -> tuple[str, dict]:
               "requests": [r.to_dict() for r in results]}
     line = f"{name}: {tokens} tokens in {seconds:.2f} s ({record['tokens_per_second']:.1f} tokens/s)"
     if results[0].stats is not None:
-        st = SpeculativeStats(results[0].stats.depth)
-        for r in results:
-            st.main_forwards += r.stats.main_forwards
-            st.tokens += r.stats.tokens
-            st.proposed = [a + b for a, b in zip(st.proposed, r.stats.proposed)]
-            st.accepted = [a + b for a, b in zip(st.accepted, r.stats.accepted)]
+        st = SpeculativeStats.total([r.stats for r in results])
         record.update(st.to_dict())
         line += (f"; {st.mean_tokens_per_forward():.2f} tokens per main-model forward; draft "
                  "acceptance by depth " + " ".join(f"{a:.2f}" for a in st.acceptance_rate()))
@@ -172,20 +175,24 @@ def run(args: argparse.Namespace) -> int:
     empty = [p for p, t in zip(prompts, ids) if not t]
     if empty:
         raise UsageError(f"the prompt {empty[0]!r} encodes to no tokens; give a non-empty prompt")
+    draft_vocab = _draft_vocab(args, loaded.model.config.model.vocab_size)
+    # graphs None: captured device graphs where supported
+    try:
+        engine = DecodingEngine(loaded.model, graphs=False if args.no_graphs else None,
+                                draft_vocab=draft_vocab,
+                                draft_tokens=args.draft_tokens if speculative else None)
+    except ValueError as err:  # a --draft-tokens this tail cannot draft
+        raise UsageError(f"--draft-tokens {args.draft_tokens}: {err}") from None
     notes: list[str] = []
     max_new = fit_new_tokens(notes, max(len(t) for t in ids), args.max_new_tokens,
                              loaded.model.config.model.max_seq_len,
-                             depth if speculative else None)
+                             engine.draft_tokens if speculative else None)
     for text in notes:
         note("generate", text)
     sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
     modes = [("plain", False), ("speculative", True)] if args.compare else \
         [("speculative" if args.speculative else "plain", args.speculative)]
     batch = args.batch_size or len(ids)
-    draft_vocab = _draft_vocab(args, loaded.model.config.model.vocab_size)
-    # graphs None: captured device graphs where supported
-    engine = DecodingEngine(loaded.model, graphs=False if args.no_graphs else None,
-                            draft_vocab=draft_vocab)
     results = {name: [engine.generate(ids[i: i + batch], max_new, sampling, loaded.eos_id,
                                       loaded.pad_id, speculative=spec, topk=args.topk)
                       for i in range(0, len(ids), batch)]
