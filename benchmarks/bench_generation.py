@@ -33,13 +33,17 @@ study models' acceptance would give (τ = 1.91 for D=1, 3.68 for D=3, docs/STUDY
 as projected. `--profile` adds, at batch 1, the device kernels of each phase of a step and a
 round (counts and µs; one eager request per mode under torch.profiler) and the device timeline
 of 20 replayed steps and rounds: operations, busy µs and span µs per replay (span − busy is
-the device waiting between kernels: launch gaps inside the graph).
+the device waiting between kernels: launch gaps inside the graph). `--draft-tokens 3,4,5`
+measures one engine per count of drafts a round (rows named `N=`; beyond the depth the last
+DeepSeek module is chained): a deeper draft pays when its acceptance buys more tokens a round
+than its module and the wider verification add to the round.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -150,7 +154,8 @@ def _replay_profile(engine, n: int) -> dict:
     return replay_timeline(events, n)
 
 
-def _phase_profile(model, prompts, new_tokens, compile_: bool, draft_vocab=None) -> dict:
+def _phase_profile(model, prompts, new_tokens, compile_: bool, draft_vocab=None,
+                   draft_tokens=None) -> dict:
     """What each decoding phase is made of, per call: device kernels (count, µs) on GPUs, leaf
     operators (count, CPU µs) on the CPU — one plain and one speculative request at batch 1,
     run eagerly (graphs off) with the same compiled regions as the measured engine."""
@@ -160,7 +165,8 @@ def _phase_profile(model, prompts, new_tokens, compile_: bool, draft_vocab=None)
     from model.generation import DecodingEngine
 
     gpu = not accelerator.is_cpu()
-    engine = DecodingEngine(model, graphs=False, compile=compile_, draft_vocab=draft_vocab)
+    engine = DecodingEngine(model, graphs=False, compile=compile_, draft_vocab=draft_vocab,
+                            draft_tokens=draft_tokens)
     out = {}
     for name, speculative in (("plain", False), ("speculative", True)):
         engine.generate(prompts, new_tokens, speculative=speculative)  # warm
@@ -209,12 +215,16 @@ def _mode_stats(first, results, replay_s: float) -> dict:
 
 def measure_model(model, prompts: list[list[int]], batch_sizes: list[int], requests: int,
                   new_tokens: int, graphs: bool | None, compile_: bool | None, depth: int,
-                  replays: int, log, draft_vocab=None, profile: bool = False) -> list[dict]:
+                  replays: int, log, draft_vocab=None, profile: bool = False,
+                  draft_tokens: int | None = None) -> list[dict]:
     """Rows (one per batch size) for one model on one engine (drafting over `draft_vocab`'s
-    token ids only, when given); `profile`: the replay timeline of batch 1's steps too."""
+    token ids only, when given; `draft_tokens` drafts a round, None: the depth); `profile`: the
+    replay timeline of batch 1's steps too."""
     from model.generation import DecodingEngine, SpeculativeStats
 
-    engine = DecodingEngine(model, graphs=graphs, compile=compile_, draft_vocab=draft_vocab)
+    engine = DecodingEngine(model, graphs=graphs, compile=compile_, draft_vocab=draft_vocab,
+                            draft_tokens=draft_tokens)
+    drafts = engine.draft_tokens
     rows = []
     for bs in batch_sizes:
         need = bs * (requests + 1)
@@ -232,12 +242,7 @@ def measure_model(model, prompts: list[list[int]], batch_sizes: list[int], reque
                 row[mode]["replay_timeline"] = _replay_profile(engine, 20)
             outs[mode] = [t for r in results for t in r.tokens]
             if speculative:
-                st = SpeculativeStats(depth)
-                for r in [first, *results]:
-                    st.main_forwards += r.stats.main_forwards
-                    st.tokens += r.stats.tokens
-                    st.proposed = [a + b for a, b in zip(st.proposed, r.stats.proposed)]
-                    st.accepted = [a + b for a, b in zip(st.accepted, r.stats.accepted)]
+                st = SpeculativeStats.total([r.stats for r in [first, *results]])
                 row["acceptance_by_depth"] = st.acceptance_rate()
                 row["tokens_per_round"] = st.mean_tokens_per_forward()
         p, s = row["plain"], row["speculative"]
@@ -248,7 +253,7 @@ def measure_model(model, prompts: list[list[int]], batch_sizes: list[int], reque
         row["steady_speedup"] = (s["steady_tokens_per_s"] / p["steady_tokens_per_s"]
                                  if s["steady_tokens_per_s"] and p["steady_tokens_per_s"] else None)
         row["round_cost"] = s["step_us"] / p["step_us"]
-        tau = STUDY_TOKENS_PER_ROUND.get(depth)
+        tau = STUDY_TOKENS_PER_ROUND.get(depth) if drafts == depth else None
         row["projected_steady_speedup_at_study_acceptance"] = (
             tau / row["round_cost"] if tau else None)
         rows.append(row)
@@ -284,19 +289,21 @@ def attention_kernels(name: str, fresh: bool):
 
 
 def _measure_entry(args, model, source, prompts, batch_sizes, graphs, compile_, depth, log,
-                   k, ids, attn) -> dict:
+                   k, ids, attn, n) -> dict:
     """One model entry of `measure`: its rows on a fresh engine drafting over `ids` (K = `k`;
-    None: the whole vocabulary), and with --profile the phase profile."""
+    None: the whole vocabulary) `n` drafts a round (None: the depth), and with --profile the
+    phase profile."""
     t0 = time.perf_counter()
     profile = args.profile and args.tp == 1
     rows = measure_model(model, prompts, batch_sizes, args.requests, args.new_tokens, graphs,
-                         compile_, depth, args.replays, log, ids, profile)
+                         compile_, depth, args.replays, log, ids, profile, n)
     entry = dict(source=source, kind=model.config.mtp.kind, depth=depth, draft_vocab=k,
-                 attention=attn, dtype=str(model.embedding.output_weight.dtype), rows=rows,
+                 draft_tokens=n or depth, attention=attn,
+                 dtype=str(model.embedding.output_weight.dtype), rows=rows,
                  seconds=time.perf_counter() - t0)
     if profile:
         entry["profile"] = _phase_profile(model, prompts[:1], args.new_tokens,
-                                          bool(rows[0]["compiled"]), ids)
+                                          bool(rows[0]["compiled"]), ids, n)
         log(json.dumps({"profile": entry["profile"]}))
     return entry
 
@@ -336,6 +343,10 @@ def measure(args: argparse.Namespace) -> dict:
         raise SystemExit(f"bench_generation: no validation window of {args.data} holds "
                          f"--prompt-len {args.prompt_len} tokens")
     draft_sizes = [int(k) for k in args.draft_vocab.split(",") if k]
+    counts = [n for n in args.draft_tokens.split(",") if n]
+    if args.no_full_vocab and not draft_sizes:
+        raise SystemExit("bench_generation: --no-full-vocab leaves nothing to measure without "
+                         "--draft-vocab K")
     attention = [a for a in args.attention.split(",") if a]
     unknown = [a for a in attention if a not in ATTENTION_KERNELS]
     if unknown or not attention:
@@ -357,15 +368,20 @@ def measure(args: argparse.Namespace) -> dict:
         if draft_sizes and draft_ids is None:
             draft_ids = draft_vocab_ids(load_manifest(args.data), model.config.model.vocab_size,
                                         draft_sizes, "--data")
-        vocabularies = [(None, None), *zip(draft_sizes, draft_ids or [])]
+        vocabularies = ([] if args.no_full_vocab else [(None, None)]) + list(
+            zip(draft_sizes, draft_ids or []))
+        # "+e": e drafts past the depth; the depth alone by default
+        draft_counts = [depth + int(n[1:]) if n.startswith("+") else int(n)
+                        for n in counts] or [None]
         for attn in attention:
             # A forced kernel compiles afresh (a cached graph, even another process's, may hold
             # another kernel), once per kernel: the vocabularies then share its compilations.
             with attention_kernels(attn, fresh=attention != ["auto"]):
-                for k, ids in vocabularies:
+                for (k, ids), n in itertools.product(vocabularies, draft_counts):
                     entry = _measure_entry(args, model, loaded.source, prompts, batch_sizes,
-                                           graphs, compile_, depth, log, k, ids, attn)
-                    name = (f"D={depth}" + ("" if k is None else f" K={k}")
+                                           graphs, compile_, depth, log, k, ids, attn, n)
+                    name = (f"D={depth}" + ("" if n in (None, depth) else f" N={n}")
+                            + ("" if k is None else f" K={k}")
                             + ("" if attn == "auto" else f" attention={attn}"))
                     result["models"][name] = entry
                     if rank == 0 and args.json:  # after every entry: a run cut short keeps them
@@ -536,7 +552,9 @@ def _lane(args: argparse.Namespace, shape: str, data: Path, gpu: int | None) -> 
                    "--batch-sizes", args.batch_sizes, "--requests", str(args.requests),
                    "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                    "--compile", args.compile, "--replays", str(args.replays), "--label",
-                   shape, "--draft-vocab", args.draft_vocab, "--json", str(part)]
+                   shape, "--draft-vocab", args.draft_vocab, "--draft-tokens",
+                   args.draft_tokens, "--json", str(part)]
+             + (["--no-full-vocab"] if args.no_full_vocab else [])
              + (["--profile"] if args.profile else []), log, env)
         res = json.loads(part.read_text())
         if merged is None:
@@ -623,6 +641,13 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--draft-vocab", default="", metavar="K,...",
                        help="also measure speculative decoding with drafts over the K most "
                             "frequent tokens of the data's training split, for each K")
+        q.add_argument("--draft-tokens", default="", metavar="N,...",
+                       help="measure speculative decoding with N drafts a round, for each N "
+                            "(+E: E more than the model's depth; default: the depth only; "
+                            "N > D chains the last DeepSeek module)")
+        q.add_argument("--no-full-vocab", action="store_true",
+                       help="measure only the --draft-vocab rows, not drafts over the whole "
+                            "vocabulary")
 
     m = sub.add_parser("measure", help="time one model (an export or a run directory)")
     m.add_argument("model")

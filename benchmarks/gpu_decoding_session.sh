@@ -12,6 +12,10 @@
 #           once per kernel in ATTENTION (default auto,efficient,math; batch 1 and 8, 4
 #           requests after the first): step and round cost and the replayed timeline
 #           (AB_SHAPES names other configs, MEASURE_ARGS adds measure options).
+# DRAFT_TOKENS=N,... measures each part with N drafts a round for each N (+E: E past the
+# depth, where the last module is chained; default: the depth only); DRAFT_VOCAB= (empty) skips
+# the K rows, SUITE_ARGS=--no-full-vocab the whole-vocabulary rows; PROFILE=0 skips the profile.
+# SIDE_BY_SIDE=1 runs the parts of PART at the same time, one per GPU (logs: $OUT/part-N.log).
 # Parts 1-3 measure with the whole vocabulary and with drafts over the K most frequent
 # tokens for each K in DRAFT_VOCAB (default 2048,4096): batch 1, 8 and 32, 16 requests after
 # the first, 128-token held-out prompts, 256 new tokens, greedy, with the phase profile and the
@@ -21,7 +25,8 @@
 # the same machine reuses them); results and logs go to $OUT. PART="1 2" runs parts in turn.
 set -euo pipefail
 PY=${PYTHON:-python}; OUT=${OUT:-decoding-out}; WORK=${WORK:-runs/decoding}
-PACK=${PACK:-study-pack}; DRAFT_VOCAB=${DRAFT_VOCAB:-2048,4096}; STEPS_350=${STEPS_350:-300}
+PACK=${PACK:-study-pack}; DRAFT_VOCAB=${DRAFT_VOCAB-2048,4096}; STEPS_350=${STEPS_350:-300}
+DRAFT_TOKENS=${DRAFT_TOKENS:-}
 BATCHES=${BATCHES:-1,8,32}; SUITE_ARGS=${SUITE_ARGS:-}; MEASURE_ARGS=${MEASURE_ARGS:-}
 mkdir -p "$OUT" "$WORK"
 stage() { echo "=== $(date -u +%T) $*"; }
@@ -40,7 +45,7 @@ suite() {  # suite SHAPE DEPTHS STEPS GLOBAL_BATCH [SUITE OPTIONS]
   $PY benchmarks/bench_generation.py suite --out "$OUT/$1-d${2//,/}" --work "$WORK" "${@:5}" \
     --data "$WORK/data" --shapes "$1" --train-depths "$2" --train-steps "$3" \
     --global-batch "$4" --batch-sizes "$BATCHES" --requests 16 --draft-vocab "$DRAFT_VOCAB" \
-    --profile
+    --draft-tokens "$DRAFT_TOKENS" $([ "${PROFILE:-1}" = 1 ] && echo --profile)
 }
 attention_ab() {  # untrained models: one step each, then every attention kernel
   local shape data=$WORK/stdlib
@@ -60,11 +65,21 @@ attention_ab() {  # untrained models: one step each, then every attention kernel
     grep -E "^\| $shape" "$OUT/attention-$shape.log" | grep -v decode || true
   done
 }
+if [ -n "${SIDE_BY_SIDE:-}" ]; then  # one part per GPU, at the same time (shards made once)
+  code_shards
+  gpu=0; pids=()
+  for part in ${PART:-1}; do
+    CUDA_VISIBLE_DEVICES=$gpu PART=$part SIDE_BY_SIDE= bash "$0" > "$OUT/part-$part.log" 2>&1 &
+    pids+=($!); gpu=$((gpu + 1))
+  done
+  rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  tail -n 40 "$OUT"/part-*.log; exit $rc
+fi
 for part in ${PART:-1}; do
   stage "part $part"
   case $part in
-    1) suite 110m 3 600 64 --own-depth-only ;;
-    2) suite 110m 1 600 64 ;;
+    1) suite 110m 3 600 64 --own-depth-only $SUITE_ARGS ;;
+    2) suite 110m 1 600 64 $SUITE_ARGS ;;
     3) suite 350m 3 "$STEPS_350" 32 $SUITE_ARGS ;;
     4) attention_ab ;;
     *) echo "unknown PART $part (1, 2, 3 or 4)"; exit 2 ;;

@@ -121,31 +121,35 @@ def test_bench_mixture_http_smoke(tmp_path):
 def test_bench_generation_suite_smoke(tmp_path):
     """The decoding benchmark's whole GPU suite on CPU with the toy shape: training a D=1 and a
     D=3 model, their exports, `measure` of each at its depth (engine requests, replayed steps,
-    the phase profile), the TP = 2 row under torchrun (gloo) and the table."""
+    the phase profile; drafts over the 64 most frequent tokens only, at the depth and one past
+    it), the TP = 2 row under torchrun (gloo) and the table."""
     data = build_tiny_dataset(tmp_path / "fixture", max_depth=4)
     out = tmp_path / "out"
     res = subprocess.run(
         [sys.executable, "benchmarks/bench_generation.py", "suite", "--out", str(out),
          "--shapes", "tiny", "--data", str(data), "--train-steps", "2", "--batch-sizes", "1,2",
          "--requests", "1", "--prompt-len", "8", "--new-tokens", "6", "--replays", "2",
-         "--profile", "--tp2", "--draft-vocab", "64", "--train-depths", "3,1"],
+         "--profile", "--tp2", "--draft-vocab", "64", "--no-full-vocab", "--draft-tokens",
+         "+0,+1", "--train-depths", "3,1"],
         capture_output=True, text=True, cwd=REPO, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     suite = json.loads((out / "suite.json").read_text())["results"]
     assert set(suite) == {"tiny", "tiny TP=2"}
     models = suite["tiny"]["models"]
-    # each depth also drafting over the 64 most frequent tokens only
-    assert set(models) == {"D=1", "D=3", "D=1 K=64", "D=3 K=64"} and models["D=3"]["depth"] == 3
-    assert models["D=3 K=64"]["draft_vocab"] == 64 and models["D=3"]["draft_vocab"] is None
+    # each depth drafting over the 64 most frequent tokens, D and D + 1 drafts a round
+    assert set(models) == {"D=1 K=64", "D=1 N=2 K=64", "D=3 K=64", "D=3 N=4 K=64"}
+    assert [(e["depth"], e["draft_tokens"], e["draft_vocab"]) for e in models.values()] == [
+        (1, 1, 64), (1, 2, 64), (3, 3, 64), (3, 4, 64)]
     # each depth measured from the model trained at it (the TP = 2 row: the D=1 model's)
-    assert [models[f"D={d}"]["source"].endswith(f"export-tiny-d{d}") for d in (1, 3)] == [1, 1]
+    assert [models[f"D={d} K=64"]["source"].endswith(f"export-tiny-d{d}") for d in (1, 3)] == [
+        1, 1]
     assert suite["tiny TP=2"]["models"]["D=1"]["source"].endswith("export-tiny-d1")
     assert json.loads((out / "suite.json").read_text())["train_depths"] == [1, 3]
     for entry in models.values():
         assert [r["batch"] for r in entry["rows"]] == [1, 2]
         for r in entry["rows"]:
             assert r["identical_sequences"] == r["sequences"] == r["batch"]  # fp32: greedy
-            assert len(r["acceptance_by_depth"]) == entry["depth"]
+            assert len(r["acceptance_by_depth"]) == entry["draft_tokens"]
             for mode in ("plain", "speculative"):
                 assert r[mode]["tokens_per_s"] > 0 and r[mode]["step_us"] > 0
                 assert r[mode]["later_graphs_captured"] == 0  # none on the CPU anyway
@@ -155,8 +159,8 @@ def test_bench_generation_suite_smoke(tmp_path):
     assert suite["tiny TP=2"]["tp"] == 2 and suite["tiny TP=2"]["models"]["D=1 K=64"]["rows"]
     table = [ln for ln in res.stdout.splitlines() if ln.startswith("| tiny")]
     assert [ln.split("|")[1].strip() for ln in table[:12:2]] == [
-        "tiny D=1", "tiny D=1 K=64", "tiny D=3", "tiny D=3 K=64", "tiny D=1 TP=2",
-        "tiny D=1 K=64 TP=2"]
+        "tiny D=1 K=64", "tiny D=1 N=2 K=64", "tiny D=3 K=64", "tiny D=3 N=4 K=64",
+        "tiny D=1 TP=2", "tiny D=1 K=64 TP=2"]
 
 
 def test_replay_timeline_counts_device_busy_and_idle_time(monkeypatch):
