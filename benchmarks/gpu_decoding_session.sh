@@ -15,7 +15,8 @@
 # DRAFT_TOKENS=N,... measures each part with N drafts a round for each N (+E: E past the
 # depth, where the last module is chained; default: the depth only); DRAFT_VOCAB= (empty) skips
 # the K rows, SUITE_ARGS=--no-full-vocab the whole-vocabulary rows; PROFILE=0 skips the profile.
-# SIDE_BY_SIDE=1 runs the parts of PART at the same time, one per GPU (logs: $OUT/part-N.log).
+# SIDE_BY_SIDE=1 runs the parts of PART at the same time, one per GPU (logs: $OUT/part-N.log;
+# PART_ENV_N="VAR=value ..." sets variables for part N alone).
 # Parts 1-3 measure with the whole vocabulary and with drafts over the K most frequent
 # tokens for each K in DRAFT_VOCAB (default 2048,4096): batch 1, 8 and 32, 16 requests after
 # the first, 128-token held-out prompts, 256 new tokens, greedy, with the phase profile and the
@@ -69,7 +70,9 @@ if [ -n "${SIDE_BY_SIDE:-}" ]; then  # one part per GPU, at the same time (shard
   code_shards
   gpu=0; pids=()
   for part in ${PART:-1}; do
-    CUDA_VISIBLE_DEVICES=$gpu PART=$part SIDE_BY_SIDE= bash "$0" > "$OUT/part-$part.log" 2>&1 &
+    env_var=PART_ENV_$part  # e.g. PART_ENV_1="DRAFT_TOKENS=+3 PROFILE=1": this part only
+    env CUDA_VISIBLE_DEVICES=$gpu PART=$part SIDE_BY_SIDE= ${!env_var:-} bash "$0" \
+      > "$OUT/part-$part.log" 2>&1 &
     pids+=($!); gpu=$((gpu + 1))
   done
   rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
