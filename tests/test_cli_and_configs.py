@@ -165,6 +165,7 @@ def test_readme_main_job_runs_end_to_end(tmp_path):
     # The last step decodes with the export, plainly and with the MTP draft (greedy: the same).
     assert "--- 'def main(args):'" in res.stdout
     assert "draft acceptance by depth" in res.stderr
+    assert "; 4 drafts a round, " in res.stderr  # D = 2 and two chained: generate's default
     assert "speculative vs plain: 2/2 sequences identical" in res.stderr
 
     # One process for the checks below, forked with torch and the trainer already imported (each

@@ -173,7 +173,7 @@ def outcome(tmp_path_factory):
             [("copytree", export, no_config), ("unlink", no_config / "config.json")]),
         "generate_too_many_tokens": ([*gen, "--speculative", "--max-new-tokens", "200"],
                                      r"--max-new-tokens 200 does not fit: the longest prompt "
-                                     r"\(\d+ tokens\) \+ 200 \+ 2·drafts \+ 2 \(6\) = \d+ > "
+                                     r"\(\d+ tokens\) \+ 200 \+ 2·drafts \+ 2 \(10\) = \d+ > "
                                      r"model\.max_seq_len = 128; use --max-new-tokens \d+ or less",
                                      ()),
         "generate_prompt_too_long": (["generate", str(export), "--prompt", "x = 1\n" * 200],

@@ -63,6 +63,18 @@ def check_drafts(drafter: type[Drafter], depth: int, drafts: int | None) -> int:
     return drafts
 
 
+CHAINED_DRAFTS = 2
+"""Drafts past the depth that `recommended_drafts` adds where a tail chains."""
+
+
+def recommended_drafts(drafter: type[Drafter], depth: int) -> int:
+    """Drafts a round for the fastest decoding measured: D + 2 where the last depth chains
+    (DeepSeek), D otherwise. At gpt-110m (D = 1 and D = 3) and gpt-350m (D = 3) two chained
+    drafts were faster than none at batch 1, 8 and 32 (benchmarks/RESULTS.md, "Drafting past
+    the depth"); a third added little or lost."""
+    return depth + (CHAINED_DRAFTS if drafter.chains else 0)
+
+
 class Drafter:
     """Drafts for a batch of `batch` sequences in a cache of `max_len` positions. Subclasses
     implement `catch_up` (see the module docstring) and read their objective's modules as

@@ -47,10 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="greedy speculative only: accept a draft within the main model's top k "
                         "(BPD's relaxation; k > 1 no longer reproduces greedy exactly)")
     p.add_argument("--draft-tokens", type=positive_int, metavar="N",
-                   help="speculative only: drafts per round (default: the MTP depth D). Fewer "
-                        "leaves deep modules idle; more than D reapplies the last DeepSeek "
-                        "module to its own output (outputs are unchanged; `mtp eval "
-                        "--draft-tokens` measures what each N is accepted at)")
+                   help="speculative only: drafts per round. Default: D + 2 for a DeepSeek tail "
+                        "of depth D (its last module reapplied twice to its own output: faster "
+                        "at every batch size measured), D for the other objectives. Outputs are "
+                        "unchanged; `mtp eval --draft-tokens` measures each N's acceptance")
     p.add_argument("--draft-vocab", type=positive_int, metavar="K",
                    help="speculative only: draft over the K most frequent tokens of "
                         "--draft-data instead of the whole vocabulary (a cheaper draft head; "
@@ -132,8 +132,9 @@ def _summary(name: str, results) -> tuple[str, dict]:
     if results[0].stats is not None:
         st = SpeculativeStats.total([r.stats for r in results])
         record.update(st.to_dict())
-        line += (f"; {st.mean_tokens_per_forward():.2f} tokens per main-model forward; draft "
-                 "acceptance by depth " + " ".join(f"{a:.2f}" for a in st.acceptance_rate()))
+        line += (f"; {st.depth} drafts a round, {st.mean_tokens_per_forward():.2f} tokens per "
+                 "main-model forward; draft acceptance by depth "
+                 + " ".join(f"{a:.2f}" for a in st.acceptance_rate()))
     return line, record
 
 
@@ -142,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
 
     from data_pipeline.tokenizer import TextTokenizer
     from model.generation import DecodingEngine, SamplingConfig
+    from model.generation.drafters import recommended_drafts
+    from model.mtp.objective import objective_class
     from pretrain.inference import (
         check_output_file,
         fit_new_tokens,
@@ -176,11 +179,13 @@ def run(args: argparse.Namespace) -> int:
     if empty:
         raise UsageError(f"the prompt {empty[0]!r} encodes to no tokens; give a non-empty prompt")
     draft_vocab = _draft_vocab(args, loaded.model.config.model.vocab_size)
+    drafts = args.draft_tokens
+    if speculative and drafts is None:
+        drafts = recommended_drafts(objective_class(loaded.model.config.mtp.kind).drafter, depth)
     # graphs None: captured device graphs where supported
     try:
         engine = DecodingEngine(loaded.model, graphs=False if args.no_graphs else None,
-                                draft_vocab=draft_vocab,
-                                draft_tokens=args.draft_tokens if speculative else None)
+                                draft_vocab=draft_vocab, draft_tokens=drafts)
     except ValueError as err:  # a --draft-tokens this tail cannot draft
         raise UsageError(f"--draft-tokens {args.draft_tokens}: {err}") from None
     notes: list[str] = []
