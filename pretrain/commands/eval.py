@@ -182,31 +182,27 @@ def run(args: argparse.Namespace) -> int:
     if depth > 0:
         for text in notes:
             note("eval", text)
-        st = real_acceptance(DecodingEngine(model), prompts, new_tokens,
-                             batch_size=args.acceptance_batch_size)
-        result.update(prompt_len=prompt_len, new_tokens=new_tokens, acceptance=st.to_dict())
-        print("real acceptance per depth: " + " ".join(f"{x:.3f}" for x in st.acceptance_rate())
-              + f"; mean tokens per forward {st.mean_tokens_per_forward():.2f}")
-        by_k = {}
-        for k, ids in zip(args.draft_vocab, draft_vocabs):
-            st = real_acceptance(DecodingEngine(model, draft_vocab=ids), prompts, new_tokens,
+
+        def measure(label: str, **engine) -> dict:
+            st = real_acceptance(DecodingEngine(model, **engine), prompts, new_tokens,
                                  batch_size=args.acceptance_batch_size)
-            by_k[str(k)] = st.to_dict()
-            print(f"  drafts over the {k} most frequent tokens: "
-                  + " ".join(f"{x:.3f}" for x in st.acceptance_rate())
+            print(f"{label}: " + " ".join(f"{x:.3f}" for x in st.acceptance_rate())
                   + f"; mean tokens per forward {st.mean_tokens_per_forward():.2f}")
-        if by_k:
-            result["acceptance_by_draft_vocab"] = by_k
-        by_n = {}
-        for n_drafts in args.draft_tokens:
-            st = real_acceptance(DecodingEngine(model, draft_tokens=n_drafts), prompts,
-                                 new_tokens, batch_size=args.acceptance_batch_size)
-            by_n[str(n_drafts)] = st.to_dict()
-            print(f"  {n_drafts} drafts a round: "
-                  + " ".join(f"{x:.3f}" for x in st.acceptance_rate())
-                  + f"; mean tokens per forward {st.mean_tokens_per_forward():.2f}")
-        if by_n:
-            result["acceptance_by_draft_tokens"] = by_n
+            return st.to_dict()
+
+        result.update(prompt_len=prompt_len, new_tokens=new_tokens,
+                      acceptance=measure("real acceptance per depth"))
+        variants = {  # result key → {name: (printed label, engine options)}
+            "acceptance_by_draft_vocab": {
+                str(k): (f"  drafts over the {k} most frequent tokens", {"draft_vocab": ids})
+                for k, ids in zip(args.draft_vocab, draft_vocabs)},
+            "acceptance_by_draft_tokens": {
+                str(n): (f"  {n} drafts a round", {"draft_tokens": n})
+                for n in args.draft_tokens}}
+        for key, runs in variants.items():
+            if runs:
+                result[key] = {name: measure(label, **engine)
+                               for name, (label, engine) in runs.items()}
     if args.json:
         write_json(args.json, result)
     return 0
